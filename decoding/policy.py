@@ -1,0 +1,115 @@
+"""Draft policies: which sub-layers the draft skips and which weights it runs on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DraftPrecision = Literal["full", "int8"]
+DRAFT_PRECISIONS: tuple[str, ...] = ("full", "int8")
+
+
+@dataclass(frozen=True)
+class SkipSet:
+    """Decoder sub-layers the draft treats as identity on the residual stream.
+
+    ``attention`` and ``mlp`` hold layer indices. A skipped attention sub-layer
+    neither reads nor writes the KV cache.
+    """
+
+    attention: frozenset[int] = field(default_factory=frozenset)
+    mlp: frozenset[int] = field(default_factory=frozenset)
+
+    def __init__(self, attention: Any = (), mlp: Any = ()) -> None:
+        object.__setattr__(self, "attention", frozenset(_as_indices(attention, "attention")))
+        object.__setattr__(self, "mlp", frozenset(_as_indices(mlp, "mlp")))
+
+    def __len__(self) -> int:
+        return len(self.attention) + len(self.mlp)
+
+    def validate(self, num_layers: int) -> "SkipSet":
+        """Raise ``ValueError`` if an index does not name a layer of a ``num_layers`` model."""
+        for kind, indices in (("attention", self.attention), ("mlp", self.mlp)):
+            bad = sorted(i for i in indices if not 0 <= i < num_layers)
+            if bad:
+                raise ValueError(
+                    f"skip set {kind} indices {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
+                )
+        return self
+
+    def fraction(self, num_layers: int) -> float:
+        """Share of the 2 * num_layers sub-layers that are skipped."""
+        return len(self) / (2 * num_layers)
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {"attention": sorted(self.attention), "mlp": sorted(self.mlp)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SkipSet":
+        return cls(data.get("attention", ()), data.get("mlp", ()))
+
+
+def _as_indices(values: Any, kind: str) -> list[int]:
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"skip set {kind} indices must be integers, got {v!r}")
+        out.append(v)
+    return out
+
+
+@dataclass(frozen=True)
+class DraftPolicy:
+    """How one request drafts: skip set, draft weight precision, early stop and draft length.
+
+    ``speculative`` False means plain autoregressive decoding (the baseline).
+    """
+
+    skip: SkipSet = field(default_factory=SkipSet)
+    precision: DraftPrecision = "full"
+    threshold: float = 0.6
+    max_draft: int = 10
+    speculative: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in DRAFT_PRECISIONS:
+            raise ValueError(f"draft precision must be one of {DRAFT_PRECISIONS}, got {self.precision!r}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"draft threshold must be in [0, 1), got {self.threshold}")
+        if self.max_draft < 1:
+            raise ValueError(f"max_draft must be >= 1, got {self.max_draft}")
+
+    @property
+    def is_plain(self) -> bool:
+        """True when the policy decodes without speculation.
+
+        A full-precision draft that skips nothing is the model itself: drafting
+        with it would only double the work, so it decodes plainly too.
+        """
+        return not self.speculative or (self.precision == "full" and len(self.skip) == 0)
+
+    def validate(self, num_layers: int) -> "DraftPolicy":
+        self.skip.validate(num_layers)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "speculative": self.speculative,
+            "skip": self.skip.to_dict(),
+            "precision": self.precision,
+            "threshold": self.threshold,
+            "max_draft": self.max_draft,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DraftPolicy":
+        return cls(
+            skip=SkipSet.from_dict(data.get("skip", {})),
+            precision=data.get("precision", "full"),
+            threshold=float(data.get("threshold", 0.6)),
+            max_draft=int(data.get("max_draft", 10)),
+            speculative=bool(data.get("speculative", True)),
+        )
+
+
+PLAIN = DraftPolicy(speculative=False)

@@ -1,0 +1,233 @@
+"""The model forward pass over a Hugging Face decoder, with per-call sub-layer skipping.
+
+The runner reads the weights and norm modules of a loaded transformers model and
+runs its own forward (nanoGPT style) so that one call can skip any attention/MLP
+sub-layers, run the draft's linear layers on an int8 copy, and write KV entries at
+absolute positions. Verification and plain decoding always use the original weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import KVCache
+from .linear import Int8Linear, Linear
+from .policy import DraftPolicy, SkipSet
+
+NO_SKIP = SkipSet()
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's pieces, in the engine's terms."""
+
+    attn_norm: torch.nn.Module
+    mlp_norm: torch.nn.Module
+    attn_out_norm: torch.nn.Module | None  # Gemma2: norm on the attention output
+    mlp_out_norm: torch.nn.Module | None  # Gemma2: norm on the MLP output
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
+    q_norm: torch.nn.Module | None  # Qwen3: per-head norms
+    k_norm: torch.nn.Module | None
+    act: Any
+    q_size: int
+    kv_size: int
+    scaling: float
+    softcap: float | None
+    window: int | None
+    draft: dict[str, Int8Linear] | None = None
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # (T_out, vocab) float32
+    embedding: torch.Tensor | None = None  # (hidden,) mean-pooled final-norm hidden state
+
+
+def _fuse(modules: list[torch.nn.Linear]) -> Linear:
+    """Concatenate linears along outputs; the HF modules become views of the fused weight."""
+    weight = torch.cat([m.weight.detach() for m in modules], dim=0).contiguous()
+    biases = [m.bias for m in modules]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else torch.zeros(m.out_features, dtype=weight.dtype, device=weight.device)
+         for b, m in zip(biases, modules)])
+    offset = 0
+    for m in modules:  # share storage instead of holding the weights twice
+        m.weight.data = weight[offset: offset + m.out_features]
+        offset += m.out_features
+    return Linear(weight, bias)
+
+
+class ModelRunner:
+    """Runs forward passes of one loaded model; stateless between calls (state lives in ``KVCache``)."""
+
+    def __init__(self, hf_model: Any, int8_draft: bool = True) -> None:
+        self.model = hf_model
+        config = hf_model.config
+        self.config = config
+        self.num_layers = config.num_hidden_layers
+        self.device = next(hf_model.parameters()).device
+        self.dtype = next(hf_model.parameters()).dtype
+        first_attn = hf_model.model.layers[0].self_attn
+        self.head_dim = first_attn.head_dim
+        self.kv_heads = config.num_key_value_heads
+        self.max_context = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
+        self.embed = hf_model.model.embed_tokens
+        self.final_norm = hf_model.model.norm
+        self.rotary = hf_model.model.rotary_emb
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        self.lm_head = Linear(hf_model.lm_head.weight.detach(), getattr(hf_model.lm_head, "bias", None))
+        with torch.no_grad():
+            self.layers = [self._build_layer(layer) for layer in hf_model.model.layers]
+        self.draft_lm_head: Int8Linear | None = None
+        if int8_draft:
+            self.enable_int8_draft()
+
+    def _build_layer(self, layer: Any) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        gemma2_norms = hasattr(layer, "pre_feedforward_layernorm")
+        window = getattr(attn, "sliding_window", None)
+        if window is None and self.config.model_type == "mistral":
+            window = getattr(self.config, "sliding_window", None)
+        return _Layer(
+            attn_norm=layer.input_layernorm,
+            mlp_norm=layer.pre_feedforward_layernorm if gemma2_norms else layer.post_attention_layernorm,
+            attn_out_norm=layer.post_attention_layernorm if gemma2_norms else None,
+            mlp_out_norm=layer.post_feedforward_layernorm if gemma2_norms else None,
+            qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
+            o=Linear(attn.o_proj.weight.detach(), attn.o_proj.bias),
+            gate_up=_fuse([mlp.gate_proj, mlp.up_proj]),
+            down=Linear(mlp.down_proj.weight.detach(), mlp.down_proj.bias),
+            q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
+            act=mlp.act_fn,
+            q_size=attn.q_proj.out_features,
+            kv_size=attn.k_proj.out_features,
+            scaling=float(attn.scaling),
+            softcap=getattr(attn, "attn_logit_softcapping", None),
+            window=window,
+        )
+
+    # ------------------------------------------------------------------ draft copies
+    def enable_int8_draft(self) -> None:
+        """Make the int8 weight-only copy used by ``precision="int8"`` drafts (once)."""
+        if self.draft_lm_head is not None:
+            return
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.draft = {name: Int8Linear(lin.weight, lin.bias)
+                               for name, lin in (("qkv", layer.qkv), ("o", layer.o),
+                                                 ("gate_up", layer.gate_up), ("down", layer.down))}
+            self.draft_lm_head = Int8Linear(self.lm_head.weight, self.lm_head.bias)
+
+    @property
+    def int8_draft_bytes(self) -> int:
+        """Memory the int8 draft copy costs (0 when not made)."""
+        if self.draft_lm_head is None:
+            return 0
+        return self.draft_lm_head.nbytes + sum(l.nbytes for layer in self.layers for l in layer.draft.values())
+
+    def linears(self) -> list[Linear]:
+        """Every full-precision linear, for layout autotuning."""
+        return [self.lm_head] + [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.num_layers, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
+
+    # ------------------------------------------------------------------ forward
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, policy: DraftPolicy | None = None,
+                all_logits: bool = False, embedding: bool = False) -> ForwardOutput:
+        """Run ``tokens`` (1-D) at positions ``start..`` writing KV there.
+
+        ``policy`` None runs the full model; otherwise the draft (skips and precision
+        of the policy). Returns logits of the last position, or of all when
+        ``all_logits``; ``embedding`` adds the mean-pooled final hidden state.
+        """
+        skip = policy.skip if policy is not None else NO_SKIP
+        int8 = policy is not None and policy.precision == "int8"
+        if int8 and self.draft_lm_head is None:
+            raise ValueError("int8 draft requested but the runner was built without the int8 copy")
+        T = tokens.shape[0]
+        positions = torch.arange(start, start + T, device=self.device)
+        h = self.embed(tokens[None])  # (1, T, H)
+        cos, sin = self.rotary(h, positions[None])
+        cos, sin = cos[:, None], sin[:, None]  # (1, 1, T, D)
+        for index, layer in enumerate(self.layers):
+            lin = layer.draft if int8 else None
+            if index not in skip.attention:
+                h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, cache, start)
+            if index not in skip.mlp:
+                h = h + self._mlp(layer, lin, layer.mlp_norm(h))
+        h = self.final_norm(h)[0]  # (T, H)
+        out_h = h if all_logits else h[-1:]
+        head = self.draft_lm_head if int8 else self.lm_head
+        logits = head(out_h).float()
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        emb = h.float().mean(dim=0) if embedding else None
+        return ForwardOutput(logits=logits, embedding=emb)
+
+    def _attention(self, layer: _Layer, lin: dict[str, Int8Linear] | None, index: int, x: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        T = x.shape[1]
+        qkv = (lin["qkv"] if lin else layer.qkv)(x[0]).to(self.dtype)
+        q, k, v = qkv.split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
+        q = q.view(T, -1, self.head_dim)
+        k = k.view(T, -1, self.head_dim)
+        if layer.q_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q = q.transpose(0, 1)[None]  # (1, Hq, T, D)
+        k = k.transpose(0, 1)[None]
+        v = v.view(T, -1, self.head_dim).transpose(0, 1)[None]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        keys, values = cache.write(index, start, k, v)
+        y = _attend(q, keys, values, start, layer)
+        y = y[0].transpose(0, 1).reshape(T, -1)
+        y = (lin["o"] if lin else layer.o)(y)
+        if layer.attn_out_norm is not None:
+            y = layer.attn_out_norm(y)
+        return y[None]
+
+    def _mlp(self, layer: _Layer, lin: dict[str, Int8Linear] | None, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (lin["gate_up"] if lin else layer.gate_up)(x[0]).chunk(2, dim=-1)
+        y = (lin["down"] if lin else layer.down)(layer.act(gate) * up)
+        if layer.mlp_out_norm is not None:
+            y = layer.mlp_out_norm(y)
+        return y[None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, layer: _Layer) -> torch.Tensor:
+    """Causal attention of ``q`` (positions start..start+T) over cached keys ``[0, start+T)``."""
+    T, S = q.shape[2], keys.shape[2]
+    mask = None
+    if T > 1 or layer.window is not None:
+        qpos = torch.arange(start, start + T, device=q.device)[:, None]
+        kpos = torch.arange(S, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if layer.window is not None:
+            mask = mask & (kpos > qpos - layer.window)
+    groups = q.shape[1] // keys.shape[1]
+    if layer.softcap is None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=layer.scaling,
+                                              enable_gqa=groups > 1)
+    keys = keys.repeat_interleave(groups, dim=1)
+    values = values.repeat_interleave(groups, dim=1)
+    scores = (q @ keys.transpose(-1, -2)) * layer.scaling
+    scores = torch.tanh(scores / layer.softcap) * layer.softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ values

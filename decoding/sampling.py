@@ -1,0 +1,96 @@
+"""Sampling parameters, target/draft distributions and the speculative acceptance rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. ``temperature`` 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A per-request RNG so that concurrent requests never share random state."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Distribution to sample from: temperature, then top-k, then top-p (rows of ``logits``)."""
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def accept_greedy(drafts: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
+    """Longest prefix of ``drafts`` equal to the target's argmax, and the target's next token.
+
+    ``target_logits`` has ``len(drafts) + 1`` rows. Returns ``(accepted, next_token)``.
+    """
+    best = target_logits.argmax(dim=-1).tolist()
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == best[accepted]:
+        accepted += 1
+    return accepted, best[accepted]
+
+
+def accept_sampled(drafts: list[int], draft_probs: torch.Tensor, target: torch.Tensor,
+                   gen: torch.Generator) -> tuple[int, int]:
+    """Speculative sampling: keep draft i with probability min(1, p/q), else resample from max(0, p - q).
+
+    ``draft_probs`` (k, V) are the distributions the drafts were sampled from, ``target``
+    (k + 1, V) the target's. The output is distributed exactly as sampling from the target.
+    """
+    for i, token in enumerate(drafts):
+        p, q = float(target[i, token]), float(draft_probs[i, token])
+        if float(torch.rand((), generator=gen)) * q < p:
+            continue
+        residual = (target[i] - draft_probs[i]).clamp(min=0)
+        total = float(residual.sum())
+        return i, sample(residual / total if total > 0 else target[i], gen)
+    return len(drafts), sample(target[len(drafts)], gen)

@@ -1,0 +1,42 @@
+"""Per-request decoding statistics."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class RequestStats:
+    """Counters of one request. A plain decoding step counts as a verify step with no drafts."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    verify_steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    step_tokens: int = 0  # tokens produced by verify steps, before stop/max_tokens truncation
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    finish_reason: str | None = None
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens the full model accepted."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens committed per verify forward (accepted drafts + the target's own token)."""
+        return self.step_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def decode_s(self) -> float:
+        return self.draft_s + self.verify_s
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(acceptance_rate=self.acceptance_rate, mean_accepted_tokens=self.mean_accepted_tokens,
+                    decode_s=self.decode_s)
+        return data
