@@ -1,0 +1,13 @@
+"""Lossless self-speculative decoding: model loading, layer-skipping drafts, the decoding loop."""
+
+from .engine import PromptTooLongError, Sequence, SpeculativeEngine, StepOutput
+from .loading import DEFAULT_MODEL, ModelInfo, ModelLoadError, load_model
+from .policy import PLAIN, DraftPolicy, SkipSet
+from .runner import ModelRunner
+from .sampling import SamplingParams
+from .stats import RequestStats
+
+__all__ = [
+    "DEFAULT_MODEL", "PLAIN", "DraftPolicy", "ModelInfo", "ModelLoadError", "ModelRunner", "PromptTooLongError",
+    "RequestStats", "SamplingParams", "Sequence", "SkipSet", "SpeculativeEngine", "StepOutput", "load_model",
+]

@@ -2,50 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-Layout = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _xw(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w)
-
-
-def _wx(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (w @ x.T).T
-
-
-def _wx_pair(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """One row run as two identical rows: some BLAS builds are twice as fast per byte on 2 rows."""
-    return (w @ x.expand(2, -1).T)[:, :1].T
-
-
-# Mathematically identical ways to compute x @ w.T; which is fastest depends on the
-# BLAS build, the weight shape and the number of rows, so autotune picks per case.
-LAYOUTS: dict[str, Layout] = {"xw": _xw, "wx": _wx, "wx_pair": _wx_pair}
-
-
 class Linear:
-    """``y = x @ W.T + b`` over a 2-D input, with the matmul layout chosen per row count."""
+    """``y = x @ W.T + b`` over a 2-D input.
+
+    On CPU the weight is pre-packed for oneDNN: measured here it streams weights
+    about twice as fast as the BLAS path for 1-12 rows, and each output row is
+    bit-identical whether it is computed alone or among other rows (batch
+    invariance), so a k-token verify reproduces the 1-token logits exactly in
+    the linear layers. A single row runs as two identical rows, oneDNN's fast case.
+    """
+
+    PACK_ROWS = 2
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
-        self.bias = bias
-        self.layouts: dict[int, str] = {}
+        self.bias = None if bias is None else bias.detach()
+        self.packed = _pack(weight, self.PACK_ROWS)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)  # type: ignore[return-value]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        name = self.layouts.get(x.shape[0], "xw")
-        if name == "wx_pair" and x.shape[0] != 1:
-            name = "wx"
-        y = LAYOUTS[name](x, self.weight)
-        return y if self.bias is None else y + self.bias
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.shape[0] == 1:
+            return torch.ops.mkldnn._linear_pointwise(x.expand(2, -1), self.packed, self.bias, "none", [], "")[:1]
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """oneDNN-packed copy of ``weight`` on CPU, or None where that path is unavailable."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
+    except RuntimeError:  # e.g. bf16 on a CPU without AVX-512
+        return None
 
 
 class Int8Linear:

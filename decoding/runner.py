@@ -22,20 +22,34 @@ from .policy import DraftPolicy, SkipSet
 NO_SKIP = SkipSet()
 
 
+class RMSNorm:
+    """Fused RMS norm with the effective weight of a HF norm module (Gemma's ``1 + w`` folded in)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        weight = module.weight.detach().float()
+        self.weight = weight + 1.0 if "Gemma" in type(module).__name__ else weight
+        self.eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
+
+
 @dataclass
 class _Layer:
     """One decoder layer's pieces, in the engine's terms."""
 
-    attn_norm: torch.nn.Module
-    mlp_norm: torch.nn.Module
-    attn_out_norm: torch.nn.Module | None  # Gemma2: norm on the attention output
-    mlp_out_norm: torch.nn.Module | None  # Gemma2: norm on the MLP output
+    attn_norm: RMSNorm
+    mlp_norm: RMSNorm
+    attn_out_norm: RMSNorm | None  # Gemma2: norm on the attention output
+    mlp_out_norm: RMSNorm | None  # Gemma2: norm on the MLP output
     qkv: Linear
     o: Linear
     gate_up: Linear
     down: Linear
-    q_norm: torch.nn.Module | None  # Qwen3: per-head norms
-    k_norm: torch.nn.Module | None
+    q_norm: RMSNorm | None  # Qwen3: per-head norms
+    k_norm: RMSNorm | None
     act: Any
     q_size: int
     kv_size: int
@@ -80,8 +94,11 @@ class ModelRunner:
         self.kv_heads = config.num_key_value_heads
         self.max_context = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
         self.embed = hf_model.model.embed_tokens
-        self.final_norm = hf_model.model.norm
-        self.rotary = hf_model.model.rotary_emb
+        self.final_norm = RMSNorm(hf_model.model.norm)
+        with torch.no_grad():  # rotary tables for every position, computed once
+            positions = torch.arange(self.max_context, device=self.device)[None]
+            cos, sin = hf_model.model.rotary_emb(torch.ones(1, dtype=self.dtype, device=self.device), positions)
+        self.cos, self.sin = cos[0], sin[0]  # (max_context, head_dim)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
         self.lm_head = Linear(hf_model.lm_head.weight.detach(), getattr(hf_model.lm_head, "bias", None))
         with torch.no_grad():
@@ -97,16 +114,16 @@ class ModelRunner:
         if window is None and self.config.model_type == "mistral":
             window = getattr(self.config, "sliding_window", None)
         return _Layer(
-            attn_norm=layer.input_layernorm,
-            mlp_norm=layer.pre_feedforward_layernorm if gemma2_norms else layer.post_attention_layernorm,
-            attn_out_norm=layer.post_attention_layernorm if gemma2_norms else None,
-            mlp_out_norm=layer.post_feedforward_layernorm if gemma2_norms else None,
+            attn_norm=RMSNorm(layer.input_layernorm),
+            mlp_norm=RMSNorm(layer.pre_feedforward_layernorm if gemma2_norms else layer.post_attention_layernorm),
+            attn_out_norm=RMSNorm(layer.post_attention_layernorm) if gemma2_norms else None,
+            mlp_out_norm=RMSNorm(layer.post_feedforward_layernorm) if gemma2_norms else None,
             qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
             o=Linear(attn.o_proj.weight.detach(), attn.o_proj.bias),
             gate_up=_fuse([mlp.gate_proj, mlp.up_proj]),
             down=Linear(mlp.down_proj.weight.detach(), mlp.down_proj.bias),
-            q_norm=getattr(attn, "q_norm", None),
-            k_norm=getattr(attn, "k_norm", None),
+            q_norm=RMSNorm(attn.q_norm) if hasattr(attn, "q_norm") else None,
+            k_norm=RMSNorm(attn.k_norm) if hasattr(attn, "k_norm") else None,
             act=mlp.act_fn,
             q_size=attn.q_proj.out_features,
             kv_size=attn.k_proj.out_features,
@@ -156,10 +173,8 @@ class ModelRunner:
         if int8 and self.draft_lm_head is None:
             raise ValueError("int8 draft requested but the runner was built without the int8 copy")
         T = tokens.shape[0]
-        positions = torch.arange(start, start + T, device=self.device)
         h = self.embed(tokens[None])  # (1, T, H)
-        cos, sin = self.rotary(h, positions[None])
-        cos, sin = cos[:, None], sin[:, None]  # (1, 1, T, D)
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, D), broadcast over heads
         for index, layer in enumerate(self.layers):
             lin = layer.draft if int8 else None
             if index not in skip.attention:
@@ -178,7 +193,7 @@ class ModelRunner:
     def _attention(self, layer: _Layer, lin: dict[str, Int8Linear] | None, index: int, x: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         T = x.shape[1]
-        qkv = (lin["qkv"] if lin else layer.qkv)(x[0]).to(self.dtype)
+        qkv = (lin["qkv"] if lin else layer.qkv)(x[0])
         q, k, v = qkv.split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
         q = q.view(T, -1, self.head_dim)
         k = k.view(T, -1, self.head_dim)

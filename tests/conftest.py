@@ -1,0 +1,25 @@
+"""Shared fixtures: the default model is loaded once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from decoding import ModelRunner, SpeculativeEngine, load_model
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(hf_model, tokenizer, info) of the embedded default model, fp32 on CPU."""
+    return load_model("default", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def default_engine(default_model) -> SpeculativeEngine:
+    hf_model, tokenizer, _ = default_model
+    return SpeculativeEngine(ModelRunner(hf_model, int8_draft=True), tokenizer)
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a one-turn chat prompt."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)

@@ -1,0 +1,62 @@
+"""Speculative sampling keeps the target distribution; a wrong acceptance rule is caught."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+import decoding.engine
+from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine
+from tiny_models import tiny_model
+
+N = 600
+PROMPT = [5, 17, 300, 42, 9, 77]
+# Drops most of the model: the draft distribution differs clearly from the target's.
+DRAFT = DraftPolicy(SkipSet(attention=[0, 1, 2], mlp=[0, 1, 3]), threshold=0.0, max_draft=3)
+
+
+@pytest.fixture(scope="module")
+def engine(default_model):
+    return SpeculativeEngine(ModelRunner(tiny_model("llama", seed=3)), default_model[1])
+
+
+def _samples(engine, policy) -> Counter:
+    """Joint distribution of the 2nd and 3rd generated tokens (both produced by verify steps)."""
+    counts: Counter = Counter()
+    for seed in range(N):
+        params = SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=seed, ignore_eos=True)
+        counts[tuple(engine.run(PROMPT, params, policy).generated[1:])] += 1
+    return counts
+
+
+def _p_value(a: Counter, b: Counter) -> float:
+    cells = sorted(set(a) | set(b))
+    table = [[a[c] + 0.5 for c in cells], [b[c] + 0.5 for c in cells]]
+    return chi2_contingency(table).pvalue
+
+
+def _always_accept(drafts, draft_probs, target, gen):
+    """Deliberately wrong: keeps every draft, so output follows the draft's distribution."""
+    return len(drafts), decoding.sampling.sample(target[len(drafts)], gen)
+
+
+@pytest.fixture(scope="module")
+def plain_counts(engine):
+    return _samples(engine, PLAIN)
+
+
+def test_speculative_sampling_matches_plain_sampling(engine, plain_counts):
+    assert _p_value(plain_counts, _samples(engine, DRAFT)) > 0.01
+
+
+def test_wrong_acceptance_rule_is_detected(engine, plain_counts, monkeypatch):
+    monkeypatch.setattr(decoding.engine, "accept_sampled", _always_accept)
+    assert _p_value(plain_counts, _samples(engine, DRAFT)) < 1e-4
+
+
+def test_same_seed_same_text(engine):
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=1234, ignore_eos=True)
+    assert engine.run(PROMPT, params, DRAFT).generated == engine.run(PROMPT, params, DRAFT).generated
