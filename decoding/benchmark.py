@@ -1,0 +1,99 @@
+"""Decoding micro- and macro-benchmark: forward latencies and plain vs speculative tokens/s."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from .engine import SpeculativeEngine
+from .policy import PLAIN, DraftPolicy, SkipSet
+from .sampling import SamplingParams
+
+SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+
+def spec_bench_prompts(path: Path, count: int) -> list[tuple[str, str]]:
+    """(category, first turn) of ``count`` Spec-Bench questions spread evenly over the file."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    step = max(1, len(rows) // count)
+    return [(r["category"], r["turns"][0]) for r in rows[::step][:count]]
+
+
+def evenly_skipped(num_layers: int, fraction: float) -> SkipSet:
+    """A skip set dropping ``fraction`` of all sub-layers, spread over the middle-to-late layers."""
+    count = round(2 * num_layers * fraction)
+    slots = [(i, kind) for i in range(1, num_layers - 1) for kind in ("mlp", "attention")]
+    chosen = slots[:: max(1, len(slots) // max(count, 1))][:count]
+    return SkipSet([i for i, k in chosen if k == "attention"], [i for i, k in chosen if k == "mlp"])
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def forward_latencies(engine: SpeculativeEngine, context: int = 256, repeats: int = 15) -> dict[str, float]:
+    """Median ms of 1-token and k-token full forwards and of draft forwards, at ``context`` cached tokens."""
+    runner = engine.runner
+    cache = runner.new_cache(context + 16)
+    runner.forward(torch.randint(10, 1000, (context,)), cache, 0)
+    one = torch.tensor([42])
+    out = {"forward_1": _median_ms(lambda: runner.forward(one, cache, context), repeats)}
+    for k in (2, 4, 8, 12):
+        tokens = torch.randint(10, 1000, (k,))
+        out[f"verify_{k}"] = _median_ms(lambda: runner.forward(tokens, cache, context, all_logits=True), repeats)
+    drafts = {"draft_skip25": DraftPolicy(evenly_skipped(runner.num_layers, 0.25)),
+              "draft_skip50": DraftPolicy(evenly_skipped(runner.num_layers, 0.5))}
+    if runner.draft_lm_head is not None:
+        drafts["draft_int8"] = DraftPolicy(precision="int8")
+        drafts["draft_int8_skip25"] = DraftPolicy(evenly_skipped(runner.num_layers, 0.25), precision="int8")
+    for name, policy in drafts.items():
+        out[name] = _median_ms(lambda: runner.forward(one, cache, context, policy=policy), repeats)
+    return out
+
+
+def decode_throughput(engine: SpeculativeEngine, prompts: list[list[int]], policy: DraftPolicy,
+                      max_new_tokens: int, hf_generate: bool = False) -> dict[str, Any]:
+    """Plain and speculative tokens/s over ``prompts`` (interleaved per prompt), plus transformers' generate."""
+    params = SamplingParams(max_tokens=max_new_tokens, ignore_eos=True)
+    totals = {"plain": [0, 0.0], "speculative": [0, 0.0], "transformers": [0, 0.0]}
+    identical, accepted, steps = 0, 0, 0
+    for ids in tqdm(prompts, desc="decoding", unit="prompt"):
+        runs = {}
+        for name, pol in (("plain", PLAIN), ("speculative", policy)):
+            t0 = time.perf_counter()
+            seq = engine.run(ids, params, pol)
+            totals[name][0] += len(seq.generated)
+            totals[name][1] += time.perf_counter() - t0
+            runs[name] = seq
+        identical += runs["plain"].generated == runs["speculative"].generated
+        accepted += runs["speculative"].stats.step_tokens
+        steps += runs["speculative"].stats.verify_steps
+        if hf_generate:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                engine.runner.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                                             min_new_tokens=max_new_tokens, do_sample=False)
+            totals["transformers"][0] += max_new_tokens
+            totals["transformers"][1] += time.perf_counter() - t0
+    rates = {name: n / s for name, (n, s) in totals.items() if s > 0}
+    return {
+        "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+        "tokens_per_s": rates,
+        "speedup_vs_plain": rates["speculative"] / rates["plain"],
+        "plain_vs_transformers": rates["plain"] / rates["transformers"] if "transformers" in rates else None,
+        "mean_accepted_tokens": accepted / steps if steps else 0.0,
+        "identical_outputs": f"{identical}/{len(prompts)}",
+        "policy": policy.to_dict(),
+    }
