@@ -71,16 +71,13 @@ class StepOutput:
 class SpeculativeEngine:
     """Prefill and step sequences with self-speculative decoding."""
 
-    def __init__(self, runner: ModelRunner, tokenizer: Any) -> None:
+    def __init__(self, runner: ModelRunner, tokenizer: Any, max_context: int | None = None) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
+        self.max_context = min(max_context or runner.max_context, runner.max_context)
         eos = getattr(runner.model.generation_config, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {t for t in [*eos, tokenizer.eos_token_id] if t is not None}
-
-    @property
-    def max_context(self) -> int:
-        return self.runner.max_context
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, prompt_ids: list[int], params: SamplingParams) -> tuple[Sequence, StepOutput]:

@@ -1,0 +1,217 @@
+"""FastAPI application: endpoints, auth, error shapes, lifespan (model + router loaded once)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .serving import Choice, OpenAIServing, apply_event, knn_ssd_object, new_id, now, sse, usage
+from .state import ServerState, build_state
+
+log = logging.getLogger("knn_ssd.server")
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``serve`` needs; built from the CLI flags."""
+
+    model: str = "default"
+    index: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_concurrency: int = 8
+    max_queue: int = 64
+    max_model_len: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """The app; the lifespan loads the model and router once and starts the engine loop."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = build_state(config)
+        app.state.server = state
+        state.loop.start()
+        log.info("ready: serving %r", state.serving.model_name)
+        try:
+            yield
+        finally:
+            log.info("shutting down the engine loop")
+            state.loop.stop()
+
+    app = FastAPI(title="knn-ssd", version="0.1.0", lifespan=lifespan)
+
+    def state(request: Request) -> ServerState:
+        return request.app.state.server
+
+    def serving(request: Request) -> OpenAIServing:
+        return request.app.state.server.serving
+
+    async def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), config.api_key):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", None,
+                           "invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        if exc.status != 499:
+            request.app.state.server.metrics.request_done(exc.status, None)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        message = err.get("msg", "invalid request")
+        if err.get("type") == "json_invalid":
+            message = "We could not parse the JSON body of your request."
+        api = APIError(400, f"{message}" + (f" (at {'.'.join(loc)})" if loc else ""),
+                       ".".join(loc) or None, err.get("type"))
+        return await api_error(request, api)
+
+    @app.get("/health")
+    async def health(s: ServerState = Depends(state)) -> Response:
+        ok = s.loop.alive
+        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics(s: ServerState = Depends(state)) -> Response:
+        return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models(s: ServerState = Depends(state)) -> dict[str, Any]:
+        card = {"id": s.serving.model_name, "object": "model", "created": s.started, "owned_by": "knn-ssd",
+                "root": s.info.source, "max_model_len": s.serving.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, request: Request, srv: OpenAIServing = Depends(serving)):
+        srv.check_model(body.model)
+        prompts = srv.completion_prompts(body)
+        gens, queue = srv.submit(prompts, body, body.max_tokens)
+        rid, created = new_id("cmpl"), now()
+        prompt_tokens = sum(len(p) for p in prompts) * body.n
+        echoes = [srv.tokenizer.decode(p) if body.echo else "" for p in prompts]
+        base = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name}
+        if not body.stream:
+            choices = await srv.collect(gens, queue, request)
+            srv.record(200, choices)
+            return {**base, "choices": [{"index": c.index, "text": echoes[c.index // body.n] + c.text,
+                                         "logprobs": None, "finish_reason": c.finish_reason} for c in choices],
+                    "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)}
+
+        def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
+            return {**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+        async def stream() -> AsyncIterator[str]:
+            choices = [Choice(i) for i in range(len(gens))]
+            for c in choices:
+                if echoes[c.index // body.n]:
+                    yield sse(chunk(c.index, echoes[c.index // body.n], None))
+            async for data in _stream_events(srv, gens, queue, request, choices, body, prompt_tokens, base,
+                                             lambda c, text, finish: chunk(c.index, text, finish)):
+                yield data
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat(body: ChatCompletionRequest, request: Request, srv: OpenAIServing = Depends(serving)):
+        srv.check_model(body.model)
+        prompt = srv.chat_prompt(body)
+        gens, queue = srv.submit([prompt], body, body.token_limit())
+        rid, created = new_id("chatcmpl"), now()
+        prompt_tokens = len(prompt) * body.n
+        base = {"id": rid, "object": "chat.completion", "created": created, "model": srv.model_name,
+                "system_fingerprint": None}
+        if not body.stream:
+            choices = await srv.collect(gens, queue, request)
+            srv.record(200, choices)
+            return {**base, "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                         "logprobs": None, "finish_reason": c.finish_reason} for c in choices],
+                    "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)}
+        base = {**base, "object": "chat.completion.chunk"}
+
+        def chunk(c: Choice, text: str, finish: str | None) -> dict[str, Any]:
+            delta = {"content": text} if text else {}
+            return {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish}]}
+
+        async def stream() -> AsyncIterator[str]:
+            for i in range(len(gens)):  # OpenAI sends the role first, then content deltas
+                role = {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]}
+                yield sse({**role, "usage": None} if body.stream_options and body.stream_options.include_usage
+                          else role)
+            async for data in _stream_events(srv, gens, queue, request, [Choice(i) for i in range(len(gens))],
+                                             body, prompt_tokens, base, chunk):
+                yield data
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app
+
+
+async def _stream_events(srv: OpenAIServing, gens, queue, request: Request, choices: list[Choice], body,
+                         prompt_tokens: int, base: dict[str, Any], chunk) -> AsyncIterator[str]:
+    """SSE chunks of every choice; the last chunk carries ``knn_ssd`` (and usage if asked); then [DONE]."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    remaining = len(choices)
+    try:
+        async for index, event in srv.events(gens, queue, request):
+            c = choices[index]
+            apply_event(c, event)
+            if event.finish_reason is None:
+                if event.text:
+                    yield sse({**chunk(c, event.text, None), **({"usage": None} if include_usage else {})})
+                continue
+            remaining -= 1
+            data = chunk(c, event.text, event.finish_reason)
+            if include_usage:
+                data["usage"] = None
+            if remaining == 0 and not include_usage:
+                data["knn_ssd"] = knn_ssd_object(choices)
+            yield sse(data)
+    except APIError as exc:
+        srv.metrics.request_done(exc.status, None)
+        yield sse(exc.body())
+        yield sse("[DONE]")
+        return
+    if remaining:  # client went away: nothing more to send
+        srv.record(499, choices)
+        return
+    srv.record(200, choices)
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)})
+    yield sse("[DONE]")
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Entry point of ``knn-ssd serve``."""
+    import uvicorn
+
+    config = ServerConfig.from_args(args)
+    app = create_app(config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain_timeout)
+    return 0

@@ -1,0 +1,148 @@
+"""OpenAI request schemas (plus knn-ssd's extension fields) and the OpenAI error body."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_STRINGS = 16
+MAX_N = 16
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class SkipLayers(BaseModel):
+    """Explicit skip set: ``{"attention": [...], "mlp": [...]}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    attention: list[int] = Field(default_factory=list)
+    mlp: list[int] = Field(default_factory=list)
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by completions and chat; unknown fields are ignored as OpenAI does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="vLLM-style extension: 0 disables")
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    # Honoured only at their neutral values: anything else is a 400, never silently ignored.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    # knn-ssd extensions (OpenAI SDKs send them through extra_body)
+    speculate: bool = True
+    domain: str | None = None
+    skip_layers: SkipLayers | None = None
+    draft_precision: Literal["full", "int8"] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, reason) of a field set to a value this server cannot honour."""
+        if self.presence_penalty or self.frequency_penalty:
+            return ("presence_penalty" if self.presence_penalty else "frequency_penalty", "penalties are not supported")
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        if self.draft_precision is not None and self.skip_layers is None:
+            return "draft_precision", "draft_precision applies only together with skip_layers"
+        return None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs is not None:
+            return "logprobs", "logprobs are not supported"
+        if self.best_of not in (None, 1) and self.best_of != self.n:
+            return "best_of", "best_of is not supported"
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported"
+        return super().unsupported()
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs", "logprobs are not supported"
+        if self.tools:
+            return "tools", "tool calling is not supported"
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            return "response_format", "only response_format type 'text' is supported"
+        return super().unsupported()
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class APIError(Exception):
+    """An error returned to the client in OpenAI's shape."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             413: "invalid_request_error", 503: "server_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}

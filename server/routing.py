@@ -1,0 +1,55 @@
+"""Turn a request's speculation fields and its prompt embedding into a decoding policy."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from decoding import PLAIN, DraftPolicy, SkipSet
+from knn_router.router import Router
+
+from .protocol import APIError, SamplingFields
+from .scheduler import RouteDecision
+
+
+class PolicyResolver:
+    """Resolves ``speculate`` / ``domain`` / ``skip_layers`` / the router into a ``RouteDecision``.
+
+    Without a router, speculative requests use ``fallback`` (the server's built-in policy).
+    """
+
+    def __init__(self, router: Router | None, fallback: DraftPolicy, num_layers: int, int8_available: bool) -> None:
+        self.router = router
+        self.fallback = fallback
+        self.num_layers = num_layers
+        self.int8_available = int8_available
+
+    def for_request(self, req: SamplingFields) -> Callable[[torch.Tensor], RouteDecision]:
+        """Validate the request's fields now (400 on error) and return the per-embedding chooser."""
+        if not req.speculate:
+            return lambda _: RouteDecision(None, None, PLAIN)
+        if req.skip_layers is not None:
+            precision = req.draft_precision or "full"
+            if precision == "int8" and not self.int8_available:
+                raise APIError(400, "this server has no int8 draft copy", "draft_precision")
+            try:
+                skip = SkipSet(req.skip_layers.attention, req.skip_layers.mlp).validate(self.num_layers)
+            except ValueError as exc:
+                raise APIError(400, str(exc), "skip_layers") from exc
+            base = self.fallback
+            policy = DraftPolicy(skip, precision=precision, threshold=base.threshold, max_draft=base.max_draft)
+            return lambda _: RouteDecision(None, None, policy)
+        if req.domain is not None:
+            if self.router is None or req.domain not in self.router.policies:
+                known = ", ".join(sorted(self.router.policies)) if self.router else "none (routing disabled)"
+                raise APIError(400, f"unknown domain {req.domain!r}; calibrated domains: {known}", "domain")
+            policy = self.router.policy_for(req.domain)
+            return lambda _: RouteDecision(req.domain, None, policy)
+        if self.router is None:
+            return lambda _: RouteDecision(None, None, self.fallback)
+        return self._route
+
+    def _route(self, embedding: torch.Tensor) -> RouteDecision:
+        result = self.router.route(embedding.float().cpu().numpy())
+        return RouteDecision(result.label, result.similarity, result.policy, result.lookup_ms)

@@ -1,0 +1,229 @@
+"""OpenAI completions and chat completions on top of the engine loop (protocol -> engine -> response)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+
+from decoding import RequestStats, SamplingParams
+
+from .metrics import Metrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
+from .routing import PolicyResolver
+from .scheduler import EngineLoop, GenerationEvent, GenerationRequest, QueueFullError, RouteDecision
+
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class Choice:
+    """Accumulated output of one choice."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    route: RouteDecision | None = None
+    stats: RequestStats | None = None
+
+
+class OpenAIServing:
+    """Shared logic of /v1/completions and /v1/chat/completions."""
+
+    def __init__(self, loop: EngineLoop, tokenizer: Any, model_name: str, max_model_len: int,
+                 resolver: PolicyResolver, metrics: Metrics) -> None:
+        self.loop = loop
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.resolver = resolver
+        self.metrics = metrics
+
+    # ------------------------------------------------------------------ request preparation
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
+                           "model", "model_not_found")
+
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            prompts = [self.tokenizer(prompt).input_ids]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        elif prompt and all(isinstance(p, str) for p in prompt):
+            prompts = [self.tokenizer(p).input_ids for p in prompt]
+        elif prompt and all(isinstance(p, list) for p in prompt):
+            prompts = [list(p) for p in prompt]
+        else:
+            raise APIError(400, "prompt must be a non-empty string, list of strings or list of token ids", "prompt")
+        vocab = len(self.tokenizer)
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "prompt must not be empty", "prompt")
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+        return prompts
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+        except Exception as exc:  # templates raise on role orders they do not accept
+            raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
+        return list(ids)
+
+    def sampling_params(self, req: SamplingFields, prompt_len: int, max_tokens: int | None, index: int) -> SamplingParams:
+        if prompt_len >= self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                                f"prompt has {prompt_len} tokens.", "prompt", "context_length_exceeded")
+        room = self.max_model_len - prompt_len
+        if max_tokens is None:
+            max_tokens = room
+        elif max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
+                                f"for the completion).", "max_tokens", "context_length_exceeded")
+        seed = None if req.seed is None else req.seed + index
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                              seed=seed, stop=req.stop_list(), ignore_eos=req.ignore_eos)
+
+    def check_supported(self, req: SamplingFields) -> None:
+        bad = req.unsupported()
+        if bad:
+            raise APIError(400, f"{bad[1]} by this server", bad[0])
+
+    # ------------------------------------------------------------------ running
+    def submit(self, prompts: list[list[int]], req: SamplingFields, max_tokens: int | None,
+               ) -> tuple[list[GenerationRequest], asyncio.Queue]:
+        """Queue ``n`` choices per prompt; events arrive on the returned queue as (choice index, event)."""
+        self.check_supported(req)
+        chooser = self.resolver.for_request(req)
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        request_id = uuid.uuid4().hex
+        gens = []
+        for p, ids in enumerate(prompts):
+            for i in range(req.n):
+                index = p * req.n + i
+                params = self.sampling_params(req, len(ids), max_tokens, i)
+
+                def emit(event: GenerationEvent, index: int = index) -> None:
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+                gens.append(GenerationRequest(f"{request_id}-{index}", ids, params, chooser, emit))
+        try:
+            self.loop.submit(gens)
+        except QueueFullError as exc:
+            raise APIError(503, "The server is overloaded: too many queued requests. Retry later.", None,
+                           "server_overloaded", headers={"Retry-After": "1"}) from exc
+        return gens, queue
+
+    async def events(self, gens: list[GenerationRequest], queue: asyncio.Queue, request: Request | None,
+                     ) -> AsyncIterator[tuple[int, GenerationEvent]]:
+        """Yield (index, event) until every choice finished; cancel all choices if the client goes away."""
+        pending = len(gens)
+        try:
+            while pending:
+                try:
+                    index, event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        return
+                    continue
+                if event.error is not None:
+                    raise _api_error(event.error)
+                if event.finish_reason is not None:
+                    pending -= 1
+                yield index, event
+        finally:
+            for g in gens:
+                g.cancelled.set()
+
+    async def collect(self, gens: list[GenerationRequest], queue: asyncio.Queue, request: Request) -> list[Choice]:
+        choices = [Choice(i) for i in range(len(gens))]
+        async for index, event in self.events(gens, queue, request):
+            apply_event(choices[index], event)
+        if any(c.finish_reason is None for c in choices):
+            raise APIError(499, "client disconnected")
+        return choices
+
+    def record(self, status: int, choices: list[Choice]) -> None:
+        for c in choices:
+            self.metrics.request_done(status, c.finish_reason)
+
+
+def apply_event(choice: Choice, event: GenerationEvent) -> None:
+    choice.text += event.text
+    if event.route is not None:
+        choice.route = event.route
+    if event.finish_reason is not None:
+        choice.finish_reason = event.finish_reason
+        choice.stats = event.stats
+
+
+def _api_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc))
+    return APIError(500, f"internal error: {exc}")
+
+
+def usage(choices: list[Choice], prompt_tokens: int) -> dict[str, int]:
+    completion = sum(c.stats.completion_tokens for c in choices if c.stats)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def knn_ssd_object(choices: list[Choice]) -> dict[str, Any]:
+    """The ``knn_ssd`` response extension: routing and speculation figures (summed over choices)."""
+    first = choices[0]
+    route, policy = first.route, first.route.policy if first.route else None
+    stats = [c.stats for c in choices if c.stats]
+    drafts = sum(s.draft_tokens for s in stats)
+    accepted = sum(s.accepted_tokens for s in stats)
+    steps = sum(s.verify_steps for s in stats)
+    step_tokens = sum(s.step_tokens for s in stats)
+    plain = policy is None or policy.is_plain
+    out = {
+        "domain": route.domain if route else None,
+        "similarity": route.similarity if route else None,
+        "policy": "plain" if plain else "speculative",
+        "skip_attention": [] if plain else sorted(policy.skip.attention),
+        "skip_mlp": [] if plain else sorted(policy.skip.mlp),
+        "draft_precision": None if plain else policy.precision,
+        "draft_threshold": None if plain else policy.threshold,
+        "max_draft": None if plain else policy.max_draft,
+        "draft_tokens": drafts,
+        "accepted_tokens": accepted,
+        "verify_steps": steps,
+        "acceptance_rate": accepted / drafts if drafts else 0.0,
+        "mean_accepted_tokens": step_tokens / steps if steps else 0.0,
+        "router_ms": route.router_ms if route else 0.0,
+    }
+    if len(choices) > 1:
+        out["choices"] = [{"index": c.index, "domain": c.route.domain if c.route else None,
+                           "policy": "plain" if not c.route or c.route.policy.is_plain else "speculative"}
+                          for c in choices]
+    return out
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,95 @@
+"""Build the server's long-lived objects once (model, engine, router, metrics, engine loop)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from decoding import DEFAULT_MODEL, PLAIN, DraftPolicy, ModelInfo, ModelRunner, SamplingParams, SpeculativeEngine, load_model
+from knn_router.artifact import default_artifact_dir, load_router
+from knn_router.router import Router
+
+from .metrics import PLAIN_DOMAIN, Metrics
+from .routing import PolicyResolver
+from .scheduler import EngineLoop, InterleavingScheduler
+from .serving import OpenAIServing
+
+if TYPE_CHECKING:
+    from .app import ServerConfig
+
+log = logging.getLogger("knn_ssd.server")
+
+# Without a router: the int8 draft copy with no skipped layers, the best single policy
+# measured on the default model on CPU (see README); plain decoding where no int8 copy exists.
+FALLBACK_INT8 = DraftPolicy(precision="int8", threshold=0.6, max_draft=10)
+
+
+@dataclass
+class ServerState:
+    info: ModelInfo
+    engine: SpeculativeEngine
+    router: Router | None
+    metrics: Metrics
+    loop: EngineLoop
+    serving: OpenAIServing
+    started: int
+
+
+def _router(config: "ServerConfig", info: ModelInfo) -> Router | None:
+    if config.index == "none":
+        return None
+    if config.index == "auto":
+        directory = default_artifact_dir() if config.model == DEFAULT_MODEL else None
+        if directory is None or not directory.exists():
+            log.warning("no calibration artifact for model %r: routing disabled (pass --index DIR)", config.model)
+            return None
+    else:
+        directory = Path(config.index)
+    return load_router(directory, info.fingerprint)
+
+
+def build_state(config: "ServerConfig") -> ServerState:
+    t0 = time.perf_counter()
+    hf_model, tokenizer, info = load_model(config.model, config.device, config.dtype)
+    runner = ModelRunner(hf_model, int8_draft=True)
+    max_len = min(runner.max_context, config.max_model_len or runner.max_context)
+    engine = SpeculativeEngine(runner, tokenizer, max_context=max_len)
+    log.info("model %s: %s, %d layers, hidden %d, %.0fM parameters, fingerprint %s", info.name, info.architecture,
+             info.num_layers, info.hidden_size, info.parameters / 1e6, info.fingerprint)
+    log.info("device %s, dtype %s, context %d tokens, int8 draft copy %.0f MiB (loaded in %.1fs)", info.device,
+             info.dtype, max_len, runner.int8_draft_bytes / 2**20, time.perf_counter() - t0)
+    router = _router(config, info)
+    if router is None:
+        log.info("index: none; speculative requests use the built-in policy %s", FALLBACK_INT8.to_dict())
+    else:
+        log.info("index: %d anchors over domains %s, k=%d, similarity threshold %.2f", len(router), router.domains,
+                 router.k, router.threshold)
+        for domain, policy in sorted(router.policies.items()):
+            log.info("  policy %-14s %s", domain, _describe(policy))
+    name = config.served_model_name or config.model
+    metrics = Metrics(name)
+    scheduler = InterleavingScheduler(config.max_concurrency)
+    loop = EngineLoop(engine, scheduler, config.max_queue, metrics)
+    resolver = PolicyResolver(router, FALLBACK_INT8 if runner.draft_lm_head is not None else PLAIN,
+                              runner.num_layers, runner.draft_lm_head is not None)
+    serving = OpenAIServing(loop, tokenizer, name, max_len, resolver, metrics)
+    _warm_up(engine, metrics)
+    return ServerState(info, engine, router, metrics, loop, serving, int(time.time()))
+
+
+def _warm_up(engine: SpeculativeEngine, metrics: Metrics) -> None:
+    """Run one short plain generation: warms kernels and seeds the plain tokens/s baseline of the speedup gauge."""
+    seq = engine.run(engine.tokenizer("Hello, how are you today?").input_ids,
+                     SamplingParams(max_tokens=16, ignore_eos=True), PLAIN)
+    metrics.record_rate(PLAIN_DOMAIN, seq.stats.step_tokens, seq.stats.decode_s)
+    log.info("warm-up: plain decoding %.1f tokens/s", seq.stats.step_tokens / seq.stats.decode_s)
+
+
+def _describe(policy: DraftPolicy) -> str:
+    if policy.is_plain:
+        return "plain decoding"
+    return (f"{policy.precision} draft, skip attention {sorted(policy.skip.attention)} mlp {sorted(policy.skip.mlp)}, "
+            f"threshold {policy.threshold}, max draft {policy.max_draft}")
