@@ -76,6 +76,8 @@ class QueueFullError(RuntimeError):
 
 
 class Scheduler(Protocol):
+    max_running: int
+
     def admit(self, waiting: collections.deque, running: list[GenerationRequest]) -> list[GenerationRequest]: ...
     def schedule(self, running: list[GenerationRequest]) -> list[GenerationRequest]: ...
 
@@ -107,6 +109,7 @@ class EngineLoop:
         self.observer = observer
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._running: list[GenerationRequest] = []
+        self._in_flight = 0  # submitted and not yet finished: waiting, prefilling or running
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="knn-ssd-engine", daemon=True)
@@ -127,9 +130,9 @@ class EngineLoop:
     def submit(self, requests: list[GenerationRequest]) -> None:
         """Queue all ``requests`` or none (QueueFullError when the queue cannot hold them)."""
         with self._wake:
-            if len(self._waiting) + len(requests) > self.max_queue + max(
-                    0, getattr(self.scheduler, "max_running", 0) - len(self._running)):
+            if self._in_flight + len(requests) > self.scheduler.max_running + self.max_queue:
                 raise QueueFullError(f"queue full ({len(self._waiting)} waiting)")
+            self._in_flight += len(requests)
             self._waiting.extend(requests)
             self.observer.on_queue(len(self._running), len(self._waiting))
             self._wake.notify()
@@ -153,8 +156,16 @@ class EngineLoop:
         for req in list(self._running) + list(self._waiting):
             req.emit(GenerationEvent(error=RuntimeError("server shutting down")))
 
+    def _release(self, req: GenerationRequest) -> None:
+        """``req`` left the engine (finished, failed or cancelled)."""
+        with self._wake:
+            self._in_flight -= 1
+        if req in self._running:
+            self._running.remove(req)
+
     def _prefill(self, req: GenerationRequest) -> None:
         if req.cancelled.is_set():
+            self._release(req)
             return
         req.admitted = time.monotonic()
         self.observer.on_admitted(req)
@@ -165,6 +176,7 @@ class EngineLoop:
             req.seq = seq
         except Exception as exc:  # a bad request must never take the loop down
             log.exception("prefill failed for %s", req.request_id)
+            self._release(req)
             req.emit(GenerationEvent(error=exc))
             return
         self._running.append(req)
@@ -172,7 +184,7 @@ class EngineLoop:
 
     def _step(self, req: GenerationRequest) -> None:
         if req.cancelled.is_set():
-            self._running.remove(req)
+            self._release(req)
             req.seq.finish_reason = req.seq.stats.finish_reason = "abort"
             self.observer.on_finished(req)
             return
@@ -180,7 +192,7 @@ class EngineLoop:
             out = self.engine.step(req.seq)
         except Exception as exc:
             log.exception("decoding step failed for %s", req.request_id)
-            self._running.remove(req)
+            self._release(req)
             req.emit(GenerationEvent(error=exc))
             return
         self._deliver(req, out.token_ids, out.text, out.finish_reason, first=False)
@@ -192,7 +204,7 @@ class EngineLoop:
         req.last_output = now
         done = finish_reason is not None
         if done:
-            self._running.remove(req)
+            self._release(req)
             self.observer.on_finished(req)
         req.emit(GenerationEvent(text=text, token_ids=token_ids, finish_reason=finish_reason,
                                  route=req.route if first or done else None,

@@ -23,3 +23,12 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     """Token ids of a one-turn chat prompt."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The default server: default model, shipped routing artifact, no API key."""
+    from live_server import LiveServer
+
+    with LiveServer("--max-concurrency", "8") as live:
+        yield live

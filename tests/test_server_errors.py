@@ -1,0 +1,52 @@
+"""Malformed requests get OpenAI-shaped errors with the right status, and the server stays up."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+
+CASES = [
+    ("invalid JSON", COMP, b'{"model": "default", "prompt": ', 400),
+    ("body is a list", COMP, [1, 2, 3], 400),
+    ("prompt wrong type", COMP, {"model": "default", "prompt": 5}, 400),
+    ("max_tokens wrong type", COMP, {"model": "default", "prompt": "a", "max_tokens": "ten"}, 400),
+    ("missing prompt", COMP, {"model": "default"}, 400),
+    ("empty prompt", COMP, {"model": "default", "prompt": ""}, 400),
+    ("empty messages", CHAT, {"model": "default", "messages": []}, 400),
+    ("unknown role", CHAT, {"model": "default", "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("n = 0", CHAT, {"model": "default", "messages": MSG, "n": 0}, 400),
+    ("max_tokens = -1", COMP, {"model": "default", "prompt": "a", "max_tokens": -1}, 400),
+    ("max_tokens far over the context", COMP, {"model": "default", "prompt": "a", "max_tokens": 10**7}, 400),
+    ("temperature = -1", CHAT, {"model": "default", "messages": MSG, "temperature": -1}, 400),
+    ("top_p = 2", CHAT, {"model": "default", "messages": MSG, "top_p": 2}, 400),
+    ("prompt over the context", COMP, {"model": "default", "prompt": "word " * 9000, "max_tokens": 1}, 400),
+    ("100 stop strings", COMP, {"model": "default", "prompt": "a", "stop": [f"s{i}" for i in range(100)]}, 400),
+    ("unknown model", CHAT, {"model": "gpt-4o", "messages": MSG}, 404),
+    ("logprobs not supported", COMP, {"model": "default", "prompt": "a", "logprobs": 3}, 400),
+    ("penalty not supported", CHAT, {"model": "default", "messages": MSG, "presence_penalty": 0.5}, 400),
+    ("skip index out of range", COMP, {"model": "default", "prompt": "a", "skip_layers": {"attention": [30]}}, 400),
+    ("unknown domain", COMP, {"model": "default", "prompt": "a", "domain": "astrology"}, 400),
+    ("token id out of vocab", COMP, {"model": "default", "prompt": [1, 999999]}, 400),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status", CASES, ids=[c[0] for c in CASES])
+def test_malformed_request(server, name, path, body, status):
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body}
+    r = httpx.post(server.url + path, timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_unknown_fields_are_ignored(server):
+    r = httpx.post(server.url + COMP, json={"model": "default", "prompt": "a", "max_tokens": 2,
+                                             "frobnicate": True, "temperature": 0}, timeout=60)
+    assert r.status_code == 200

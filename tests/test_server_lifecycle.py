@@ -1,0 +1,77 @@
+"""API key, queue limits (503 + Retry-After) and SIGTERM draining, on a small dedicated server."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import httpx
+import pytest
+
+from live_server import LiveServer
+
+KEY = "sk-test-123"
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    with LiveServer("--index", "none", "--api-key", KEY, "--max-concurrency", "1", "--max-queue", "1",
+                    "--served-model-name", "smol", "--drain-timeout", "60") as live:
+        yield live
+
+
+def _auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize("headers", [{}, _auth("wrong"), {"Authorization": "Basic abc"}])
+def test_missing_or_wrong_key_is_401(small_server, headers):
+    r = httpx.post(small_server.url + "/v1/completions", json={"model": "smol", "prompt": "a"}, headers=headers)
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(small_server.url + "/v1/models", headers=headers).status_code == 401
+
+
+def test_served_model_name(small_server):
+    r = httpx.get(small_server.url + "/v1/models", headers=_auth())
+    assert r.json()["data"][0]["id"] == "smol"
+    r = httpx.post(small_server.url + "/v1/completions", json={"model": "default", "prompt": "a"}, headers=_auth())
+    assert r.status_code == 404
+
+
+def test_full_queue_is_503_with_retry_after(small_server):
+    """Capacity is one running plus one queued: of three concurrent requests one is refused."""
+    body = {"model": "smol", "prompt": "Tell a long story.", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    responses: list[httpx.Response] = []
+
+    def post() -> None:
+        responses.append(httpx.post(small_server.url + "/v1/completions", json=body, headers=_auth(), timeout=120))
+
+    threads = [threading.Thread(target=post) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.status_code for r in responses) == [200, 200, 503]
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "1"
+    assert rejected.json()["error"]["code"] == "server_overloaded"
+
+
+def test_sigterm_drains_in_flight_stream(small_server):
+    body = {"model": "smol", "prompt": "Count slowly:", "max_tokens": 40, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    lines: list[str] = []
+    with httpx.stream("POST", small_server.url + "/v1/completions", json=body, headers=_auth(),
+                      timeout=120) as response:
+        for line in response.iter_lines():
+            if line and not lines:
+                small_server.terminate()  # mid-stream
+            if line:
+                lines.append(line)
+    assert lines[-1] == "data: [DONE]"
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so -SIGTERM is a clean exit here
+    assert small_server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert "shutting down the engine loop" in small_server.log_text()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(small_server.url + "/health")

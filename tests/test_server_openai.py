@@ -1,0 +1,143 @@
+"""The official openai SDK against a real server: completions, chat, streaming, sync and async."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from conftest import chat_ids
+from decoding import PLAIN, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+
+
+@pytest.fixture(scope="module")
+def aclient(server):
+    """Factory: an async client must live inside the event loop that uses it."""
+    return lambda: AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused")
+
+
+def _plain_text(engine, ids: list[int], max_tokens: int) -> str:
+    return engine.run(ids, SamplingParams(max_tokens=max_tokens), PLAIN).text
+
+
+def test_models_endpoint(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["default"]
+
+
+def test_completion_matches_plain_decoding(client, default_engine):
+    prompt = "The three primary colours are"
+    out = client.completions.create(model="default", prompt=prompt, max_tokens=24, temperature=0)
+    ids = default_engine.tokenizer(prompt).input_ids
+    assert out.choices[0].text == _plain_text(default_engine, ids, 24)
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens <= 24
+    ext = out.model_extra["knn_ssd"]
+    assert ext["policy"] in ("speculative", "plain") and ext["verify_steps"] >= 1
+    assert set(ext) >= {"domain", "similarity", "policy", "skip_attention", "skip_mlp", "draft_precision",
+                        "draft_tokens", "accepted_tokens", "verify_steps", "mean_accepted_tokens", "router_ms"}
+
+
+def test_completion_default_max_tokens_echo_and_list_prompt(client):
+    out = client.completions.create(model="default", prompt=["Hello", "One, two,"], temperature=0, echo=True,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1]
+    assert out.choices[0].text.startswith("Hello") and out.choices[1].text.startswith("One, two,")
+    assert out.usage.completion_tokens == 32  # OpenAI's default max_tokens is 16 per choice
+
+
+def test_chat_matches_plain_decoding(client, default_engine):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": [{"type": "text", "text": "Name a planet with rings."}]}]
+    out = client.chat.completions.create(model="default", messages=messages, max_tokens=32, temperature=0)
+    ids = default_engine.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a planet with rings."}],
+        add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == _plain_text(default_engine, list(ids), 32)
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+
+
+def test_chat_stream_sync(client, default_engine):
+    stream = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Count to five."}],
+                                            max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"] or finish == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert "knn_ssd" in chunks[-1].model_extra
+    ids = chat_ids(default_engine.tokenizer, "Count to five.")
+    assert text == _plain_text(default_engine, ids, 20)
+
+
+def test_completion_stream_async(aclient, default_engine):
+    async def run() -> list:
+        stream = await aclient().completions.create(model="default", prompt="Once upon a time", max_tokens=20,
+                                                  temperature=0, stream=True)
+        return [chunk async for chunk in stream]
+
+    chunks = asyncio.run(run())
+    text = "".join(c.choices[0].text for c in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert "knn_ssd" in chunks[-1].model_extra
+    assert text == _plain_text(default_engine, default_engine.tokenizer("Once upon a time").input_ids, 20)
+
+
+def test_chat_async_non_streaming_with_n(aclient):
+    async def run():
+        return await aclient().chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "Give me a random fruit."}], max_tokens=8,
+            temperature=1.0, n=3, seed=7)
+
+    out = asyncio.run(run())
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    again = asyncio.run(run())
+    assert [c.message.content for c in out.choices] == [c.message.content for c in again.choices]
+
+
+def test_speculation_controls(client, default_engine):
+    prompt = "Water boils at"
+    plain = client.completions.create(model="default", prompt=prompt, max_tokens=16, temperature=0,
+                                      extra_body={"speculate": False})
+    assert plain.model_extra["knn_ssd"]["policy"] == "plain"
+    assert plain.model_extra["knn_ssd"]["draft_tokens"] == 0
+    explicit = client.completions.create(model="default", prompt=prompt, max_tokens=16, temperature=0,
+                                         extra_body={"skip_layers": {"attention": [3, 9], "mlp": [20]},
+                                                     "draft_precision": "int8"})
+    ext = explicit.model_extra["knn_ssd"]
+    assert (ext["skip_attention"], ext["skip_mlp"], ext["draft_precision"]) == ([3, 9], [20], "int8")
+    assert ext["draft_tokens"] > 0
+    assert explicit.choices[0].text == plain.choices[0].text
+
+
+def test_stop_strings(client):
+    out = client.completions.create(model="default", prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0,
+                                    stop=[" 8"])
+    assert out.choices[0].finish_reason == "stop"
+    assert " 8" not in out.choices[0].text and out.choices[0].text.strip().startswith("6")
+
+
+def test_eight_concurrent_streams_equal_solo_outputs(aclient, default_engine):
+    prompts = [f"Write one sentence about the number {i}." for i in range(8)]
+
+    async def one(text: str) -> str:
+        stream = await client.chat.completions.create(model="default", messages=[{"role": "user", "content": text}],
+                                                       max_tokens=24, temperature=0, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def all_at_once() -> list[str]:
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    client = aclient()
+
+    outputs = asyncio.run(all_at_once())
+    for text, out in zip(prompts, outputs):
+        assert out == _plain_text(default_engine, chat_ids(default_engine.tokenizer, text), 24)
