@@ -15,7 +15,7 @@ import torch
 
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .kv_cache import KVCache
-from .policy import PLAIN, DraftPolicy
+from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
 from .runner import ModelRunner
 from .sampling import SamplingParams, accept_greedy, accept_sampled, make_generator, sample, target_probs
 from .stats import RequestStats
@@ -92,8 +92,7 @@ class SpeculativeEngine:
         if n >= self.max_context:
             raise PromptTooLongError(
                 f"the prompt has {n} tokens but the model's context is {self.max_context}: no room to generate")
-        max_draft = 16
-        capacity = min(n + params.max_tokens, self.max_context) + max_draft + 1
+        capacity = min(n + params.max_tokens, self.max_context) + MAX_DRAFT_LIMIT + 1
         cache = self.runner.new_cache(capacity)
         t0 = time.perf_counter()
         out = self.runner.forward(torch.tensor(prompt_ids, device=self.runner.device), cache, 0, embedding=True)

@@ -1,9 +1,10 @@
-"""Linear layers for the engine: full-precision with per-row-count layout choice, and int8 draft copies."""
+"""Linear layers for the engine: full precision (oneDNN-packed on CPU) and the int8 draft copy."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 
 class Linear:
     """``y = x @ W.T + b`` over a 2-D input.

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 DraftPrecision = Literal["full", "int8"]
 DRAFT_PRECISIONS: tuple[str, ...] = ("full", "int8")
+MAX_DRAFT_LIMIT = 16  # KV buffers reserve this many positions beyond the committed length
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,8 @@ class DraftPolicy:
             raise ValueError(f"draft precision must be one of {DRAFT_PRECISIONS}, got {self.precision!r}")
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"draft threshold must be in [0, 1), got {self.threshold}")
-        if self.max_draft < 1:
-            raise ValueError(f"max_draft must be >= 1, got {self.max_draft}")
+        if not 1 <= self.max_draft <= MAX_DRAFT_LIMIT:
+            raise ValueError(f"max_draft must be in [1, {MAX_DRAFT_LIMIT}], got {self.max_draft}")
 
     @property
     def is_plain(self) -> bool:

@@ -51,8 +51,8 @@ class _Layer:
     q_norm: RMSNorm | None  # Qwen3: per-head norms
     k_norm: RMSNorm | None
     act: Any
-    q_size: int
-    kv_size: int
+    q_heads: int
+    kv_heads: int
     scaling: float
     softcap: float | None
     window: int | None
@@ -125,8 +125,8 @@ class ModelRunner:
             q_norm=RMSNorm(attn.q_norm) if hasattr(attn, "q_norm") else None,
             k_norm=RMSNorm(attn.k_norm) if hasattr(attn, "k_norm") else None,
             act=mlp.act_fn,
-            q_size=attn.q_proj.out_features,
-            kv_size=attn.k_proj.out_features,
+            q_heads=attn.q_proj.out_features // attn.head_dim,
+            kv_heads=attn.k_proj.out_features // attn.head_dim,
             scaling=float(attn.scaling),
             softcap=getattr(attn, "attn_logit_softcapping", None),
             window=window,
@@ -174,7 +174,7 @@ class ModelRunner:
             raise ValueError("int8 draft requested but the runner was built without the int8 copy")
         T = tokens.shape[0]
         h = self.embed(tokens[None])  # (1, T, H)
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, D), broadcast over heads
+        cos, sin = self.cos[start:start + T, None], self.sin[start:start + T, None]  # (T, 1, D): over heads
         for index, layer in enumerate(self.layers):
             lin = layer.draft if int8 else None
             if index not in skip.attention:
@@ -193,18 +193,15 @@ class ModelRunner:
     def _attention(self, layer: _Layer, lin: dict[str, Int8Linear] | None, index: int, x: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         T = x.shape[1]
-        qkv = (lin["qkv"] if lin else layer.qkv)(x[0])
-        q, k, v = qkv.split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
-        q = q.view(T, -1, self.head_dim)
-        k = k.view(T, -1, self.head_dim)
+        nq, nk = layer.q_heads, layer.kv_heads
+        qkv = (lin["qkv"] if lin else layer.qkv)(x[0]).view(T, nq + 2 * nk, self.head_dim)
+        qk, v = qkv[:, : nq + nk], qkv[:, nq + nk:]
         if layer.q_norm is not None:
-            q, k = layer.q_norm(q), layer.k_norm(k)
-        q = q.transpose(0, 1)[None]  # (1, Hq, T, D)
-        k = k.transpose(0, 1)[None]
-        v = v.view(T, -1, self.head_dim).transpose(0, 1)[None]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        keys, values = cache.write(index, start, k, v)
+            qk = torch.cat((layer.q_norm(qk[:, :nq]), layer.k_norm(qk[:, nq:])), dim=1)
+        qk = qk * cos + _rotate_half(qk) * sin  # rotary on queries and keys at once
+        q = qk[:, :nq].transpose(0, 1)[None]  # (1, Hq, T, D)
+        k = qk[:, nq:].transpose(0, 1)[None]
+        keys, values = cache.write(index, start, k, v.transpose(0, 1)[None])
         y = _attend(q, keys, values, start, layer)
         y = y[0].transpose(0, 1).reshape(T, -1)
         y = (lin["o"] if lin else layer.o)(y)

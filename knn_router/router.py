@@ -54,7 +54,8 @@ class Router:
             index = hnswlib.Index(space="cosine", dim=self.dim)
             index.init_index(max_elements=max(len(labels), 16), ef_construction=200, M=16)
             index.add_items(anchors, np.arange(len(labels)))
-        index.set_ef(max(64, 4 * k))
+        index.set_ef(max(32, 4 * k))
+        index.set_num_threads(1)  # single queries: thread hand-off costs more than it saves
         self.index = index
 
     @property

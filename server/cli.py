@@ -71,6 +71,58 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from decoding import ModelRunner, SpeculativeEngine, load_model
+    from knn_router.calibrate import CalibrationConfig, calibrate, read_domain_file
+
+    hf_model, tokenizer, info = load_model(args.model, args.device, args.dtype)
+    engine = SpeculativeEngine(ModelRunner(hf_model, int8_draft=True), tokenizer)
+    domains = {}
+    for spec in args.domain:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--domain expects NAME=FILE.jsonl, got {spec!r}")
+        domains[name] = read_domain_file(Path(path), tokenizer)
+    config = CalibrationConfig(anchors_per_domain=args.anchors, search_prompts=args.search_prompts,
+                               holdout_prompts=args.holdout_prompts, tokens=args.tokens, budget=args.budget,
+                               k=args.k, similarity_threshold=args.similarity_threshold, seed=args.seed)
+    report = calibrate(engine, info, domains, Path(args.out), config)
+    print(f"calibrated {len(domains)} domains in {report['calibration_s']:.0f}s -> {args.out}")
+    print(f"{'domain':<16}{'policy':<13}{'expected':>9}{'measured':>9}{'accept':>8}{'tokens/step':>12}  draft")
+    for name, r in report["domains"].items():
+        p = r["policy"]
+        draft = "-" if r["chosen"] == "plain" else (
+            f"{p['precision']}, skip attn {p['skip']['attention']} mlp {p['skip']['mlp']}, "
+            f"threshold {p['threshold']}, max {p['max_draft']}")
+        print(f"{name:<16}{r['chosen']:<13}{r['expected_speedup']:>9.2f}{r.get('measured_speedup', float('nan')):>9.2f}"
+              f"{r.get('acceptance_rate', float('nan')):>8.2f}{r.get('mean_accepted_tokens', float('nan')):>12.2f}  {draft}")
+    return 0
+
+
+def cmd_route_eval(args: argparse.Namespace) -> int:
+    from decoding import ModelRunner, SpeculativeEngine, load_model
+    from knn_router.artifact import default_artifact_dir, load_router
+    from knn_router.evaluate import lookup_latency, routing_accuracy, spec_bench_by_domain
+
+    result: dict = {"lookup_latency": lookup_latency(args.anchors)}
+    if not args.latency_only:
+        hf_model, tokenizer, info = load_model(args.model, args.device, args.dtype)
+        engine = SpeculativeEngine(ModelRunner(hf_model, int8_draft=False), tokenizer)
+        router = load_router(Path(args.index) if args.index != "auto" else default_artifact_dir(), info.fingerprint)
+        prompts = {d: texts[:: max(1, len(texts) // args.per_domain)][: args.per_domain]
+                   for d, texts in spec_bench_by_domain(Path(args.data)).items()}
+        result["routing"] = routing_accuracy(engine, router, prompts)
+        r = result["routing"]
+        print(f"routing accuracy {r['accuracy']:.3f} over {r['prompts']} prompts; per domain: " +
+              ", ".join(f"{d} {v['accuracy']:.2f}" for d, v in r["domains"].items()))
+    lat = result["lookup_latency"]
+    print(f"router lookup with {lat['anchors']} anchors (dim {lat['dim']}): p50 {lat['p50_ms']:.4f} ms, "
+          f"p99 {lat['p99_ms']:.4f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import run_server
 
@@ -78,6 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from decoding.benchmark import SPEC_BENCH
+
     parser = argparse.ArgumentParser(prog="knn-ssd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -101,12 +155,41 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds SIGTERM waits for in-flight requests before exiting")
     serve.set_defaults(func=cmd_serve)
 
+    cal = sub.add_parser("calibrate", help="calibrate per-domain decoding policies and build a routing artifact",
+                         description="Embed calibration prompts, cluster anchors per domain, search and confirm a "
+                                     "draft policy per domain (and a 'mixed' fallback), write the artifact.")
+    _add_model_args(cal)
+    cal.add_argument("--domain", action="append", required=True, metavar="NAME=FILE.jsonl",
+                     help="a domain and its prompts (JSONL lines with 'prompt' or 'messages'); repeatable")
+    cal.add_argument("--out", required=True, help="artifact directory to write")
+    cal.add_argument("--anchors", type=int, default=10, help="KMeans anchors per domain")
+    cal.add_argument("--search-prompts", type=int, default=8, help="prompts per domain for the policy search")
+    cal.add_argument("--holdout-prompts", type=int, default=4, help="held-out prompts per domain for confirmation")
+    cal.add_argument("--tokens", type=int, default=32, help="continuation tokens per prompt")
+    cal.add_argument("--budget", type=int, default=40, help="candidate policies evaluated per domain")
+    cal.add_argument("--k", type=int, default=1, help="nearest anchors voting at routing time")
+    cal.add_argument("--similarity-threshold", type=float, default=0.0,
+                     help="below this cosine similarity a request gets the 'mixed' policy")
+    cal.add_argument("--seed", type=int, default=0, help="random seed of KMeans and the search")
+    cal.set_defaults(func=cmd_calibrate)
+
+    route = sub.add_parser("route-eval", help="routing accuracy on Spec-Bench and router lookup latency",
+                           description="Route Spec-Bench prompts with an artifact and report accuracy per domain; "
+                                       "time lookups over many random anchors.")
+    _add_model_args(route)
+    route.add_argument("--index", default="auto", help="artifact directory ('auto': the shipped default)")
+    route.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl")
+    route.add_argument("--per-domain", type=int, default=20, help="prompts per domain")
+    route.add_argument("--anchors", type=int, default=10_000, help="anchors for the latency benchmark")
+    route.add_argument("--latency-only", action="store_true", help="only the lookup latency benchmark")
+    route.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    route.set_defaults(func=cmd_route_eval)
+
     bench_decode = sub.add_parser("bench-decode", help="decoding benchmark: latencies and plain vs speculative tokens/s",
                                   description="Forward latencies (1-token, k-token verify, drafts) and tokens/s of "
                                               "plain vs self-speculative decoding on Spec-Bench prompts.")
     _add_model_args(bench_decode)
     _skip_set_args(bench_decode)
-    from decoding.benchmark import SPEC_BENCH
     bench_decode.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl")
     bench_decode.add_argument("--prompts", type=int, default=10, help="number of prompts")
     bench_decode.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")

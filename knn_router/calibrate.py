@@ -1,0 +1,154 @@
+"""``knn-ssd calibrate``: prompt embeddings, anchors per domain, and a searched, confirmed policy per domain."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.cluster import KMeans
+from tqdm import tqdm
+
+from decoding import PLAIN, DraftPolicy, ModelInfo, SamplingParams, Sequence, SpeculativeEngine
+
+from .artifact import save_artifact
+from .costs import StepCosts, measure_costs
+from .router import MIXED, Router
+from .search import search
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationConfig:
+    anchors_per_domain: int = 10
+    search_prompts: int = 8
+    holdout_prompts: int = 4
+    tokens: int = 32
+    budget: int = 40
+    k: int = 1
+    similarity_threshold: float = 0.0
+    seed: int = 0
+    min_speedup: float = 1.0  # below this measured speedup a domain decodes plainly
+
+
+def read_domain_file(path: Path, tokenizer: Any) -> list[list[int]]:
+    """Token ids of each JSONL line: ``messages`` through the chat template, or raw ``prompt`` text."""
+    prompts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{n}: not valid JSON ({exc})") from exc
+        if "messages" in row:
+            ids = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
+        elif "prompt" in row:
+            ids = tokenizer(row["prompt"]).input_ids
+        else:
+            raise ValueError(f"{path}:{n}: each line needs 'prompt' or 'messages'")
+        prompts.append(list(ids))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def anchors_of(embeddings: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """KMeans centres of unit-normalised embeddings (every sample when there are fewer than ``count``)."""
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    if len(unit) <= count:
+        return unit
+    return KMeans(n_clusters=count, n_init=10, random_state=seed).fit(unit).cluster_centers_
+
+
+def confirm(engine: SpeculativeEngine, prompts: list[list[int]], policy: DraftPolicy, tokens: int) -> dict[str, float]:
+    """Real decoding on held-out prompts: decode tokens/s of ``policy`` over plain, interleaved per prompt."""
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    plain_t = spec_t = 0.0
+    plain_n = spec_n = drafts = accepted = steps = 0
+    for ids in prompts:
+        plain = engine.run(ids, params, PLAIN).stats
+        spec = engine.run(ids, params, policy).stats
+        plain_t, plain_n = plain_t + plain.decode_s, plain_n + plain.step_tokens
+        spec_t, spec_n = spec_t + spec.decode_s, spec_n + spec.step_tokens
+        drafts, accepted, steps = drafts + spec.draft_tokens, accepted + spec.accepted_tokens, steps + spec.verify_steps
+    return {"measured_speedup": (spec_n / spec_t) / (plain_n / plain_t),
+            "acceptance_rate": accepted / drafts if drafts else 0.0,
+            "mean_accepted_tokens": spec_n / steps if steps else 0.0}
+
+
+def _policy_for(engine: SpeculativeEngine, name: str, search_seqs: list[Sequence], holdout: list[list[int]],
+                costs: StepCosts, config: CalibrationConfig) -> tuple[DraftPolicy, dict[str, Any]]:
+    """Search, confirm, and fall back to plain decoding when speculation does not pay here."""
+    t0 = time.perf_counter()
+    with tqdm(total=config.budget, desc=f"search {name}", unit="cand", leave=False) as bar:
+        result = search(engine.runner, search_seqs, costs, config.budget, seed=config.seed, progress=bar)
+    best = result.best
+    report: dict[str, Any] = {"candidates": len(result.evaluated), "expected_speedup": round(best.expected, 3),
+                              "draft_agreement": round(best.agreement, 3), "searched_policy": best.policy.to_dict()}
+    policy = best.policy
+    if best.expected < config.min_speedup:
+        policy, reason = PLAIN, "no candidate expected to beat plain decoding"
+    else:
+        measured = confirm(engine, holdout, policy, config.tokens)
+        report.update({k: round(v, 3) for k, v in measured.items()})
+        reason = None
+        if measured["measured_speedup"] < config.min_speedup:
+            policy, reason = PLAIN, "speculation measured slower than plain decoding on held-out prompts"
+    report.update({"chosen": "plain" if policy.is_plain else "speculative", "policy": policy.to_dict(),
+                   "search_s": round(time.perf_counter() - t0, 1)})
+    if reason:
+        report["reason"] = reason
+    return policy, report
+
+
+def calibrate(engine: SpeculativeEngine, info: ModelInfo, domains: dict[str, list[list[int]]], out: Path,
+              config: CalibrationConfig) -> dict[str, Any]:
+    """Calibrate every domain and write the artifact to ``out``; returns the report."""
+    t_start = time.perf_counter()
+    costs = measure_costs(engine.runner)
+    log.info("step costs (ms): 1-token %.1f, 13-token verify %.1f", costs.forward_1, costs.verify_ms(13))
+    params = SamplingParams(max_tokens=config.tokens, ignore_eos=True)
+    seqs: dict[str, list[Sequence]] = {}
+    total = sum(len(p) for p in domains.values())
+    with tqdm(total=total, desc="embed + continue", unit="prompt") as bar:
+        for name, prompts in domains.items():
+            seqs[name] = []
+            for ids in prompts:
+                seqs[name].append(engine.run(ids, params, PLAIN))
+                bar.update(1)
+    anchors, labels, policies, report = [], [], {}, {}
+    for name, prompts in tqdm(domains.items(), desc="domains", unit="domain"):
+        emb = np.stack([s.embedding.float().cpu().numpy() for s in seqs[name]])
+        centres = anchors_of(emb, config.anchors_per_domain, config.seed)
+        anchors.append(centres)
+        labels += [name] * len(centres)
+        split = min(config.search_prompts, max(1, len(prompts) - config.holdout_prompts))
+        holdout = prompts[split:split + config.holdout_prompts] or prompts[:1]
+        policies[name], report[name] = _policy_for(engine, name, seqs[name][:split], holdout, costs, config)
+        report[name].update({"prompts": len(prompts), "anchors": len(centres), "search_prompts": split,
+                             "holdout_prompts": len(holdout)})
+    per_domain_search = max(1, config.search_prompts // len(domains))
+    per_domain_holdout = max(1, config.holdout_prompts // len(domains))
+    mixed_search = [s for name in domains for s in seqs[name][:per_domain_search]]
+    mixed_holdout = [p for name, prompts in domains.items()
+                     for p in prompts[len(prompts) - per_domain_holdout:]]
+    policies[MIXED], report[MIXED] = _policy_for(engine, MIXED, mixed_search, mixed_holdout, costs, config)
+    anchor_matrix = np.concatenate(anchors).astype(np.float32)
+    router = Router(anchor_matrix, labels, policies, k=config.k, threshold=config.similarity_threshold)
+    full_report = {
+        "domains": report, "costs": costs.to_dict(), "tokens": config.tokens,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "device": info.device,
+                    "dtype": info.dtype},
+        "calibration_s": round(time.perf_counter() - t_start, 1),
+    }
+    model = {k: getattr(info, k) for k in ("name", "architecture", "num_layers", "hidden_size", "fingerprint")}
+    save_artifact(out, router, anchor_matrix, model, full_report)
+    return full_report

@@ -1,0 +1,144 @@
+"""Cheap policy search: teacher-forced draft agreement turned into an expected speedup (SWIFT-style).
+
+For each search prompt the full model's greedy continuation is known. A candidate
+draft runs once, in parallel, over that continuation (after the full model's
+prompt KV), giving per position whether its top-1 matches the full model and how
+confident it was. Simulating draft-and-verify over those arrays with the measured
+step costs gives the expected speedup for any stop threshold and max draft.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from decoding import DraftPolicy, ModelRunner, Sequence, SkipSet
+
+from .costs import StepCosts
+
+THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
+MAX_DRAFTS = (3, 5, 8, 12)
+
+
+@dataclass
+class Candidate:
+    """A (skip set, precision) with its best threshold / max draft and expected speedup."""
+
+    skip: SkipSet
+    precision: str
+    expected: float = 0.0
+    policy: DraftPolicy | None = None
+    agreement: float = 0.0
+
+
+@dataclass
+class SearchResult:
+    best: Candidate
+    evaluated: list[Candidate] = field(default_factory=list)
+
+
+def agreement(runner: ModelRunner, seqs: list[Sequence], skip: SkipSet, precision: str,
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per sequence: (draft top-1 == full model's token, draft top-1 probability) along the continuation."""
+    policy = DraftPolicy(skip, precision=precision)
+    out = []
+    for seq in seqs:
+        cont = seq.generated
+        n = seq.prompt_len
+        logits = runner.forward(torch.tensor(cont[:-1]), seq.cache, n, policy=policy, all_logits=True).logits
+        probs = torch.softmax(logits, dim=-1)
+        conf, top = probs.max(dim=-1)
+        out.append(((top == torch.tensor(cont[1:])).numpy(), conf.numpy()))
+    return out
+
+
+def simulate(arrays: list[tuple[np.ndarray, np.ndarray]], threshold: float, max_draft: int, draft_ms: float,
+             costs: StepCosts) -> float:
+    """Expected speedup over plain decoding of draft-and-verify along the teacher-forced arrays."""
+    tokens, ms = 0, 0.0
+    for agree, conf in arrays:
+        i, n = 0, len(agree)
+        while i < n:
+            drafted, accepted, matching = 0, 0, True
+            for j in range(i, min(n, i + max_draft)):
+                drafted += 1
+                matching = matching and bool(agree[j])
+                accepted += matching
+                if conf[j] < threshold:
+                    break
+            ms += drafted * draft_ms + costs.verify_ms(drafted + 1)
+            tokens += accepted + 1
+            i += accepted + 1
+    return (tokens / ms) * costs.forward_1 if ms else 0.0
+
+
+def score(candidate: Candidate, arrays, costs: StepCosts) -> Candidate:
+    """Fill in the best threshold / max draft of ``candidate`` and its expected speedup."""
+    draft_ms = costs.draft_ms(DraftPolicy(candidate.skip, precision=candidate.precision))
+    best = (-1.0, 0.0, 1)
+    for threshold in THRESHOLDS:
+        for max_draft in MAX_DRAFTS:
+            value = simulate(arrays, threshold, max_draft, draft_ms, costs)
+            if value > best[0]:
+                best = (value, threshold, max_draft)
+    candidate.expected = best[0]
+    candidate.policy = DraftPolicy(candidate.skip, precision=candidate.precision, threshold=best[1],
+                                   max_draft=best[2])
+    candidate.agreement = float(np.mean(np.concatenate([a for a, _ in arrays])))
+    return candidate
+
+
+def _random_skip(rng: random.Random, num_layers: int, max_fraction: float) -> SkipSet:
+    count = rng.randint(1, max(1, int(2 * num_layers * max_fraction)))
+    slots = [(i, kind) for i in range(1, num_layers - 1) for kind in ("attention", "mlp")]
+    chosen = rng.sample(slots, min(count, len(slots)))
+    return SkipSet([i for i, k in chosen if k == "attention"], [i for i, k in chosen if k == "mlp"])
+
+
+def _mutate(rng: random.Random, skip: SkipSet, num_layers: int) -> SkipSet:
+    attention, mlp = set(skip.attention), set(skip.mlp)
+    kind = rng.choice(("attention", "mlp"))
+    target = attention if kind == "attention" else mlp
+    move = rng.random()
+    if target and move < 0.4:
+        target.discard(rng.choice(sorted(target)))
+    else:
+        target.add(rng.randrange(1, num_layers - 1))
+        if target and move > 0.8:
+            target.discard(rng.choice(sorted(target)))
+    return SkipSet(attention, mlp)
+
+
+def search(runner: ModelRunner, seqs: list[Sequence], costs: StepCosts, budget: int, seed: int = 0,
+           progress=None) -> SearchResult:
+    """Random search then local refinement over skip sets, for each available draft precision."""
+    rng = random.Random(seed)
+    precisions = ["full"] + (["int8"] if runner.draft_lm_head is not None else [])
+    evaluated: list[Candidate] = []
+    seen: set = set()
+
+    def evaluate(skip: SkipSet, precision: str) -> None:
+        key = (skip, precision)
+        if key in seen or (precision == "full" and not len(skip)):
+            return
+        seen.add(key)
+        evaluated.append(score(Candidate(skip, precision), agreement(runner, seqs, skip, precision), costs))
+        if progress is not None:
+            progress.update(1)
+
+    if "int8" in precisions:
+        evaluate(SkipSet(), "int8")
+    n_random = max(1, budget // 2)
+    while len(evaluated) < n_random:
+        precision = rng.choice(precisions)
+        evaluate(_random_skip(rng, runner.num_layers, 0.15 if precision == "int8" else 0.3), precision)
+    attempts = 0
+    while len(evaluated) < budget and attempts < budget * 5:
+        attempts += 1
+        parent = rng.choice(sorted(evaluated, key=lambda c: -c.expected)[:3])
+        evaluate(_mutate(rng, parent.skip, runner.num_layers), parent.precision)
+    best = max(evaluated, key=lambda c: c.expected)
+    return SearchResult(best, evaluated)

@@ -1,0 +1,134 @@
+"""Routing by nearest anchors (real hnswlib), artifact integrity checks, and calibration end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
+from knn_router.artifact import ArtifactError, load_router, save_artifact
+from knn_router.calibrate import CalibrationConfig, calibrate, read_domain_file
+from knn_router.router import MIXED, Router
+
+POLICIES = {"a": DraftPolicy(SkipSet([1]), precision="int8"), "b": PLAIN, MIXED: DraftPolicy(precision="int8")}
+
+
+def _router(k: int = 1, threshold: float = 0.0) -> tuple[Router, np.ndarray]:
+    anchors = np.array([[1, 0, 0, 0], [0.9, 0.1, 0, 0], [0, 1, 0, 0], [0, 0.9, 0.1, 0]], dtype=np.float32)
+    return Router(anchors, ["a", "a", "b", "b"], POLICIES, k=k, threshold=threshold), anchors
+
+
+def test_nearest_anchor_decides():
+    router, _ = _router()
+    result = router.route(np.array([0.2, 1.0, 0.0, 0.0]))
+    assert result.label == "b" and result.policy == PLAIN and not result.fallback
+    assert 0.9 < result.similarity <= 1.0 and result.lookup_ms >= 0
+
+
+def test_k_votes_weighted_by_similarity():
+    anchors = np.array([[1, 0], [0.98, 0.2], [0.97, -0.24]], dtype=np.float32)
+    router = Router(anchors, ["a", "b", "b"], POLICIES, k=3)
+    assert router.route(np.array([1.0, 0.0])).label == "b"  # two close "b" anchors outvote one exact "a"
+    assert Router(anchors, ["a", "b", "b"], POLICIES, k=1).route(np.array([1.0, 0.0])).label == "a"
+
+
+def test_low_similarity_falls_back_to_mixed():
+    router, _ = _router(threshold=0.8)
+    result = router.route(np.array([0.0, 0.0, 0.0, 1.0]))
+    assert result.label == MIXED and result.fallback and result.policy == POLICIES[MIXED]
+
+
+def test_add_items_while_routing_from_threads():
+    router, _ = _router()
+    errors = []
+
+    def query() -> None:
+        try:
+            for _ in range(300):
+                router.route(np.random.rand(4))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=query) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(40):
+        router.add_items(np.array([[0, 0, 1, i / 40]], dtype=np.float32), ["a"])
+    for t in threads:
+        t.join()
+    assert not errors and len(router) == 44
+    assert router.route(np.array([0, 0, 1, 0.5])).label == "a"
+    with pytest.raises(ValueError, match="no policy"):
+        router.add_items(np.zeros((1, 4)), ["zzz"])
+
+
+def _saved(tmp_path: Path, fingerprint: str = "abc") -> Path:
+    router, anchors = _router()
+    save_artifact(tmp_path, router, anchors, {"fingerprint": fingerprint}, {"note": "test"})
+    return tmp_path
+
+
+def test_artifact_round_trip(tmp_path):
+    router = load_router(_saved(tmp_path), "abc")
+    assert router.route(np.array([1.0, 0.05, 0, 0])).label == "a"
+    assert router.policies == POLICIES
+    assert not list(tmp_path.glob("*.pkl"))
+
+
+def test_artifact_for_another_model_is_refused(tmp_path):
+    with pytest.raises(ArtifactError, match=r"router\.json.*fingerprint"):
+        load_router(_saved(tmp_path), "another-model")
+
+
+@pytest.mark.parametrize("victim", ["index.hnsw", "anchors.safetensors"])
+def test_missing_or_corrupted_files_are_named(tmp_path, victim):
+    directory = _saved(tmp_path)
+    path = directory / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=rf"{victim}: corrupted"):
+        load_router(directory, "abc")
+    path.unlink()
+    with pytest.raises(ArtifactError, match=rf"{victim}: file missing"):
+        load_router(directory, "abc")
+
+
+def test_broken_manifest(tmp_path):
+    directory = _saved(tmp_path)
+    (directory / "router.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match=r"router\.json: corrupted"):
+        load_router(directory, "abc")
+    shutil.rmtree(directory)
+    with pytest.raises(ArtifactError, match="file missing"):
+        load_router(directory, "abc")
+
+
+def test_calibration_end_to_end(tmp_path, default_model, default_engine):
+    _, tokenizer, info = default_model
+    files = {}
+    for name, texts in {"math": ["What is 12 times 7?", "Add 15 and 27.", "Half of 90 is?"],
+                        "german": ["Translate German to English: Guten Morgen!", "Translate German to English: Danke.",
+                                   "Translate German to English: Wo ist der Bahnhof?"]}.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": t}]}) for t in texts))
+        files[name] = read_domain_file(path, tokenizer)
+    out = tmp_path / "artifact"
+    config = CalibrationConfig(anchors_per_domain=2, search_prompts=2, holdout_prompts=1, tokens=8, budget=4)
+    report = calibrate(default_engine, info, files, out, config)
+    router = load_router(out, info.fingerprint)
+    assert sorted(router.policies) == ["german", "math", MIXED] and len(router) == 4
+    for name in ("math", "german", MIXED):
+        entry = report["domains"][name]
+        assert entry["chosen"] in ("plain", "speculative") and entry["candidates"] >= 1
+        assert {"expected_speedup", "policy", "search_s"} <= set(entry)
+    manifest = json.loads((out / "router.json").read_text())
+    assert manifest["report"]["costs"]["verify_ms"]["1"] > 0  # measured on this machine
+    assert manifest["model"]["fingerprint"] == info.fingerprint
+    seq, _ = default_engine.start(files["german"][0], SamplingParams(max_tokens=1))
+    assert router.route(seq.embedding.numpy()).label == "german"
