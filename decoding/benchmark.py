@@ -33,7 +33,8 @@ def evenly_skipped(num_layers: int, fraction: float) -> SkipSet:
     return SkipSet([i for i, k in chosen if k == "attention"], [i for i, k in chosen if k == "mlp"])
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+def median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``fn`` in ms over ``repeats`` runs, after one warm-up run."""
     fn()
     times = []
     for _ in range(repeats):
@@ -49,17 +50,17 @@ def forward_latencies(engine: SpeculativeEngine, context: int = 256, repeats: in
     cache = runner.new_cache(context + 16)
     runner.forward(torch.randint(10, 1000, (context,)), cache, 0)
     one = torch.tensor([42])
-    out = {"forward_1": _median_ms(lambda: runner.forward(one, cache, context), repeats)}
+    out = {"forward_1": median_ms(lambda: runner.forward(one, cache, context), repeats)}
     for k in (2, 4, 8, 12):
         tokens = torch.randint(10, 1000, (k,))
-        out[f"verify_{k}"] = _median_ms(lambda: runner.forward(tokens, cache, context, all_logits=True), repeats)
+        out[f"verify_{k}"] = median_ms(lambda: runner.forward(tokens, cache, context, all_logits=True), repeats)
     drafts = {"draft_skip25": DraftPolicy(evenly_skipped(runner.num_layers, 0.25)),
               "draft_skip50": DraftPolicy(evenly_skipped(runner.num_layers, 0.5))}
     if runner.draft_lm_head is not None:
         drafts["draft_int8"] = DraftPolicy(precision="int8")
         drafts["draft_int8_skip25"] = DraftPolicy(evenly_skipped(runner.num_layers, 0.25), precision="int8")
     for name, policy in drafts.items():
-        out[name] = _median_ms(lambda: runner.forward(one, cache, context, policy=policy), repeats)
+        out[name] = median_ms(lambda: runner.forward(one, cache, context, policy=policy), repeats)
     return out
 
 

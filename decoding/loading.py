@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "a
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    directory = _model_directory(model)
+    directory, weights = _model_directory(model)
     _check_config(directory)
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
@@ -122,7 +123,7 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "a
         max_context=int(getattr(config, "max_position_embeddings", 0) or 0),
         dtype=str(torch_dtype).removeprefix("torch."),
         device=str(dev),
-        fingerprint=weights_fingerprint(directory),
+        fingerprint=weights_fingerprint(weights),
         parameters=sum(p.numel() for p in hf_model.parameters()),
     )
     return hf_model, tokenizer, info
@@ -157,17 +158,22 @@ def _check_config(directory: Path) -> None:
         )
 
 
-def _model_directory(model: str) -> Path:
-    """Map a model spec to a local HF directory, converting GGUF files once."""
+def _model_directory(model: str) -> tuple[Path, list[Path]]:
+    """Map a model spec to a local HF directory (converting GGUF files once) and its source weight files.
+
+    The fingerprint hashes the source files (the GGUF itself for GGUF models), so it
+    does not depend on how a transformers version lays out the converted copy.
+    """
     if model == DEFAULT_MODEL:
-        return _converted_gguf(default_gguf_path())
+        gguf = default_gguf_path()
+        return _converted_gguf(gguf), [gguf]
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist (expected 'default', a HF model directory or a .gguf file)")
     if path.is_file() and path.suffix == ".gguf":
-        return _converted_gguf(path)
+        return _converted_gguf(path), [path]
     if path.is_dir():
-        return path
+        return path, sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     raise ModelLoadError(f"model path {path} is neither a directory nor a .gguf file")
 
 
@@ -186,7 +192,7 @@ def _converted_gguf(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {exc}") from exc
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")  # concurrent converters never collide
     tmp.mkdir(parents=True, exist_ok=True)
     # save_pretrained refuses GGUF-born models; the dequantised weights are plain tensors.
     if hasattr(model.config, "quantization_config"):
@@ -195,13 +201,15 @@ def _converted_gguf(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
     model.generation_config.save_pretrained(tmp)
     safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def weights_fingerprint(directory: Path) -> str:
-    """SHA-256 over the directory's weight files, memoised by (path, size, mtime)."""
-    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+def weights_fingerprint(files: list[Path]) -> str:
+    """SHA-256 over the weight files, memoised by (path, size, mtime)."""
     stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     memo_file = cache_root() / "fingerprints.json"
     memo_key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from decoding import DraftPolicy, ModelRunner, SkipSet
+from decoding.benchmark import median_ms
 
 VERIFY_POINTS = (1, 2, 4, 8, 13)
 
@@ -55,16 +54,6 @@ class StepCosts:
                 "num_layers": self.num_layers}
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
-
-
 def measure_costs(runner: ModelRunner, context: int = 256, repeats: int = 9) -> StepCosts:
     """Time full forwards of 1..13 tokens and draft forwards (full and int8) at ``context`` cached tokens."""
     cache = runner.new_cache(context + 16)
@@ -72,7 +61,7 @@ def measure_costs(runner: ModelRunner, context: int = 256, repeats: int = 9) -> 
     verify = {}
     for k in VERIFY_POINTS:
         tokens = torch.randint(10, 1000, (k,))
-        verify[k] = _median_ms(lambda: runner.forward(tokens, cache, context, all_logits=k > 1), repeats)
+        verify[k] = median_ms(lambda: runner.forward(tokens, cache, context, all_logits=k > 1), repeats)
     one = torch.tensor([42])
     layers = range(runner.num_layers)
     precisions = ["full"] + (["int8"] if runner.draft_lm_head is not None else [])
@@ -80,7 +69,7 @@ def measure_costs(runner: ModelRunner, context: int = 256, repeats: int = 9) -> 
     for precision in precisions:
         def timed(skip: SkipSet) -> float:
             policy = DraftPolicy(skip, precision=precision)
-            return _median_ms(lambda: runner.forward(one, cache, context, policy=policy), repeats)
+            return median_ms(lambda: runner.forward(one, cache, context, policy=policy), repeats)
         whole = timed(SkipSet())
         no_attention = timed(SkipSet(attention=layers))
         no_mlp = timed(SkipSet(mlp=layers))

@@ -141,3 +141,17 @@ def test_eight_concurrent_streams_equal_solo_outputs(aclient, default_engine):
     outputs = asyncio.run(all_at_once())
     for text, out in zip(prompts, outputs):
         assert out == _plain_text(default_engine, chat_ids(default_engine.tokenizer, text), 24)
+
+
+def test_requests_are_routed_by_the_shipped_artifact(client):
+    out = client.chat.completions.create(
+        model="default", max_tokens=8, temperature=0,
+        messages=[{"role": "user", "content": "Translate German to English: Das Wetter ist heute schön."}])
+    ext = out.model_extra["knn_ssd"]
+    assert ext["domain"] == "translation"
+    assert 0 < ext["similarity"] <= 1 and ext["router_ms"] > 0
+    forced = client.chat.completions.create(model="default", max_tokens=8, temperature=0,
+                                            messages=[{"role": "user", "content": "Hello"}],
+                                            extra_body={"domain": "qa"})
+    assert forced.model_extra["knn_ssd"]["domain"] == "qa"
+    assert forced.model_extra["knn_ssd"]["similarity"] is None
