@@ -149,7 +149,7 @@ class ModelRunner:
         """Memory the int8 draft copy costs (0 when not made)."""
         if self.draft_lm_head is None:
             return 0
-        return self.draft_lm_head.nbytes + sum(l.nbytes for layer in self.layers for l in layer.draft.values())
+        return self.draft_lm_head.nbytes + sum(q.nbytes for layer in self.layers for q in layer.draft.values())
 
     def linears(self) -> list[Linear]:
         """Every full-precision linear, for layout autotuning."""

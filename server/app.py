@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
+from .scheduler import GenerationRequest
 from .serving import Choice, OpenAIServing, apply_event, knn_ssd_object, new_id, now, sse, usage
 from .state import ServerState, build_state
 
@@ -125,12 +126,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             return {**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
 
         async def stream() -> AsyncIterator[str]:
-            choices = [Choice(i) for i in range(len(gens))]
-            for c in choices:
-                if echoes[c.index // body.n]:
-                    yield sse(chunk(c.index, echoes[c.index // body.n], None))
-            async for data in _stream_events(srv, gens, queue, request, choices, body, prompt_tokens, base,
-                                             lambda c, text, finish: chunk(c.index, text, finish)):
+            for i in range(len(gens)):
+                if echoes[i // body.n]:
+                    yield sse(chunk(i, echoes[i // body.n], None))
+            async for data in _stream_events(srv, gens, queue, request, body, prompt_tokens, base, chunk):
                 yield data
 
         return StreamingResponse(stream(), media_type="text/event-stream")
@@ -152,10 +151,9 @@ def create_app(config: ServerConfig) -> FastAPI:
                     "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)}
         base = {**base, "object": "chat.completion.chunk"}
 
-        def chunk(c: Choice, text: str, finish: str | None) -> dict[str, Any]:
+        def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
             delta = {"content": text} if text else {}
-            return {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": None,
-                                         "finish_reason": finish}]}
+            return {**base, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
         async def stream() -> AsyncIterator[str]:
             for i in range(len(gens)):  # OpenAI sends the role first, then content deltas
@@ -163,8 +161,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                                              "logprobs": None, "finish_reason": None}]}
                 yield sse({**role, "usage": None} if body.stream_options and body.stream_options.include_usage
                           else role)
-            async for data in _stream_events(srv, gens, queue, request, [Choice(i) for i in range(len(gens))],
-                                             body, prompt_tokens, base, chunk):
+            async for data in _stream_events(srv, gens, queue, request, body, prompt_tokens, base, chunk):
                 yield data
 
         return StreamingResponse(stream(), media_type="text/event-stream")
@@ -172,9 +169,14 @@ def create_app(config: ServerConfig) -> FastAPI:
     return app
 
 
-async def _stream_events(srv: OpenAIServing, gens, queue, request: Request, choices: list[Choice], body,
-                         prompt_tokens: int, base: dict[str, Any], chunk) -> AsyncIterator[str]:
+ChunkFn = Callable[[int, str, "str | None"], dict[str, Any]]
+
+
+async def _stream_events(srv: OpenAIServing, gens: list[GenerationRequest], queue: asyncio.Queue, request: Request,
+                         body: SamplingFields, prompt_tokens: int, base: dict[str, Any],
+                         chunk: ChunkFn) -> AsyncIterator[str]:
     """SSE chunks of every choice; the last chunk carries ``knn_ssd`` (and usage if asked); then [DONE]."""
+    choices = [Choice(i) for i in range(len(gens))]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     remaining = len(choices)
     try:
@@ -183,10 +185,10 @@ async def _stream_events(srv: OpenAIServing, gens, queue, request: Request, choi
             apply_event(c, event)
             if event.finish_reason is None:
                 if event.text:
-                    yield sse({**chunk(c, event.text, None), **({"usage": None} if include_usage else {})})
+                    yield sse({**chunk(index, event.text, None), **({"usage": None} if include_usage else {})})
                 continue
             remaining -= 1
-            data = chunk(c, event.text, event.finish_reason)
+            data = chunk(index, event.text, event.finish_reason)
             if include_usage:
                 data["usage"] = None
             if remaining == 0 and not include_usage:

@@ -8,7 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from decoding import DEFAULT_MODEL, PLAIN, DraftPolicy, ModelInfo, ModelRunner, SamplingParams, SpeculativeEngine, load_model
+from decoding import (
+    DEFAULT_MODEL,
+    PLAIN,
+    DraftPolicy,
+    ModelInfo,
+    ModelRunner,
+    SamplingParams,
+    SpeculativeEngine,
+    load_model,
+)
 from knn_router.artifact import default_artifact_dir, load_router
 from knn_router.router import Router
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import CONFIGS, tiny_model
 
 from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine
 from decoding.loading import check_architecture
-from tiny_models import CONFIGS, tiny_model
 
 POLICIES = [
     DraftPolicy(SkipSet(attention=[1], mlp=[2]), threshold=0.0, max_draft=4),

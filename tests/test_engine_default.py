@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import chat_ids
+
 from decoding import PLAIN, DraftPolicy, PromptTooLongError, SamplingParams, SkipSet
 
 PROMPTS = [

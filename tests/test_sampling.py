@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-import torch
 from scipy.stats import chi2_contingency
+from tiny_models import tiny_model
 
 import decoding.engine
 from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine
-from tiny_models import tiny_model
 
 N = 600
 PROMPT = [5, 17, 300, 42, 9, 77]

@@ -7,7 +7,6 @@ import threading
 
 import httpx
 import pytest
-
 from live_server import LiveServer
 
 KEY = "sk-test-123"

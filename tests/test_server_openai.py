@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import chat_ids
 from openai import AsyncOpenAI, OpenAI
 
-from conftest import chat_ids
 from decoding import PLAIN, SamplingParams
 
 
