@@ -76,19 +76,26 @@ class Router:
         with self._lock:
             k = min(self.k, len(self.labels))
             ids, distances = self.index.knn_query(query, k=k)
-        votes: dict[str, float] = defaultdict(float)
-        best: dict[str, float] = {}
-        for i, d in zip(ids[0], distances[0]):
-            label, sim = self.labels[i], 1.0 - float(d)
-            votes[label] += sim
-            best[label] = max(best.get(label, -1.0), sim)
-        label = max(votes, key=votes.get)
-        similarity = best[label]
+        if k == 1:
+            label, similarity = self.labels[ids[0, 0]], 1.0 - float(distances[0, 0])
+        else:
+            label, similarity = self._vote(ids[0], distances[0])
         fallback = similarity < self.threshold
         if fallback:
             label = MIXED
         elapsed = (time.perf_counter() - start) * 1000
         return RouteResult(label, self.policies[label], similarity, elapsed, fallback)
+
+    def _vote(self, ids: np.ndarray, distances: np.ndarray) -> tuple[str, float]:
+        """Label with the largest summed similarity among the neighbours, and its best similarity."""
+        votes: dict[str, float] = defaultdict(float)
+        best: dict[str, float] = {}
+        for i, d in zip(ids, distances):
+            label, sim = self.labels[i], 1.0 - float(d)
+            votes[label] += sim
+            best[label] = max(best.get(label, -1.0), sim)
+        label = max(votes, key=votes.get)
+        return label, best[label]
 
     def add_items(self, vectors: np.ndarray, labels: list[str]) -> None:
         """Add anchors at run time (labels must have a policy)."""
