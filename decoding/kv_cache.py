@@ -25,10 +25,6 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys.shape[3]
 
-    @property
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2
-
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k``/``v`` (B, H, T, D) at ``start`` and return the keys/values of positions ``[0, start + T)``."""
         end = start + k.shape[2]

@@ -23,10 +23,6 @@ class Linear:
         self.bias = None if bias is None else bias.detach()
         self.packed = _pack(weight, self.PACK_ROWS)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape)  # type: ignore[return-value]
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)

@@ -151,10 +151,6 @@ class ModelRunner:
             return 0
         return self.draft_lm_head.nbytes + sum(q.nbytes for layer in self.layers for q in layer.draft.values())
 
-    def linears(self) -> list[Linear]:
-        """Every full-precision linear, for layout autotuning."""
-        return [self.lm_head] + [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
 
