@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 KNN_SSD_TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.knn-ssd-installed
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test bench clean prometheus
 
 setup: $(STAMP)
 
@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(VENV)/bin/knn-ssd serve $(ARGS)
 
-test: setup
+test: setup prometheus
 	$(PY) -m pytest -q $(ARGS)
+
+# The monitoring tests run a real Prometheus: the Debian package, installed here when missing (needs root).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  prometheus >/dev/null; } || echo "prometheus not installed (needs apt-get as root): its tests are skipped"
 
 bench: setup
 	$(VENV)/bin/knn-ssd bench-decode $(ARGS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,26 @@ def _skip_set_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=0.6,
                    help="stop drafting when the draft's top-1 probability falls below this")
     p.add_argument("--max-draft", type=int, default=10, help="most tokens drafted per verify step")
+
+
+ENV_PREFIX = "KNN_SSD_"
+
+
+def env_defaults(parser: argparse.ArgumentParser) -> None:
+    """Let ``KNN_SSD_<FLAG>`` set each flag's default (``--max-queue`` <- ``KNN_SSD_MAX_QUEUE``); flags still win.
+
+    Containers configure the server this way; the variable is named in each flag's help.
+    """
+    for action in parser._actions:
+        flags = [f for f in action.option_strings if f.startswith("--")]
+        if not flags or action.dest == "help":
+            continue
+        name = ENV_PREFIX + flags[0][2:].upper().replace("-", "_")
+        action.help = f"{action.help} [env {name}]"
+        if name in os.environ:
+            action.default = os.environ[name]  # argparse applies the flag's type to string defaults
+            if action.choices is not None and action.default not in action.choices:
+                parser.error(f"{name}={action.default!r}: choose from {', '.join(map(str, action.choices))}")
 
 
 def _indices(text: str) -> list[int]:
@@ -154,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds SIGTERM waits for in-flight requests before exiting")
     serve.set_defaults(func=cmd_serve)
+    env_defaults(serve)
 
     cal = sub.add_parser("calibrate", help="calibrate per-domain decoding policies and build a routing artifact",
                          description="Embed calibration prompts, cluster anchors per domain, search and confirm a "

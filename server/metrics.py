@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -52,6 +53,17 @@ class Metrics:
                                  ["model", "domain"], registry=r)
         self._rates: dict[str, list[float]] = {}  # domain -> [tokens, seconds]
         self._lock = threading.Lock()
+        for metric in (self.prompt_tokens, self.router_latency, self.ttft, self.itl, self.e2e, self.queue_time,
+                       self.running, self.waiting):
+            metric.labels(model)
+        self.declare_domains([PLAIN_DOMAIN])
+
+    def declare_domains(self, domains: Iterable[str]) -> None:
+        """Create the per-domain counters at zero, so dashboards show 0 (not "no data") before traffic."""
+        for domain in domains:
+            for counter in (self.generation_tokens, self.draft_tokens, self.accepted_tokens, self.verify_steps,
+                            self.routing):
+                counter.labels(self.model, domain)
 
     # ------------------------------------------------------------------ EngineObserver
     def on_admitted(self, req: GenerationRequest) -> None:

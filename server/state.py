@@ -84,6 +84,8 @@ def build_state(config: "ServerConfig") -> ServerState:
             log.info("  policy %-14s %s", domain, _describe(policy))
     name = config.served_model_name or config.model
     metrics = Metrics(name)
+    if router is not None:
+        metrics.declare_domains(router.policies)
     scheduler = InterleavingScheduler(config.max_concurrency)
     loop = EngineLoop(engine, scheduler, config.max_queue, metrics)
     resolver = PolicyResolver(router, FALLBACK_INT8 if runner.draft_lm_head is not None else PLAIN,
