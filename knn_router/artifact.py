@@ -15,6 +15,7 @@ import hnswlib
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from decoding.loading import DEFAULT_MODEL
 from decoding.policy import DraftPolicy
 
 from .router import Router
@@ -33,6 +34,16 @@ class ArtifactError(ValueError):
 def default_artifact_dir() -> Path:
     """The prebuilt artifact for the default model, shipped inside the package."""
     return Path(__file__).resolve().parent / "artifacts" / "smollm2-135m"
+
+
+def artifact_dir(index: str, model: str) -> Path | None:
+    """The artifact directory an ``--index`` value names: a path, ``auto`` (the shipped one for the
+    default model, else None) or ``none`` (None)."""
+    if index == "none":
+        return None
+    if index != "auto":
+        return Path(index)
+    return default_artifact_dir() if model == DEFAULT_MODEL else None
 
 
 def save_artifact(directory: Path, router: Router, anchors: np.ndarray, model: dict[str, Any],

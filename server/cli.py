@@ -122,14 +122,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_route_eval(args: argparse.Namespace) -> int:
     from decoding import ModelRunner, SpeculativeEngine, load_model
-    from knn_router.artifact import default_artifact_dir, load_router
     from knn_router.evaluate import lookup_latency, routing_accuracy, spec_bench_by_domain
 
     result: dict = {"lookup_latency": lookup_latency(args.anchors)}
     if not args.latency_only:
         hf_model, tokenizer, info = load_model(args.model, args.device, args.dtype)
         engine = SpeculativeEngine(ModelRunner(hf_model, int8_draft=False), tokenizer)
-        router = load_router(Path(args.index) if args.index != "auto" else default_artifact_dir(), info.fingerprint)
+        router = _load_index(args.index, args.model, info.fingerprint)
         prompts = {d: texts[:: max(1, len(texts) // args.per_domain)][: args.per_domain]
                    for d, texts in spec_bench_by_domain(Path(args.data)).items()}
         result["routing"] = routing_accuracy(engine, router, prompts)
@@ -141,6 +140,40 @@ def cmd_route_eval(args: argparse.Namespace) -> int:
           f"p99 {lat['p99_ms']:.4f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _load_index(index: str, model: str, fingerprint: str):
+    """The router of ``--index`` (``auto``: the shipped artifact of the default model)."""
+    from knn_router.artifact import artifact_dir, load_router
+
+    directory = artifact_dir(index, model)
+    if directory is None:
+        raise SystemExit(f"--index {index}: no shipped artifact for model {model!r}; pass --index DIR "
+                         "(made by 'knn-ssd calibrate')")
+    return load_router(directory, fingerprint)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from decoding import ModelRunner, SpeculativeEngine, load_model
+    from knn_router.bench import STREAMS, run_benchmark
+    from knn_router.bench_report import markdown, write_report
+
+    if args.quick:
+        args.per_domain, args.max_new_tokens, args.streams = 1, 16, "mixed"
+    streams = [s.strip() for s in args.streams.split(",") if s.strip()]
+    unknown = set(streams) - set(STREAMS)
+    if unknown or not streams:
+        raise SystemExit(f"--streams: choose from {', '.join(STREAMS)}")
+    hf_model, tokenizer, info = load_model(args.model, args.device, args.dtype)
+    engine = SpeculativeEngine(ModelRunner(hf_model, int8_draft=True), tokenizer)
+    router = _load_index(args.index, args.model, info.fingerprint)
+    report = run_benchmark(engine, info, router, Path(args.data), args.per_domain, args.max_new_tokens, args.seed,
+                           streams)
+    report["command"] = " ".join(["knn-ssd", *sys.argv[1:]])
+    write_report(report, Path(args.out))
+    print(markdown(report))
+    print(f"wrote {args.out}/report.json, report.md, speedup.png")
     return 0
 
 
@@ -206,6 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--latency-only", action="store_true", help="only the lookup latency benchmark")
     route.add_argument("--json", default=None, help="also write the figures to this JSON file")
     route.set_defaults(func=cmd_route_eval)
+
+    bench = sub.add_parser("bench", help="speedup benchmark under domain shift: plain, Self-SD Fix/Mix, KNN-SSD, oracle",
+                           description="Decode held-out Spec-Bench prompts of six domains with plain decoding, every "
+                                       "domain's policy for all prompts (Self-SD Fix), the union's policy (Self-SD "
+                                       "Mix), the routed policy (KNN-SSD) and each prompt's own domain policy "
+                                       "(oracle), interleaved prompt by prompt; check every output against plain "
+                                       "decoding; write report.json, report.md and speedup.png.")
+    _add_model_args(bench)
+    bench.add_argument("--index", default="auto",
+                       help="calibration artifact directory ('auto': the shipped one for the default model)")
+    bench.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl (domain-labelled prompts)")
+    bench.add_argument("--per-domain", type=int, default=5, help="held-out prompts per domain")
+    bench.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (EOS ignored)")
+    bench.add_argument("--streams", default="mixed,task_by_task",
+                       help="comma-separated prompt orders: mixed (seeded shuffle) and/or task_by_task; the first "
+                            "one is the report's main stream")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the mixed stream's shuffle")
+    bench.add_argument("--out", default="bench-out", help="output directory for report.json, report.md, speedup.png")
+    bench.add_argument("--quick", action="store_true",
+                       help="1 prompt per domain, 16 tokens, mixed stream only: checks structure and losslessness")
+    bench.set_defaults(func=cmd_bench)
 
     bench_decode = sub.add_parser("bench-decode", help="decoding benchmark: latencies and plain vs speculative tokens/s",
                                   description="Forward latencies (1-token, k-token verify, drafts) and tokens/s of "

@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from decoding import (
-    DEFAULT_MODEL,
     PLAIN,
     DraftPolicy,
     ModelInfo,
@@ -18,7 +16,7 @@ from decoding import (
     SpeculativeEngine,
     load_model,
 )
-from knn_router.artifact import ArtifactError, default_artifact_dir, load_router
+from knn_router.artifact import ArtifactError, artifact_dir, load_router
 from knn_router.router import Router
 
 from .metrics import PLAIN_DOMAIN, Metrics
@@ -49,11 +47,11 @@ class ServerState:
 
 def _router(config: "ServerConfig", info: ModelInfo) -> Router | None:
     """The router of ``--index``: an explicit artifact must fit the model; ``auto`` degrades to no routing."""
+    directory = artifact_dir(config.index, config.model)
+    if config.index not in ("auto", "none"):
+        return load_router(directory, info.fingerprint)
     if config.index == "none":
         return None
-    if config.index != "auto":
-        return load_router(Path(config.index), info.fingerprint)
-    directory = default_artifact_dir() if config.model == DEFAULT_MODEL else None
     if directory is None or not directory.exists():
         log.warning("no calibration artifact for model %r: routing disabled (pass --index DIR)", config.model)
         return None

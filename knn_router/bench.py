@@ -1,0 +1,277 @@
+"""`knn-ssd bench`: plain vs Self-SD Fix / Mix vs KNN-SSD vs oracle under domain shift, in one interleaved run.
+
+Every prompt is decoded by every method back to back (plain first in the rotation as often as last),
+so machine drift hits all methods alike. Methods that pick the same policy for a prompt share one
+decoding of it (the same computation), KNN-SSD's time includes its router lookup. Every speculative
+output is compared token by token with the plain one; a divergence is explained only by a near-tie
+of the full model's top-1/top-2 logits in a low-precision dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from decoding import PLAIN, DraftPolicy, ModelInfo, SamplingParams, SpeculativeEngine
+
+from .evaluate import chat_ids, spec_bench_by_domain
+from .router import MIXED, Router
+
+PLAIN_METHOD = "plain"
+MIX_METHOD = "self_sd_mix"
+KNN_METHOD = "knn_ssd"
+ORACLE_METHOD = "oracle"
+FIX_PREFIX = "self_sd_fix_"
+BEST_FIX = "self_sd_fix"  # the Self-SD Fix variant with the best overall speedup
+STREAMS = {"mixed": "shuffled mixed stream (mix ratio 1)", "task_by_task": "task-by-task stream (mix ratio 0)"}
+# A divergence in a low-precision dtype counts as a near-tie when the full model's top-1/top-2 logit
+# gap is within this many units of least precision (eps * |top-1 logit|) of the dtype.
+TIE_ULPS = 4
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    domain: str
+    text: str
+    ids: list[int]
+
+
+@dataclass
+class Tally:
+    """Summed decoding figures of one method over some prompts."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    plain_seconds: float = 0.0  # plain decoding of the same prompts
+    plain_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    step_tokens: int = 0
+    verify_steps: int = 0
+    prompts: int = 0
+
+    def merge(self, other: "Tally") -> None:
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def add(self, run: "Run", plain: "Run") -> None:
+        self.tokens += run.tokens
+        self.seconds += run.seconds
+        self.plain_tokens += plain.tokens
+        self.plain_seconds += plain.seconds
+        self.draft_tokens += run.draft_tokens
+        self.accepted_tokens += run.accepted_tokens
+        self.step_tokens += run.step_tokens
+        self.verify_steps += run.verify_steps
+        self.prompts += 1
+
+    def summary(self) -> dict[str, float]:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        plain_rate = self.plain_tokens / self.plain_seconds if self.plain_seconds else 0.0
+        return {"speedup": rate / plain_rate if plain_rate else 0.0, "tokens_per_s": rate,
+                "mean_accepted_tokens": self.step_tokens / self.verify_steps if self.verify_steps else 0.0,
+                "acceptance_rate": self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0,
+                "prompts": self.prompts, "tokens": self.tokens, "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One decoding of one prompt with one policy."""
+
+    tokens: int
+    seconds: float
+    draft_tokens: int
+    accepted_tokens: int
+    step_tokens: int
+    verify_steps: int
+    output: tuple[int, ...]
+
+
+@dataclass
+class StreamResult:
+    tallies: dict[str, dict[str, Tally]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(Tally)))
+    compared: int = 0
+    identical: int = 0
+    divergences: list[dict[str, Any]] = field(default_factory=list)
+
+    def methods(self) -> dict[str, Any]:
+        out = {}
+        for method, by_domain in self.tallies.items():
+            overall = Tally()
+            for tally in by_domain.values():
+                overall.merge(tally)
+            out[method] = {"overall": overall.summary(),
+                           "domains": {d: t.summary() for d, t in sorted(by_domain.items())}}
+        fixes = {m: r for m, r in out.items() if m.startswith(FIX_PREFIX)}
+        if fixes:
+            best = max(fixes, key=lambda m: fixes[m]["overall"]["speedup"])
+            out[BEST_FIX] = {**fixes[best], "variant": best}
+        return out
+
+
+def split_prompts(path: Path, per_domain: int) -> dict[str, list[str]]:
+    """Evaluation prompts: the odd positions of each domain in file order, ``per_domain`` spread evenly.
+
+    The even positions are the calibration half (never evaluated), so calibrating on the same file
+    (``knn-ssd calibrate`` with files made from the even positions) cannot leak into the benchmark.
+    """
+    out = {}
+    for domain, texts in spec_bench_by_domain(path).items():
+        held_out = texts[1::2]
+        step = max(1, len(held_out) // per_domain)
+        out[domain] = held_out[::step][:per_domain]
+    return out
+
+
+def stream_order(prompts: list[BenchPrompt], stream: str, seed: int) -> list[BenchPrompt]:
+    """Task by task (grouped by domain) or a seeded shuffle of all domains."""
+    if stream == "task_by_task":
+        return sorted(prompts, key=lambda p: p.domain)
+    shuffled = list(prompts)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
+
+
+def method_policies(router: Router, domain: str, embedding: torch.Tensor) -> tuple[dict[str, DraftPolicy], float, str]:
+    """Each method's policy for one prompt, KNN-SSD's lookup seconds and its routed label."""
+    route = router.route(embedding.float().cpu().numpy())
+    policies = {PLAIN_METHOD: PLAIN, MIX_METHOD: router.policy_for(MIXED), KNN_METHOD: route.policy,
+                ORACLE_METHOD: router.policies.get(domain, router.policy_for(MIXED))}
+    for fixed in router.domains:
+        if fixed != MIXED:
+            policies[FIX_PREFIX + fixed] = router.policy_for(fixed)
+    return policies, route.lookup_ms / 1000, route.label
+
+
+def decode(engine: SpeculativeEngine, ids: list[int], policy: DraftPolicy, params: SamplingParams) -> Run:
+    t0 = time.perf_counter()
+    seq = engine.run(ids, params, policy)
+    seconds = time.perf_counter() - t0
+    s = seq.stats
+    return Run(len(seq.generated), seconds, s.draft_tokens, s.accepted_tokens, s.step_tokens, s.verify_steps,
+               tuple(seq.generated))
+
+
+def logit_gap(engine: SpeculativeEngine, ids: list[int], output: tuple[int, ...], position: int) -> dict[str, float]:
+    """The full model's top-1/top-2 logits where plain decoding produced ``output[position]``."""
+    runner = engine.runner
+    context = list(ids) + list(output[:position])
+    cache = runner.new_cache(len(context) + 1)
+    logits = runner.forward(torch.tensor(context, device=runner.device), cache, 0).logits[-1].float()
+    top = torch.topk(logits, 2).values
+    return {"top1": float(top[0]), "top2": float(top[1]), "gap": float(top[0] - top[1])}
+
+
+def tie_tolerance(dtype: torch.dtype, top1: float) -> float:
+    """Largest logit gap a rounding difference of ``dtype`` can flip; 0 in fp32, where outputs must match."""
+    if dtype == torch.float32:
+        return 0.0
+    return TIE_ULPS * torch.finfo(dtype).eps * max(abs(top1), 1.0)
+
+
+def run_stream(engine: SpeculativeEngine, router: Router, prompts: list[BenchPrompt], params: SamplingParams,
+               progress: Callable[[], None]) -> tuple[StreamResult, list[dict[str, Any]]]:
+    """Decode every prompt with every method; returns the tallies and the per-prompt routing records."""
+    result = StreamResult()
+    routes = []
+    dtype = engine.runner.dtype
+    for i, prompt in enumerate(prompts):
+        seq, _ = engine.start(prompt.ids, SamplingParams(max_tokens=1))
+        policies, lookup_s, label = method_policies(router, prompt.domain, seq.embedding)
+        routes.append({"domain": prompt.domain, "label": label, "lookup_ms": lookup_s * 1000})
+        distinct = list(dict.fromkeys(policies.values()))
+        rotation = distinct[i % len(distinct):] + distinct[:i % len(distinct)]
+        runs = {policy: decode(engine, prompt.ids, policy, params) for policy in rotation}
+        plain = runs[PLAIN]
+        for method, policy in policies.items():
+            run = runs[policy]
+            if method == KNN_METHOD:
+                run = replace(run, seconds=run.seconds + lookup_s)
+            result.tallies[method][prompt.domain].add(run, plain)
+        for policy, run in runs.items():
+            if policy.is_plain:
+                continue
+            methods = [m for m, p in policies.items() if p == policy]
+            result.compared += len(methods)
+            if run.output == plain.output:
+                result.identical += len(methods)
+                continue
+            position = next((j for j, (a, b) in enumerate(zip(run.output, plain.output)) if a != b),
+                            min(len(run.output), len(plain.output)))
+            gap = logit_gap(engine, prompt.ids, plain.output, position)
+            tolerance = tie_tolerance(dtype, gap["top1"])
+            result.divergences.append({"domain": prompt.domain, "methods": methods, "position": position,
+                                       **gap, "tolerance": tolerance, "near_tie": gap["gap"] <= tolerance,
+                                       "prompt": prompt.text[:80]})
+        progress()
+    return result, routes
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_benchmark(engine: SpeculativeEngine, info: ModelInfo, router: Router, data: Path, per_domain: int,
+                  max_new_tokens: int, seed: int, streams: list[str]) -> dict[str, Any]:
+    """The whole benchmark; returns the report (see ``write_report`` for the files)."""
+    texts = split_prompts(data, per_domain)
+    prompts = [BenchPrompt(d, t, chat_ids(engine.tokenizer, t)) for d, ts in texts.items() for t in ts]
+    params = SamplingParams(max_tokens=max_new_tokens, ignore_eos=True)
+    engine.run(prompts[0].ids, SamplingParams(max_tokens=4, ignore_eos=True), PLAIN)  # warm-up
+    results: dict[str, StreamResult] = {}
+    routes: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with tqdm(total=len(prompts) * len(streams), desc="bench", unit="prompt") as bar:
+        for stream in streams:
+            order = stream_order(prompts, stream, seed)
+            results[stream], stream_routes = run_stream(engine, router, order, params, bar.update)
+            routes += stream_routes
+    main = results[streams[0]]
+    compared = sum(r.compared for r in results.values())
+    identical = sum(r.identical for r in results.values())
+    divergences = [d for r in results.values() for d in r.divergences]
+    non_ties = sum(not d["near_tie"] for d in divergences)
+    lookups = [r["lookup_ms"] for r in routes]
+    hits = defaultdict(list)
+    for r in routes[:len(prompts)]:
+        hits[r["domain"]].append(r["label"] == r["domain"])
+    return {
+        "model": info.name, "device": info.device, "dtype": info.dtype, "machine": machine(),
+        "model_info": info.to_dict(),
+        "max_new_tokens": max_new_tokens, "prompts_per_domain": per_domain,
+        "prompts": len(prompts), "domains": sorted(texts), "seed": seed,
+        "data": str(data), "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
+        "lossless": non_ties == 0, "exact_match_rate": identical / compared if compared else 1.0,
+        "divergences_at_non_ties": non_ties, "divergences": divergences,
+        "tie_tolerance": f"{TIE_ULPS} ulps of the dtype at the top-1 logit (0 in float32: outputs must match)",
+        "stream": streams[0], "methods": main.methods(),
+        "streams": {s: {"description": STREAMS[s], "methods": r.methods()} for s, r in results.items()},
+        "routing": {"accuracy": float(np.mean([h for hs in hits.values() for h in hs])),
+                    "domains": {d: float(np.mean(h)) for d, h in sorted(hits.items())},
+                    "lookup_ms_p50": float(np.percentile(lookups, 50)),
+                    "lookup_ms_p99": float(np.percentile(lookups, 99))},
+        "policies": {name: p.to_dict() for name, p in sorted(router.policies.items())},
+        "wall_s": time.perf_counter() - t0,
+    }

@@ -1,0 +1,74 @@
+"""`knn-ssd bench --quick` end to end on the default model: report structure and losslessness."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from live_server import ROOT
+
+from decoding.benchmark import SPEC_BENCH
+from knn_router.bench import split_prompts, tie_tolerance
+from knn_router.evaluate import spec_bench_by_domain
+
+METRIC_KEYS = {"speedup", "tokens_per_s", "mean_accepted_tokens", "acceptance_rate"}
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = subprocess.run([sys.executable, "-m", "server.cli", "bench", "--quick", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, json.loads((out / "report.json").read_text()), result.stdout
+
+
+def test_quick_bench_report_structure(quick_report):
+    out, report, stdout = quick_report
+    for key in ("model", "device", "dtype", "max_new_tokens", "prompts_per_domain", "lossless", "exact_match_rate",
+                "divergences_at_non_ties", "methods", "routing", "streams"):
+        assert key in report, key
+    assert report["max_new_tokens"] == 16 and report["prompts_per_domain"] == 1
+    domains = {"translation", "summarization", "qa", "math_reasoning", "rag", "chat"}
+    assert set(report["domains"]) == domains
+    methods = report["methods"]
+    assert {"plain", "self_sd_mix", "knn_ssd", "oracle", "self_sd_fix"} <= set(methods)
+    assert {f"self_sd_fix_{d}" for d in domains} <= set(methods)
+    for name, body in methods.items():
+        assert METRIC_KEYS <= set(body["overall"]), name
+        assert set(body["domains"]) == domains, name
+        for d in domains:
+            assert METRIC_KEYS <= set(body["domains"][d]), (name, d)
+    assert methods["plain"]["overall"]["speedup"] == pytest.approx(1.0)
+    assert methods["plain"]["overall"]["mean_accepted_tokens"] == 1.0
+    assert 0 <= report["routing"]["accuracy"] <= 1
+    assert 0 < report["routing"]["lookup_ms_p50"] <= report["routing"]["lookup_ms_p99"]
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| **KNN-SSD** |" in (out / "report.md").read_text()
+    assert "Lossless: **True**" in stdout
+
+
+def test_quick_bench_is_lossless_in_fp32(quick_report):
+    _, report, _ = quick_report
+    assert report["dtype"] == "float32"
+    assert report["lossless"] is True
+    assert report["exact_match_rate"] == 1.0
+    assert report["divergences_at_non_ties"] == 0 and report["divergences"] == []
+
+
+def test_evaluation_prompts_exclude_the_calibration_half():
+    by_domain = spec_bench_by_domain(SPEC_BENCH)
+    chosen = split_prompts(SPEC_BENCH, 5)
+    for domain, texts in chosen.items():
+        assert len(texts) == 5
+        calibration = set(by_domain[domain][0::2])
+        assert not calibration & set(texts), domain
+    assert split_prompts(SPEC_BENCH, 5) == chosen  # deterministic
+
+
+def test_tie_tolerance_is_zero_in_fp32_and_a_few_ulps_in_bf16():
+    assert tie_tolerance(torch.float32, 20.0) == 0.0
+    assert tie_tolerance(torch.bfloat16, 20.0) == pytest.approx(4 * 2**-7 * 20.0)
