@@ -1,8 +1,10 @@
-"""The self-speculative decoding loop (one sequence at a time, step by step).
+"""The self-speculative decoding loop, for one sequence or a batch of them.
 
-A step drafts up to ``max_draft`` tokens with the request's draft policy, verifies
-them with one full forward and commits the accepted prefix plus the full model's
-own next token. Plain decoding (no policy, ``speculate=False``) runs in the same loop.
+A step drafts up to ``max_draft`` tokens with each sequence's draft policy (sequences
+sharing a policy draft together in packed forwards), verifies every sequence's drafts
+in one packed full forward and commits each accepted prefix plus the full model's own
+next token. Plain decoding (no policy, ``speculate=False``) rides in the same batch.
+Packed forwards are batch-invariant, so a sequence's output never depends on its batch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .kv_cache import KVCache
 from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
-from .runner import ModelRunner
+from .runner import ModelRunner, Segment
 from .sampling import SamplingParams, accept_greedy, accept_sampled, make_generator, sample, target_probs
 from .stats import RequestStats
 
@@ -41,14 +43,19 @@ class Sequence:
     generator: torch.Generator
     detokenizer: IncrementalDetokenizer
     stopper: StopMatcher
-    embedding: torch.Tensor
+    embedding: torch.Tensor | None = None  # set when the prompt is fully prefilled
     policy: DraftPolicy = PLAIN
+    prefilled: int = 0  # prompt tokens already in the cache (chunked prefill)
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefill_remaining(self) -> int:
+        return self.prompt_len - self.prefilled
 
     @property
     def generated(self) -> list[int]:
@@ -80,12 +87,8 @@ class SpeculativeEngine:
         self.eos_ids = {t for t in [*eos, tokenizer.eos_token_id] if t is not None}
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, prompt_ids: list[int], params: SamplingParams) -> tuple[Sequence, StepOutput]:
-        """Prefill the prompt with the full model and sample the first token.
-
-        The returned sequence carries the prompt embedding for routing; set its
-        ``policy`` before calling ``step``.
-        """
+    def admit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Check the prompt and reserve its KV cache; nothing runs until ``prefill``."""
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -93,45 +96,69 @@ class SpeculativeEngine:
             raise PromptTooLongError(
                 f"the prompt has {n} tokens but the model's context is {self.max_context}: no room to generate")
         capacity = min(n + params.max_tokens, self.max_context) + MAX_DRAFT_LIMIT + 1
-        cache = self.runner.new_cache(capacity)
-        t0 = time.perf_counter()
-        out = self.runner.forward(torch.tensor(prompt_ids, device=self.runner.device), cache, 0, embedding=True)
-        cache.commit(n)
-        seq = Sequence(
-            prompt_len=n, params=params, cache=cache, tokens=list(prompt_ids),
+        return Sequence(
+            prompt_len=n, params=params, cache=self.runner.new_cache(capacity), tokens=list(prompt_ids),
             generator=make_generator(params.seed, self.runner.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-            stopper=StopMatcher(params.stop), embedding=out.embedding,
-            stats=RequestStats(prompt_tokens=n),
+            stopper=StopMatcher(params.stop), stats=RequestStats(prompt_tokens=n),
         )
-        first = self._choose(out.logits[-1], seq)
-        seq.stats.prefill_s = time.perf_counter() - t0
-        return seq, self._commit(seq, [first])
+
+    def prefill(self, chunks: list[tuple[Sequence, int]]) -> list[StepOutput | None]:
+        """Prefill the next ``count`` prompt tokens of each sequence, all in one packed full forward.
+
+        A sequence whose prompt is now complete gets its prompt embedding (for routing;
+        set its ``policy`` before ``step``) and its first token; the others get None.
+        """
+        t0 = time.perf_counter()
+        segments = []
+        for seq, count in chunks:
+            if not 0 < count <= seq.prefill_remaining:
+                raise ValueError(f"prefill chunk of {count} tokens with {seq.prefill_remaining} left")
+            ids = seq.tokens[seq.prefilled:seq.prefilled + count]
+            segments.append(Segment(torch.tensor(ids, device=self.runner.device), seq.cache, seq.prefilled,
+                                    embedding=True))
+        outs = self.runner.forward_packed(segments)
+        elapsed = time.perf_counter() - t0
+        results: list[StepOutput | None] = []
+        for (seq, count), out in zip(chunks, outs):
+            part = out.embedding * (count / seq.prompt_len)  # chunks add up to the mean over the prompt
+            seq.embedding = out.embedding if count == seq.prompt_len else (
+                part if seq.embedding is None else seq.embedding + part)
+            seq.prefilled += count
+            seq.cache.commit(seq.prefilled)
+            seq.stats.prefill_s += elapsed
+            results.append(self._commit(seq, [self._choose(out.logits[-1], seq)]) if not seq.prefill_remaining
+                           else None)
+        return results
+
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> tuple[Sequence, StepOutput]:
+        """Admit and prefill one prompt in one forward; returns the sequence and its first token."""
+        seq = self.admit(prompt_ids, params)
+        return seq, self.prefill([(seq, seq.prompt_len)])[0]
 
     def step(self, seq: Sequence) -> StepOutput:
         """Advance ``seq`` by one draft-and-verify step (one plain step if its policy is plain)."""
-        if seq.finished:
-            raise RuntimeError("step() on a finished sequence")
-        start = seq.cache.length
-        drafts, draft_probs = self._draft(seq, start)
+        return self.step_batch([seq])[0]
+
+    def step_batch(self, seqs: list[Sequence], draft_cap: int | None = None) -> list[StepOutput]:
+        """Advance every sequence by one step: grouped drafts, one packed verify, per-row acceptance.
+
+        ``draft_cap`` bounds the draft length of rows whose output cannot depend on it
+        (greedy rows and unseeded sampling rows); seeded sampling rows always draft as
+        their policy says, so a seed gives the same text alone or in any batch.
+        """
+        for seq in seqs:
+            if seq.finished or seq.prefill_remaining:
+                raise RuntimeError("step on a finished or not fully prefilled sequence")
+        starts = [seq.cache.length for seq in seqs]
+        drafts, draft_probs = self._draft_batch(seqs, starts, draft_cap)
         t0 = time.perf_counter()
-        inputs = torch.tensor([seq.tokens[-1], *drafts], device=self.runner.device)
-        logits = self.runner.forward(inputs, seq.cache, start, all_logits=bool(drafts)).logits
-        if seq.params.greedy:
-            accepted, bonus = accept_greedy(drafts, logits)
-        elif drafts:
-            target = target_probs(logits, seq.params)
-            accepted, bonus = accept_sampled(drafts, draft_probs, target, seq.generator)
-        else:
-            accepted, bonus = 0, sample(target_probs(logits[-1], seq.params), seq.generator)
-        seq.cache.commit(start + 1 + accepted)
-        stats = seq.stats
-        stats.verify_s += time.perf_counter() - t0
-        stats.verify_steps += 1
-        stats.draft_tokens += len(drafts)
-        stats.accepted_tokens += accepted
-        stats.step_tokens += accepted + 1
-        return self._commit(seq, drafts[:accepted] + [bonus])
+        segments = [Segment(torch.tensor([seq.tokens[-1], *d], device=self.runner.device), seq.cache, start,
+                            all_logits=bool(d)) for seq, start, d in zip(seqs, starts, drafts)]
+        outs = self.runner.forward_packed(segments)
+        elapsed = time.perf_counter() - t0
+        return [self._accept(seq, start, d, probs, out.logits, elapsed)
+                for seq, start, d, probs, out in zip(seqs, starts, drafts, draft_probs, outs)]
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  policy: DraftPolicy | Callable[[torch.Tensor], DraftPolicy] = PLAIN) -> Iterator[StepOutput]:
@@ -159,35 +186,77 @@ class SpeculativeEngine:
                 return done.value
 
     # ------------------------------------------------------------------ internals
-    def _draft(self, seq: Sequence, start: int) -> tuple[list[int], torch.Tensor | None]:
-        """Draft tokens after ``seq.tokens[-1]`` with the sequence's policy."""
+    def _accept(self, seq: Sequence, start: int, drafts: list[int], draft_probs: torch.Tensor | None,
+                logits: torch.Tensor, verify_s: float) -> StepOutput:
+        """Apply the acceptance rule to one row's verified drafts and commit the result."""
+        if seq.params.greedy:
+            accepted, bonus = accept_greedy(drafts, logits)
+        elif drafts:
+            target = target_probs(logits, seq.params)
+            accepted, bonus = accept_sampled(drafts, draft_probs, target, seq.generator)
+        else:
+            accepted, bonus = 0, sample(target_probs(logits[-1], seq.params), seq.generator)
+        seq.cache.commit(start + 1 + accepted)
+        stats = seq.stats
+        stats.verify_s += verify_s
+        stats.verify_steps += 1
+        stats.draft_tokens += len(drafts)
+        stats.accepted_tokens += accepted
+        stats.step_tokens += accepted + 1
+        return self._commit(seq, drafts[:accepted] + [bonus])
+
+    def _draft_room(self, seq: Sequence, start: int, cap: int | None) -> int:
         policy = seq.policy
+        if policy.is_plain:
+            return 0
         room = min(policy.max_draft,
                    seq.params.max_tokens - len(seq.generated) - 1,
                    self.max_context - len(seq.tokens) - 1,
                    seq.cache.capacity - start - 1)
-        if policy.is_plain or room <= 0:
-            return [], None
-        t0 = time.perf_counter()
-        drafts: list[int] = []
-        probs: list[torch.Tensor] = []
-        token = seq.tokens[-1]
-        for j in range(room):
-            logits = self.runner.forward(torch.tensor([token], device=self.runner.device), seq.cache,
-                                         start + j, policy=policy).logits[-1]
-            if seq.params.greedy:
-                token = int(logits.argmax())
-                confidence = float(torch.softmax(logits, dim=-1)[token])
-            else:
-                q = target_probs(logits, seq.params)
-                token = sample(q, seq.generator)
-                probs.append(q)
-                confidence = float(q.max())
-            drafts.append(token)
-            if confidence < policy.threshold or (token in self.eos_ids and not seq.params.ignore_eos):
-                break
-        seq.stats.draft_s += time.perf_counter() - t0
-        return drafts, torch.stack(probs) if probs else None
+        if cap is not None and (seq.params.greedy or seq.params.seed is None):
+            room = min(room, cap)
+        return room
+
+    def _draft_batch(self, seqs: list[Sequence], starts: list[int],
+                     cap: int | None) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Draft for every row; rows sharing a policy run together, one packed draft forward per position."""
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        rooms = [self._draft_room(seq, start, cap) for seq, start in zip(seqs, starts)]
+        groups: dict[DraftPolicy, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            if rooms[i] > 0:
+                groups.setdefault(seq.policy, []).append(i)
+        for policy, active in groups.items():
+            t0 = time.perf_counter()
+            members = list(active)
+            while active:
+                segments = [Segment(torch.tensor([seqs[i].tokens[-1] if not drafts[i] else drafts[i][-1]],
+                                                 device=self.runner.device), seqs[i].cache, starts[i] + len(drafts[i]))
+                            for i in active]
+                outs = self.runner.forward_packed(segments, policy)
+                still = []
+                for i, out in zip(active, outs):
+                    if self._draft_one(seqs[i], out.logits[-1], drafts[i], probs[i]) and len(drafts[i]) < rooms[i]:
+                        still.append(i)
+                active = still
+            elapsed = time.perf_counter() - t0
+            for i in members:
+                seqs[i].stats.draft_s += elapsed
+        return drafts, [torch.stack(p) if p else None for p in probs]
+
+    def _draft_one(self, seq: Sequence, logits: torch.Tensor, drafts: list[int], probs: list[torch.Tensor]) -> bool:
+        """Append one draft token chosen from ``logits``; False when drafting should stop here."""
+        if seq.params.greedy:
+            token = int(logits.argmax())
+            confidence = float(torch.softmax(logits, dim=-1)[token])
+        else:
+            q = target_probs(logits, seq.params)
+            token = sample(q, seq.generator)
+            probs.append(q)
+            confidence = float(q.max())
+        drafts.append(token)
+        return not (confidence < seq.policy.threshold or (token in self.eos_ids and not seq.params.ignore_eos))
 
     def _choose(self, logits: torch.Tensor, seq: Sequence) -> int:
         if seq.params.greedy:

@@ -59,6 +59,17 @@ class _Layer:
     draft: dict[str, Int8Linear] | None = None
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's part of a packed forward: ``tokens`` (1-D) at positions ``start..`` of ``cache``."""
+
+    tokens: torch.Tensor
+    cache: KVCache
+    start: int
+    all_logits: bool = False  # logits of every position, else of the last only
+    embedding: bool = False  # also the mean-pooled final hidden state of these positions
+
+
 @dataclass
 class ForwardOutput:
     logits: torch.Tensor  # (T_out, vocab) float32
@@ -155,62 +166,91 @@ class ModelRunner:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
 
     # ------------------------------------------------------------------ forward
-    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, policy: DraftPolicy | None = None,
                 all_logits: bool = False, embedding: bool = False) -> ForwardOutput:
-        """Run ``tokens`` (1-D) at positions ``start..`` writing KV there.
+        """Run ``tokens`` (1-D) of one sequence at positions ``start..``, writing KV there.
 
         ``policy`` None runs the full model; otherwise the draft (skips and precision
         of the policy). Returns logits of the last position, or of all when
         ``all_logits``; ``embedding`` adds the mean-pooled final hidden state.
         """
+        return self.forward_packed([Segment(tokens, cache, start, all_logits, embedding)], policy)[0]
+
+    @torch.inference_mode()
+    def forward_packed(self, segments: list[Segment], policy: DraftPolicy | None = None) -> list[ForwardOutput]:
+        """One forward over several sequences' tokens packed into one batch (one read of the weights).
+
+        Linear layers, norms and rotary run on all tokens at once; attention runs per
+        segment against its own cache. Each segment's results are bit-identical to
+        running it alone (the linear layers are batch-invariant), so batching never
+        changes an output.
+        """
         skip = policy.skip if policy is not None else NO_SKIP
         int8 = policy is not None and policy.precision == "int8"
         if int8 and self.draft_lm_head is None:
             raise ValueError("int8 draft requested but the runner was built without the int8 copy")
-        T = tokens.shape[0]
-        h = self.embed(tokens[None])  # (1, T, H)
-        cos, sin = self.cos[start:start + T, None], self.sin[start:start + T, None]  # (T, 1, D): over heads
+        lengths = [seg.tokens.shape[0] for seg in segments]
+        tokens = torch.cat([seg.tokens for seg in segments]) if len(segments) > 1 else segments[0].tokens
+        if len(segments) == 1:
+            cos, sin = self.cos[segments[0].start:segments[0].start + lengths[0]], self.sin[
+                segments[0].start:segments[0].start + lengths[0]]
+        else:
+            positions = torch.cat([torch.arange(seg.start, seg.start + n, device=self.device)
+                                   for seg, n in zip(segments, lengths)])
+            cos, sin = self.cos[positions], self.sin[positions]
+        cos, sin = cos[:, None], sin[:, None]  # (T, 1, D): over heads
+        h = self.embed(tokens)  # (T, H), all segments
         for index, layer in enumerate(self.layers):
             lin = layer.draft if int8 else None
             if index not in skip.attention:
-                h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, cache, start)
+                h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, segments, lengths)
             if index not in skip.mlp:
                 h = h + self._mlp(layer, lin, layer.mlp_norm(h))
-        h = self.final_norm(h)[0]  # (T, H)
-        out_h = h if all_logits else h[-1:]
+        h = self.final_norm(h)
+        rows, offset = [], 0
+        for seg, n in zip(segments, lengths):
+            rows.append(torch.arange(offset, offset + n) if seg.all_logits else torch.tensor([offset + n - 1]))
+            offset += n
         head = self.draft_lm_head if int8 else self.lm_head
-        logits = head(out_h).float()
+        logits = head(h[torch.cat(rows)] if len(segments) > 1 or not segments[0].all_logits else h).float()
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        emb = h.float().mean(dim=0) if embedding else None
-        return ForwardOutput(logits=logits, embedding=emb)
+        outputs, offset, row = [], 0, 0
+        for seg, n, picked in zip(segments, lengths, rows):
+            emb = h[offset:offset + n].float().mean(dim=0) if seg.embedding else None
+            outputs.append(ForwardOutput(logits=logits[row:row + len(picked)], embedding=emb))
+            offset += n
+            row += len(picked)
+        return outputs
 
     def _attention(self, layer: _Layer, lin: dict[str, Int8Linear] | None, index: int, x: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        T = x.shape[1]
+                   cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], lengths: list[int]) -> torch.Tensor:
+        T = x.shape[0]
         nq, nk = layer.q_heads, layer.kv_heads
-        qkv = (lin["qkv"] if lin else layer.qkv)(x[0]).view(T, nq + 2 * nk, self.head_dim)
+        qkv = (lin["qkv"] if lin else layer.qkv)(x).view(T, nq + 2 * nk, self.head_dim)
         qk, v = qkv[:, : nq + nk], qkv[:, nq + nk:]
         if layer.q_norm is not None:
             qk = torch.cat((layer.q_norm(qk[:, :nq]), layer.k_norm(qk[:, nq:])), dim=1)
         qk = qk * cos + _rotate_half(qk) * sin  # rotary on queries and keys at once
-        q = qk[:, :nq].transpose(0, 1)[None]  # (1, Hq, T, D)
-        k = qk[:, nq:].transpose(0, 1)[None]
-        keys, values = cache.write(index, start, k, v.transpose(0, 1)[None])
-        y = _attend(q, keys, values, start, layer)
-        y = y[0].transpose(0, 1).reshape(T, -1)
-        y = (lin["o"] if lin else layer.o)(y)
+        ys, offset = [], 0
+        for seg, n in zip(segments, lengths):
+            part = slice(offset, offset + n)
+            q = qk[part, :nq].transpose(0, 1)[None]  # (1, Hq, n, D)
+            k = qk[part, nq:].transpose(0, 1)[None]
+            keys, values = seg.cache.write(index, seg.start, k, v[part].transpose(0, 1)[None])
+            ys.append(_attend(q, keys, values, seg.start, layer)[0].transpose(0, 1).reshape(n, -1))
+            offset += n
+        y = (lin["o"] if lin else layer.o)(torch.cat(ys) if len(ys) > 1 else ys[0])
         if layer.attn_out_norm is not None:
             y = layer.attn_out_norm(y)
-        return y[None]
+        return y
 
     def _mlp(self, layer: _Layer, lin: dict[str, Int8Linear] | None, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (lin["gate_up"] if lin else layer.gate_up)(x[0]).chunk(2, dim=-1)
+        gate, up = (lin["gate_up"] if lin else layer.gate_up)(x).chunk(2, dim=-1)
         y = (lin["down"] if lin else layer.down)(layer.act(gate) * up)
         if layer.mlp_out_norm is not None:
             y = layer.mlp_out_norm(y)
-        return y[None]
+        return y
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -33,13 +33,16 @@ class ServerConfig:
     dtype: str = "auto"
     served_model_name: str | None = None
     api_key: str | None = None
-    max_concurrency: int = 8
+    max_batch_size: int = 8
+    max_num_batched_tokens: int = 512
+    adaptive_speculation: bool = True
     max_queue: int = 64
     max_model_len: int | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
-        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
+        values = {k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)}
+        return cls(**values, adaptive_speculation=not args.no_adaptive_speculation)
 
 
 def create_app(config: ServerConfig) -> FastAPI:

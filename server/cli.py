@@ -46,7 +46,9 @@ def env_defaults(parser: argparse.ArgumentParser) -> None:
             continue
         name = ENV_PREFIX + flags[0][2:].upper().replace("-", "_")
         action.help = f"{action.help} [env {name}]"
-        if name in os.environ:
+        if name in os.environ and action.nargs == 0:  # on/off flags: 1/true/yes/on
+            action.default = os.environ[name].strip().lower() in ("1", "true", "yes", "on")
+        elif name in os.environ:
             action.default = os.environ[name]  # argparse applies the flag's type to string defaults
             if action.choices is not None and action.default not in action.choices:
                 parser.error(f"{name}={action.default!r}: choose from {', '.join(map(str, action.choices))}")
@@ -200,9 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None,
                        help="model name clients send and see in /v1/models (default: the --model value)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
-    serve.add_argument("--max-concurrency", type=int, default=8, help="requests decoded at the same time")
+    serve.add_argument("--max-batch-size", "--max-concurrency", type=int, default=8, dest="max_batch_size",
+                       help="sequences decoded together in one batch (continuous batching); --max-concurrency is "
+                            "its older name")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=512,
+                       help="token budget of one engine step: decode rows plus prompt chunks; longer prompts are "
+                            "prefilled in chunks so running requests keep streaming")
+    serve.add_argument("--no-adaptive-speculation", action="store_true",
+                       help="always draft as each request's policy says, instead of choosing the draft length per "
+                            "step from the batch size and verify costs measured at startup")
     serve.add_argument("--max-queue", type=int, default=64,
-                       help="requests waiting beyond --max-concurrency before new ones get 503")
+                       help="requests waiting beyond --max-batch-size before new ones get 503")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="context length cap in tokens (default: the model's own)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,

@@ -7,10 +7,14 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from decoding.policy import MAX_DRAFT_LIMIT
+
 from .scheduler import GenerationRequest, RouteDecision
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
                    7.5, 10.0, 20.0, 40.0, 80.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+CAP_BUCKETS = (0, 1, 2, 4, 8, 12, 16)
 ROUTER_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
 PLAIN_DOMAIN = "plain"
 
@@ -47,13 +51,19 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.running = Gauge("knn_ssd_requests_running", "Sequences being decoded", ["model"], registry=r)
         self.waiting = Gauge("knn_ssd_requests_waiting", "Sequences waiting for admission", ["model"], registry=r)
+        self.batch_size = Histogram("knn_ssd_batch_size", "Sequences advanced together per batched decode step",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.draft_cap = Histogram("knn_ssd_draft_length_cap", "Draft length cap chosen per batched decode step by "
+                                   f"load-adaptive speculation ({MAX_DRAFT_LIMIT}: uncapped, each policy's own)",
+                                   ["model"], buckets=CAP_BUCKETS, registry=r)
         self.speedup = Gauge("knn_ssd_speedup", "Decode tokens/s with the domain's policy over plain decoding "
                              "tokens/s, both measured by this server", ["model", "domain"], registry=r)
         self.decode_rate = Gauge("knn_ssd_decode_tokens_per_second", "Mean per-request decode tokens/s",
                                  ["model", "domain"], registry=r)
         self._rates: dict[str, list[float]] = {}  # domain -> [tokens, seconds]
         self._lock = threading.Lock()
-        for metric in (self.prompt_tokens, self.router_latency, self.ttft, self.itl, self.e2e, self.queue_time,
+        for metric in (self.prompt_tokens, self.batch_size, self.draft_cap, self.router_latency, self.ttft, self.itl,
+                       self.e2e, self.queue_time,
                        self.running, self.waiting):
             metric.labels(model)
         self.declare_domains([PLAIN_DOMAIN])
@@ -92,6 +102,11 @@ class Metrics:
         self.e2e.labels(self.model).observe(req.last_output - req.arrival)
         if stats.decode_s > 0 and stats.verify_steps:
             self.record_rate(PLAIN_DOMAIN if route.policy.is_plain else domain, stats.step_tokens, stats.decode_s)
+
+    def on_step(self, decode_rows: int, draft_cap: int | None) -> None:
+        if decode_rows:
+            self.batch_size.labels(self.model).observe(decode_rows)
+            self.draft_cap.labels(self.model).observe(MAX_DRAFT_LIMIT if draft_cap is None else draft_cap)
 
     def on_queue(self, running: int, waiting: int) -> None:
         self.running.labels(self.model).set(running)

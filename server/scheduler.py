@@ -1,9 +1,8 @@
-"""The engine loop: one thread owns the model and advances every admitted request step by step.
+"""The engine loop: one thread owns the model and advances all admitted requests together.
 
-``Scheduler`` is the seam batched decoding fills in later: it decides which
-sequences run each iteration. ``InterleavingScheduler`` runs one speculative
-step of every running sequence in turn (batch size 1), so no request waits for
-another to finish.
+Requests wait in a first-come-first-served queue until the continuous batcher has a
+slot; then they are prefilled (in chunks within a per-step token budget), routed by
+their prompt embedding, and decoded in batched speculative steps.
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from decoding import DraftPolicy, RequestStats, SamplingParams, Sequence, SpeculativeEngine
+from decoding import DraftPolicy, RequestStats, SamplingParams, Sequence, SpeculativeEngine, StepOutput
+from decoding.batching import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 
@@ -69,47 +69,31 @@ class EngineObserver(Protocol):
     def on_tokens(self, req: GenerationRequest, count: int, first: bool, now: float) -> None: ...
     def on_finished(self, req: GenerationRequest) -> None: ...
     def on_queue(self, running: int, waiting: int) -> None: ...
+    def on_step(self, decode_rows: int, draft_cap: int | None) -> None: ...
 
 
 class QueueFullError(RuntimeError):
     pass
 
 
-class Scheduler(Protocol):
-    max_running: int
-
-    def admit(self, waiting: collections.deque, running: list[GenerationRequest]) -> list[GenerationRequest]: ...
-    def schedule(self, running: list[GenerationRequest]) -> list[GenerationRequest]: ...
-
-
-class InterleavingScheduler:
-    """First come, first served admission; one step per running sequence per iteration."""
-
-    def __init__(self, max_running: int) -> None:
-        self.max_running = max_running
-
-    def admit(self, waiting: collections.deque, running: list[GenerationRequest]) -> list[GenerationRequest]:
-        admitted = []
-        while waiting and len(running) + len(admitted) < self.max_running:
-            admitted.append(waiting.popleft())
-        return admitted
-
-    def schedule(self, running: list[GenerationRequest]) -> list[GenerationRequest]:
-        return list(running)
-
-
 class EngineLoop:
-    """Owns the engine thread; ``submit`` is safe to call from any thread."""
+    """Owns the engine thread and its continuous batcher; ``submit`` is safe to call from any thread.
 
-    def __init__(self, engine: SpeculativeEngine, scheduler: Scheduler, max_queue: int,
+    Each iteration moves waiting requests into free batch slots (first come, first served),
+    drops cancelled ones, and runs one ``ContinuousBatcher.step``: a packed prefill of the
+    next prompt chunks within the token budget, then one batched speculative step of every
+    running request. A request's KV cache is allocated only when it gets a slot.
+    """
+
+    def __init__(self, engine: SpeculativeEngine, batcher: ContinuousBatcher, max_queue: int,
                  observer: EngineObserver) -> None:
         self.engine = engine
-        self.scheduler = scheduler
+        self.batcher = batcher
         self.max_queue = max_queue
         self.observer = observer
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
-        self._running: list[GenerationRequest] = []
-        self._in_flight = 0  # submitted and not yet finished: waiting, prefilling or running
+        self._active: dict[int, GenerationRequest] = {}  # id(seq) -> request, for sequences in the batcher
+        self._in_flight = 0  # submitted and not yet finished: waiting or in the batcher
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="knn-ssd-engine", daemon=True)
@@ -130,11 +114,11 @@ class EngineLoop:
     def submit(self, requests: list[GenerationRequest]) -> None:
         """Queue all ``requests`` or none (QueueFullError when the queue cannot hold them)."""
         with self._wake:
-            if self._in_flight + len(requests) > self.scheduler.max_running + self.max_queue:
+            if self._in_flight + len(requests) > self.batcher.max_batch_size + self.max_queue:
                 raise QueueFullError(f"queue full ({len(self._waiting)} waiting)")
             self._in_flight += len(requests)
             self._waiting.extend(requests)
-            self.observer.on_queue(len(self._running), len(self._waiting))
+            self.observer.on_queue(len(self._active), len(self._waiting))
             self._wake.notify()
 
     # ------------------------------------------------------------------ engine thread
@@ -142,70 +126,80 @@ class EngineLoop:
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and not self._waiting and not self._active:
                     self._wake.wait()
                 if self._stop:
                     break
-                admitted = self.scheduler.admit(self._waiting, self._running)
+                admitted = []
+                while self._waiting and self.batcher.size + len(admitted) < self.batcher.max_batch_size:
+                    admitted.append(self._waiting.popleft())
             for req in admitted:
-                self._prefill(req)
-            for req in self.scheduler.schedule(self._running):
-                self._step(req)
+                self._admit(req)
+            for req in [r for r in self._active.values() if r.cancelled.is_set()]:
+                self._cancel(req)
+            if self.batcher.size:
+                step = self.batcher.step()
+                self.observer.on_step(step.decode_rows, step.draft_cap)
+                for seq, out in step.outputs:
+                    self._deliver(self._active[id(seq)], out)
             with self._wake:
-                self.observer.on_queue(len(self._running), len(self._waiting))
-        for req in list(self._running) + list(self._waiting):
+                self.observer.on_queue(len(self._active), len(self._waiting))
+        for req in list(self._active.values()) + list(self._waiting):
             req.emit(GenerationEvent(error=RuntimeError("server shutting down")))
 
     def _release(self, req: GenerationRequest) -> None:
         """``req`` left the engine (finished, failed or cancelled)."""
         with self._wake:
             self._in_flight -= 1
-        if req in self._running:
-            self._running.remove(req)
+        if req.seq is not None:
+            self._active.pop(id(req.seq), None)
+            self.batcher.remove(req.seq)
 
-    def _prefill(self, req: GenerationRequest) -> None:
+    def _admit(self, req: GenerationRequest) -> None:
         if req.cancelled.is_set():
             self._release(req)
             return
         req.admitted = time.monotonic()
         self.observer.on_admitted(req)
         try:
-            seq, out = self.engine.start(req.prompt_ids, req.params)
-            req.route = req.choose_policy(seq.embedding)
-            seq.policy = req.route.policy
-            req.seq = seq
+            req.seq = self.engine.admit(req.prompt_ids, req.params)
         except Exception as exc:  # a bad request must never take the loop down
-            log.exception("prefill failed for %s", req.request_id)
+            log.exception("admission failed for %s", req.request_id)
             self._release(req)
             req.emit(GenerationEvent(error=exc))
             return
-        self._running.append(req)
-        self._deliver(req, out.token_ids, out.text, out.finish_reason, first=True)
+        self._active[id(req.seq)] = req
+        self.batcher.add(req.seq)
 
-    def _step(self, req: GenerationRequest) -> None:
-        if req.cancelled.is_set():
-            self._release(req)
+    def _cancel(self, req: GenerationRequest) -> None:
+        self._release(req)
+        if req.route is not None:  # decoding had started: account for what it did
             req.seq.finish_reason = req.seq.stats.finish_reason = "abort"
             self.observer.on_finished(req)
-            return
-        try:
-            out = self.engine.step(req.seq)
-        except Exception as exc:
-            log.exception("decoding step failed for %s", req.request_id)
-            self._release(req)
-            req.emit(GenerationEvent(error=exc))
-            return
-        self._deliver(req, out.token_ids, out.text, out.finish_reason, first=False)
 
-    def _deliver(self, req: GenerationRequest, token_ids: list[int], text: str, finish_reason: str | None,
-                 first: bool) -> None:
+    def _deliver(self, req: GenerationRequest, out: StepOutput | BaseException) -> None:
+        if isinstance(out, BaseException):
+            log.error("decoding failed for %s: %r", req.request_id, out)
+            self._release(req)
+            req.emit(GenerationEvent(error=out))
+            return
+        first = req.route is None
+        if first:  # prefill complete: route by the prompt embedding before the first decode step
+            try:
+                req.route = req.choose_policy(req.seq.embedding)
+                req.seq.policy = req.route.policy
+            except Exception as exc:
+                log.exception("routing failed for %s", req.request_id)
+                self._release(req)
+                req.emit(GenerationEvent(error=exc))
+                return
         now = time.monotonic()
-        self.observer.on_tokens(req, len(token_ids), first, now)
+        self.observer.on_tokens(req, len(out.token_ids), first, now)
         req.last_output = now
-        done = finish_reason is not None
+        done = out.finish_reason is not None
         if done:
             self._release(req)
             self.observer.on_finished(req)
-        req.emit(GenerationEvent(text=text, token_ids=token_ids, finish_reason=finish_reason,
+        req.emit(GenerationEvent(text=out.text, token_ids=out.token_ids, finish_reason=out.finish_reason,
                                  route=req.route if first or done else None,
                                  stats=req.seq.stats if done else None))

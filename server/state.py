@@ -16,12 +16,14 @@ from decoding import (
     SpeculativeEngine,
     load_model,
 )
+from decoding.adaptive import SpeculationPlanner, measure_step_costs
+from decoding.batching import ContinuousBatcher
 from knn_router.artifact import ArtifactError, artifact_dir, load_router
 from knn_router.router import Router
 
 from .metrics import PLAIN_DOMAIN, Metrics
 from .routing import PolicyResolver
-from .scheduler import EngineLoop, InterleavingScheduler
+from .scheduler import EngineLoop
 from .serving import OpenAIServing
 
 if TYPE_CHECKING:
@@ -84,8 +86,17 @@ def build_state(config: "ServerConfig") -> ServerState:
     metrics = Metrics(name)
     if router is not None:
         metrics.declare_domains(router.policies)
-    scheduler = InterleavingScheduler(config.max_concurrency)
-    loop = EngineLoop(engine, scheduler, config.max_queue, metrics)
+    planner = None
+    if config.adaptive_speculation:
+        t0 = time.perf_counter()
+        costs = measure_step_costs(runner)
+        planner = SpeculationPlanner(costs)
+        log.info("adaptive speculation: step costs measured in %.1fs (verify s = %.4f + %.4f*rows + %.4f*tokens; "
+                 "int8 draft s = %.4f + %.4f*rows)", time.perf_counter() - t0, *costs.verify, *costs.draft)
+    batcher = ContinuousBatcher(engine, config.max_batch_size, config.max_num_batched_tokens, planner)
+    log.info("continuous batching: up to %d sequences, %d tokens per step, adaptive speculation %s",
+             config.max_batch_size, config.max_num_batched_tokens, "on" if planner else "off")
+    loop = EngineLoop(engine, batcher, config.max_queue, metrics)
     resolver = PolicyResolver(router, FALLBACK_INT8 if runner.draft_lm_head is not None else PLAIN,
                               runner.num_layers, runner.draft_lm_head is not None)
     serving = OpenAIServing(loop, tokenizer, name, max_len, resolver, metrics)

@@ -1,0 +1,139 @@
+"""Continuous batching: many sequences advance together, one packed forward per phase.
+
+Each ``ContinuousBatcher.step`` runs (1) one packed prefill forward over the next prompt
+chunks of newly admitted sequences, within a per-step token budget so that a long prompt
+cannot stall running sequences (chunked prefill), and (2) one batched speculative step of
+every running sequence, with the draft length chosen for the whole batch by the planner.
+Sequences join and leave between steps. Outputs never depend on the batch: the packed
+forwards are batch-invariant and seeded sampling rows keep their own draft lengths.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .adaptive import SpeculationPlanner
+from .engine import Sequence, SpeculativeEngine, StepOutput
+from .policy import DraftPolicy
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchStep:
+    """What one ``step`` did: per-sequence outputs (or the error that sequence hit) and the batch shape."""
+
+    outputs: list[tuple[Sequence, StepOutput | BaseException]] = field(default_factory=list)
+    decode_rows: int = 0
+    draft_cap: int | None = None
+
+
+class ContinuousBatcher:
+    """Holds the sequences in flight (prefilling, then running) and advances them one step at a time."""
+
+    def __init__(self, engine: SpeculativeEngine, max_batch_size: int = 8, max_batched_tokens: int = 512,
+                 planner: SpeculationPlanner | None = None) -> None:
+        if max_batch_size < 1 or max_batched_tokens < 1:
+            raise ValueError("max_batch_size and max_batched_tokens must be >= 1")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_batched_tokens = max_batched_tokens
+        self.planner = planner
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.prefilling) + len(self.running)
+
+    @property
+    def has_room(self) -> bool:
+        return self.size < self.max_batch_size
+
+    def add(self, seq: Sequence) -> None:
+        """Admit an admitted-but-not-prefilled sequence (first come, first served)."""
+        if not self.has_room:
+            raise RuntimeError("batch is full")
+        self.prefilling.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop ``seq`` wherever it is (a cancelled request); its slot is free at once."""
+        for group in (self.prefilling, self.running):
+            if seq in group:
+                group.remove(seq)
+
+    def step(self) -> BatchStep:
+        """Prefill the next chunks, then advance every running sequence by one speculative step.
+
+        A sequence whose prefill completes here yields its first token and joins the
+        decode batch from the next step on (set its ``policy`` before then).
+        """
+        result = BatchStep()
+        running = list(self.running)
+        chunks = self._prefill_chunks(len(running))
+        if chunks:
+            for seq, out in self._guarded(self.engine.prefill, chunks, [seq for seq, _ in chunks]):
+                if out is None:  # more prompt chunks to come
+                    continue
+                result.outputs.append((seq, out))
+                self.prefilling.remove(seq)
+                if not isinstance(out, BaseException) and out.finish_reason is None:
+                    self.running.append(seq)
+        if running:
+            cap = self.planner.cap(running) if self.planner else None
+            result.decode_rows, result.draft_cap = len(running), cap
+            for seq, out in self._guarded(lambda rows: self.engine.step_batch(rows, cap), running, running):
+                result.outputs.append((seq, out))
+                if isinstance(out, BaseException) or out.finish_reason is not None:
+                    self.running.remove(seq)
+        return result
+
+    def _prefill_chunks(self, decode_rows: int) -> list[tuple[Sequence, int]]:
+        """First come, first served chunks within the token budget left after the decode rows (at least one)."""
+        budget = self.max_batched_tokens - decode_rows
+        chunks = []
+        for seq in self.prefilling:
+            if chunks and budget <= 0:
+                break
+            count = min(seq.prefill_remaining, max(budget, 1))
+            chunks.append((seq, count))
+            budget -= count
+        return chunks
+
+    @staticmethod
+    def _guarded(run: Callable, batch: list, seqs: list[Sequence]) -> list[tuple[Sequence, object]]:
+        """``run(batch)`` per sequence; if the batch fails, each item alone, so one bad row fails alone."""
+        try:
+            return list(zip(seqs, run(batch)))
+        except Exception:
+            log.exception("batched forward failed; retrying its %d rows one by one", len(batch))
+        out: list[tuple[Sequence, object]] = []
+        for item, seq in zip(batch, seqs):
+            try:
+                out.append((seq, run([item])[0]))
+            except Exception as exc:  # noqa: BLE001 - reported to that request only
+                out.append((seq, exc))
+        return out
+
+
+def generate_batch(engine: SpeculativeEngine, requests: list[tuple[list[int], SamplingParams, DraftPolicy]],
+                   max_batch_size: int = 8, max_batched_tokens: int = 512,
+                   planner: SpeculationPlanner | None = None) -> list[Sequence]:
+    """Decode ``requests`` (prompt ids, params, policy) with continuous batching; finished sequences in order."""
+    batcher = ContinuousBatcher(engine, max_batch_size, max_batched_tokens, planner)
+    pending = deque(enumerate(requests))
+    seqs: dict[int, Sequence] = {}
+    while pending or batcher.size:
+        while pending and batcher.has_room:
+            i, (ids, params, policy) = pending.popleft()
+            seqs[i] = engine.admit(ids, params)
+            seqs[i].policy = policy.validate(engine.runner.num_layers)
+            batcher.add(seqs[i])
+        for seq, out in batcher.step().outputs:
+            if isinstance(out, BaseException):
+                raise out
+    return [seqs[i] for i in range(len(requests))]

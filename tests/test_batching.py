@@ -1,0 +1,115 @@
+"""Continuous batching: every row's output equals the same request decoded alone (fp32, greedy and seeded)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import torch
+from conftest import chat_ids
+from test_server_metrics import scrape, total
+
+from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
+from decoding.adaptive import SpeculationPlanner, StepCosts
+from decoding.batching import ContinuousBatcher, generate_batch
+
+TEXTS = ["Translate to English: Guten Morgen, wie geht es dir heute?", "What is the capital of France?",
+         "Write a haiku about rain.", "Explain photosynthesis in two sentences.", "List three prime numbers.",
+         "Tell me a joke about cats.", "What is 17 times 3?", "Name the planets of the solar system."]
+POLICIES = [PLAIN, DraftPolicy(precision="int8"), DraftPolicy(SkipSet([3, 5, 7], [4, 9]), precision="full"),
+            DraftPolicy(SkipSet([2], [20]), precision="int8", threshold=0.3, max_draft=6)]
+# verify cost grows steeply with tokens: speculation never pays in a batch -> cap 0
+EXPENSIVE_VERIFY = StepCosts(verify=(0.04, 0.004, 0.05), draft=(0.01, 0.01), num_layers=30)
+# verify costs the same whatever the tokens and int8 drafts are nearly free: int8 rows draft fully -> uncapped
+FREE_VERIFY = StepCosts(verify=(0.04, 0.0, 0.0), draft=(0.0001, 0.0), num_layers=30)
+
+
+def mixed_requests(tokenizer, long_prompt: bool = True) -> list[tuple[list[int], SamplingParams, DraftPolicy]]:
+    requests = []
+    for i, text in enumerate(TEXTS):
+        stop = (".",) if i == 3 else ()
+        requests.append((chat_ids(tokenizer, text),
+                         SamplingParams(max_tokens=12 + 3 * i, ignore_eos=i % 2 == 0, stop=stop), POLICIES[i % 4]))
+    if long_prompt:  # longer than the token budget below: prefilled in chunks across steps
+        requests.append((chat_ids(tokenizer, "Summarize this: " + "The river rose after the storm. " * 40),
+                         SamplingParams(max_tokens=10), POLICIES[1]))
+    return requests
+
+
+def solo_outputs(engine, requests) -> list[list[int]]:
+    return [engine.run(ids, params, policy).generated for ids, params, policy in requests]
+
+
+def test_batched_mixed_rows_equal_solo(default_engine):
+    requests = mixed_requests(default_engine.tokenizer)
+    solo = solo_outputs(default_engine, requests)
+    batched = generate_batch(default_engine, requests, max_batch_size=4, max_batched_tokens=64)
+    assert [s.generated for s in batched] == solo
+    assert [s.finish_reason for s in batched] == [default_engine.run(*r).finish_reason for r in requests]
+
+
+def test_load_adaptive_draft_cap_keeps_greedy_output(default_engine):
+    requests = mixed_requests(default_engine.tokenizer, long_prompt=False)
+    solo = solo_outputs(default_engine, requests)
+    drafted = {}
+    for name, planner in (("capped", SpeculationPlanner(EXPENSIVE_VERIFY)), ("uncapped", None)):
+        batched = generate_batch(default_engine, requests, max_batch_size=8, planner=planner)
+        assert [s.generated for s in batched] == solo, name
+        drafted[name] = sum(s.stats.draft_tokens for s in batched)
+    assert drafted["capped"] < drafted["uncapped"] / 2  # only the last rows, once alone, drafted
+
+
+def test_planner_choice_follows_costs(default_engine):
+    seqs = []
+    for ids, params, policy in mixed_requests(default_engine.tokenizer, long_prompt=False):
+        seq = default_engine.admit(ids, params)
+        seq.policy = policy
+        seqs.append(seq)
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs) == 0
+    int8_rows = [seq for seq in seqs if seq.policy.precision == "int8"]
+    assert SpeculationPlanner(FREE_VERIFY).cap(int8_rows) is None
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs[1:2]) is None  # a lone row decodes as calibrated
+
+
+def test_seeded_sampling_rows_same_alone_and_in_batch(default_engine):
+    tok = default_engine.tokenizer
+    sampled = [(chat_ids(tok, text), SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=100 + i),
+                POLICIES[(i + 1) % 4]) for i, text in enumerate(TEXTS[:4])]
+    greedy = mixed_requests(tok, long_prompt=False)[4:]
+    alone = solo_outputs(default_engine, sampled)
+    batch = generate_batch(default_engine, sampled + greedy, max_batch_size=8,
+                           planner=SpeculationPlanner(EXPENSIVE_VERIFY))
+    assert [s.generated for s in batch[:4]] == alone
+    assert [s.generated for s in batch[4:]] == solo_outputs(default_engine, greedy)
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_embedding(default_engine):
+    ids, params, policy = mixed_requests(default_engine.tokenizer)[-1]
+    whole = default_engine.run(ids, params, policy)
+    batcher = ContinuousBatcher(default_engine, max_batch_size=1, max_batched_tokens=50)
+    seq = default_engine.admit(ids, params)
+    seq.policy = policy
+    batcher.add(seq)
+    steps = 0
+    while batcher.size:
+        batcher.step()
+        steps += 1
+    assert steps > len(ids) // 50  # the prompt really went in several chunks
+    assert seq.generated == whole.generated
+    assert torch.allclose(seq.embedding, whole.embedding, atol=1e-5)
+
+
+def test_server_batches_concurrent_requests(server):
+    before = scrape(server.url)
+
+    def complete(text: str) -> str:
+        body = {"model": "default", "prompt": text, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+        return httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(complete, TEXTS[:6]))
+    after = scrape(server.url)
+    steps = total(after, "knn_ssd_batch_size_count") - total(before, "knn_ssd_batch_size_count")
+    rows = total(after, "knn_ssd_batch_size_sum") - total(before, "knn_ssd_batch_size_sum")
+    assert rows / steps > 1.5  # steps advanced several requests at once
+    assert together == [complete(text) for text in TEXTS[:6]]  # the same text as alone
