@@ -179,6 +179,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import subprocess
+    import time
+
+    import httpx
+
+    from knn_router.evaluate import spec_bench_by_domain
+
+    from .bench_serve import bench_serve
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress bar
+    levels = [int(x) for x in args.clients.split(",")]
+    prompts = [t for texts in spec_bench_by_domain(Path(args.data)).values() for t in texts[1::2]]
+    server = None
+    url = args.url
+    if url is None:  # start our own server sized for the largest level
+        port = args.port
+        server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model",
+                                   args.model, "--max-batch-size", str(max(levels)), "--log-level", "warning",
+                                   *args.serve_args.split()])
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the server did not start")
+            time.sleep(0.5)
+    try:
+        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        report = bench_serve(url, model, prompts, levels, args.requests, args.max_new_tokens)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+    print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tokens/s':>9} {'x first':>8} "
+          f"{'TTFT p50':>9} {'x first':>8} {'TTFT p95':>9}")
+    for r in report["levels"]:
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['tokens']:>7} {r['wall_s']:>7.1f} {r['tokens_per_s']:>9.1f} "
+              f"{r['throughput_vs_first']:>8.2f} {r['ttft_p50_s']:>9.3f} {r['ttft_p50_vs_first']:>8.2f} "
+              f"{r['ttft_p95_s']:>9.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import run_server
 
@@ -270,6 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="1 prompt per domain, 16 tokens, mixed stream only: checks structure and losslessness")
     bench.set_defaults(func=cmd_bench)
+
+    serve_bench = sub.add_parser("bench-serve", help="throughput and latency of a server under concurrent clients",
+                                 description="Stream chat completions from N concurrent clients per level (greedy, "
+                                             "EOS ignored) and report aggregate tokens/s and time to first token. "
+                                             "Without --url it starts its own server.")
+    serve_bench.add_argument("--url", default=None, help="a running server's base URL (default: start one)")
+    serve_bench.add_argument("--model", default=DEFAULT_MODEL, help="model of the server it starts")
+    serve_bench.add_argument("--port", type=int, default=8765, help="port of the server it starts")
+    serve_bench.add_argument("--serve-args", default="", help="extra flags for the server it starts, one string")
+    serve_bench.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
+    serve_bench.add_argument("--requests", type=int, default=32,
+                             help="requests per level (at least one per client)")
+    serve_bench.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per request")
+    serve_bench.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl (prompts)")
+    serve_bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    serve_bench.set_defaults(func=cmd_bench_serve)
 
     bench_decode = sub.add_parser("bench-decode", help="decoding benchmark: latencies and plain vs speculative tokens/s",
                                   description="Forward latencies (1-token, k-token verify, drafts) and tokens/s of "

@@ -1,0 +1,84 @@
+"""`knn-ssd bench-serve`: aggregate throughput and latency of a live server under N concurrent clients.
+
+Each client streams completions back to back (greedy, ``max_new_tokens`` each, EOS ignored)
+for about the same number of requests per level; aggregate tokens/s is all tokens over the
+level's wall time, time to first token is measured per request from the client side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    tokens: int
+    ttft_s: float
+    total_s: float
+
+
+async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestTiming:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:300]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    total = time.perf_counter() - t0
+    return RequestTiming(tokens, ttft if ttft is not None else total, total)
+
+
+async def run_level(url: str, model: str, prompts: list[str], clients: int, requests_per_client: int,
+                    max_tokens: int, bar: tqdm) -> dict[str, Any]:
+    """``clients`` concurrent clients, each sending ``requests_per_client`` requests one after another."""
+    timings: list[RequestTiming] = []
+
+    async def client_loop(index: int, client: httpx.AsyncClient) -> None:
+        for r in range(requests_per_client):
+            prompt = prompts[(index * requests_per_client + r) % len(prompts)]
+            timings.append(await _one_request(client, model, prompt, max_tokens))
+            bar.update()
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    tokens = sum(t.tokens for t in timings)
+    ttfts = sorted(t.ttft_s for t in timings)
+    return {"clients": clients, "requests": len(timings), "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+            "per_request_tokens_per_s": statistics.median(t.tokens / t.total_s for t in timings)}
+
+
+def bench_serve(url: str, model: str, prompts: list[str], levels: list[int], requests: int,
+                max_tokens: int) -> dict[str, Any]:
+    """Run every concurrency level with ``requests`` requests in all (at least one per client)."""
+    per_level = {c: max(1, round(requests / c)) for c in levels}
+    results = []
+    with tqdm(total=sum(c * n for c, n in per_level.items()), desc="bench-serve", unit="request") as bar:
+        for clients in levels:
+            results.append(asyncio.run(run_level(url, model, prompts, clients, per_level[clients], max_tokens, bar)))
+    base = results[0]
+    for r in results:
+        r["throughput_vs_first"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["ttft_p50_vs_first"] = r["ttft_p50_s"] / base["ttft_p50_s"]
+    return {"url": url, "max_new_tokens": max_tokens, "levels": results}
