@@ -67,14 +67,20 @@ class ContinuousBatcher:
                 group.remove(seq)
 
     def step(self) -> BatchStep:
-        """Prefill the next chunks, then advance every running sequence by one speculative step.
+        """``prefill_step`` then ``decode_step``: one engine iteration."""
+        result = self.prefill_step()
+        decoded = self.decode_step()
+        decoded.outputs = result.outputs + decoded.outputs
+        return decoded
 
-        A sequence whose prefill completes here yields its first token and joins the
-        decode batch from the next step on (set its ``policy`` before then).
+    def prefill_step(self) -> BatchStep:
+        """Prefill the next prompt chunks in one packed forward, within the token budget left by the running rows.
+
+        A sequence whose prompt completes here yields its first token and joins the
+        running rows: set its ``policy`` before the next ``decode_step``.
         """
         result = BatchStep()
-        running = list(self.running)
-        chunks = self._prefill_chunks(len(running))
+        chunks = self._prefill_chunks(len(self.running))
         if chunks:
             for seq, out in self._guarded(self.engine.prefill, chunks, [seq for seq, _ in chunks]):
                 if out is None:  # more prompt chunks to come
@@ -83,6 +89,12 @@ class ContinuousBatcher:
                 self.prefilling.remove(seq)
                 if not isinstance(out, BaseException) and out.finish_reason is None:
                     self.running.append(seq)
+        return result
+
+    def decode_step(self) -> BatchStep:
+        """Advance every running sequence by one batched speculative step, draft length capped by the planner."""
+        result = BatchStep()
+        running = list(self.running)
         if running:
             cap = self.planner.cap(running) if self.planner else None
             result.decode_rows, result.draft_cap = len(running), cap

@@ -1,8 +1,8 @@
 """`knn-ssd bench-serve`: aggregate throughput and latency of a live server under N concurrent clients.
 
-Each client streams completions back to back (greedy, ``max_new_tokens`` each, EOS ignored)
-for about the same number of requests per level; aggregate tokens/s is all tokens over the
-level's wall time, time to first token is measured per request from the client side.
+Each client streams chat completions back to back (greedy, ``max_new_tokens`` each, EOS
+ignored); aggregate tokens/s is all generated tokens over the level's wall time, time to first
+token is measured per request from the client side.
 """
 
 from __future__ import annotations
@@ -46,11 +46,15 @@ async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_t
 
 
 async def run_level(url: str, model: str, prompts: list[str], clients: int, requests_per_client: int,
-                    max_tokens: int, bar: tqdm) -> dict[str, Any]:
-    """``clients`` concurrent clients, each sending ``requests_per_client`` requests one after another."""
+                    max_tokens: int, ramp_s: float, bar: tqdm) -> dict[str, Any]:
+    """``clients`` concurrent clients, each sending ``requests_per_client`` requests one after another.
+
+    Client ``i`` starts after ``i * ramp_s / clients`` seconds (0: all at once, a burst).
+    """
     timings: list[RequestTiming] = []
 
     async def client_loop(index: int, client: httpx.AsyncClient) -> None:
+        await asyncio.sleep(index * ramp_s / clients)
         for r in range(requests_per_client):
             prompt = prompts[(index * requests_per_client + r) % len(prompts)]
             timings.append(await _one_request(client, model, prompt, max_tokens))
@@ -66,19 +70,27 @@ async def run_level(url: str, model: str, prompts: list[str], clients: int, requ
     return {"clients": clients, "requests": len(timings), "tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
             "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
-            "per_request_tokens_per_s": statistics.median(t.tokens / t.total_s for t in timings)}
+            "per_request_tokens_per_s": statistics.median(t.tokens / t.total_s for t in timings),
+            "request_latency_p50_s": statistics.median(t.total_s for t in timings), "ramp_s": ramp_s}
 
 
-def bench_serve(url: str, model: str, prompts: list[str], levels: list[int], requests: int,
-                max_tokens: int) -> dict[str, Any]:
-    """Run every concurrency level with ``requests`` requests in all (at least one per client)."""
-    per_level = {c: max(1, round(requests / c)) for c in levels}
+def bench_serve(url: str, model: str, prompts: list[str], levels: list[int], requests_per_client: int,
+                max_tokens: int, ramp_s: float | None = None) -> dict[str, Any]:
+    """Run every concurrency level; each client sends ``requests_per_client`` requests back to back.
+
+    ``ramp_s`` None staggers client starts over the first level's median request latency, so
+    arrivals spread as in steady traffic instead of coming as synchronized waves (with a fixed
+    ``max_tokens`` and no EOS, clients that start together also finish together, forever).
+    """
     results = []
-    with tqdm(total=sum(c * n for c, n in per_level.items()), desc="bench-serve", unit="request") as bar:
+    with tqdm(total=sum(levels) * requests_per_client, desc="bench-serve", unit="request") as bar:
         for clients in levels:
-            results.append(asyncio.run(run_level(url, model, prompts, clients, per_level[clients], max_tokens, bar)))
+            ramp = 0.0 if not results else (results[0]["request_latency_p50_s"] if ramp_s is None else ramp_s)
+            results.append(asyncio.run(run_level(url, model, prompts, clients, requests_per_client, max_tokens, ramp,
+                                                 bar)))
     base = results[0]
     for r in results:
         r["throughput_vs_first"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["ttft_p50_vs_first"] = r["ttft_p50_s"] / base["ttft_p50_s"]
-    return {"url": url, "max_new_tokens": max_tokens, "levels": results}
+    return {"url": url, "max_new_tokens": max_tokens, "requests_per_client": requests_per_client,
+            "levels": results}

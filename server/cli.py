@@ -212,15 +212,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     try:
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        report = bench_serve(url, model, prompts, levels, args.requests, args.max_new_tokens)
+        report = bench_serve(url, model, prompts, levels, args.requests_per_client, args.max_new_tokens, args.ramp_s)
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
-    print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tokens/s':>9} {'x first':>8} "
+    print(f"{'clients':>7} {'ramp s':>6} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tokens/s':>9} {'x first':>8} "
           f"{'TTFT p50':>9} {'x first':>8} {'TTFT p95':>9}")
     for r in report["levels"]:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['tokens']:>7} {r['wall_s']:>7.1f} {r['tokens_per_s']:>9.1f} "
+        print(f"{r['clients']:>7} {r['ramp_s']:>6.1f} {r['requests']:>8} {r['tokens']:>7} {r['wall_s']:>7.1f} {r['tokens_per_s']:>9.1f} "
               f"{r['throughput_vs_first']:>8.2f} {r['ttft_p50_s']:>9.3f} {r['ttft_p50_vs_first']:>8.2f} "
               f"{r['ttft_p95_s']:>9.3f}")
     if args.json:
@@ -329,9 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--port", type=int, default=8765, help="port of the server it starts")
     serve_bench.add_argument("--serve-args", default="", help="extra flags for the server it starts, one string")
     serve_bench.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
-    serve_bench.add_argument("--requests", type=int, default=32,
-                             help="requests per level (at least one per client)")
+    serve_bench.add_argument("--requests-per-client", type=int, default=3,
+                             help="requests each client sends back to back (the first wave arrives at once, later "
+                                  "ones are staggered as in steady traffic)")
     serve_bench.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per request")
+    serve_bench.add_argument("--ramp-s", type=float, default=None,
+                             help="stagger client starts over this many seconds (0: all at once, a burst; default: "
+                                  "the first level's median request latency, for steady-state arrivals)")
     serve_bench.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl (prompts)")
     serve_bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
     serve_bench.set_defaults(func=cmd_bench_serve)

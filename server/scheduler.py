@@ -8,6 +8,7 @@ their prompt embedding, and decoded in batched speculative steps.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -80,13 +81,13 @@ class EngineLoop:
     """Owns the engine thread and its continuous batcher; ``submit`` is safe to call from any thread.
 
     Each iteration moves waiting requests into free batch slots (first come, first served),
-    drops cancelled ones, and runs one ``ContinuousBatcher.step``: a packed prefill of the
-    next prompt chunks within the token budget, then one batched speculative step of every
+    drops cancelled ones, runs a packed prefill of the next prompt chunks within the token
+    budget (delivering first tokens at once), then one batched speculative step of every
     running request. A request's KV cache is allocated only when it gets a slot.
     """
 
     def __init__(self, engine: SpeculativeEngine, batcher: ContinuousBatcher, max_queue: int,
-                 observer: EngineObserver) -> None:
+                 observer: EngineObserver, thread: concurrent.futures.ThreadPoolExecutor) -> None:
         self.engine = engine
         self.batcher = batcher
         self.max_queue = max_queue
@@ -96,20 +97,23 @@ class EngineLoop:
         self._in_flight = 0  # submitted and not yet finished: waiting or in the batcher
         self._wake = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="knn-ssd-engine", daemon=True)
+        self._thread = thread
+        self._running: concurrent.futures.Future | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._running = self._thread.submit(self._run)
 
     def stop(self) -> None:
         with self._wake:
             self._stop = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        if self._running is not None:
+            concurrent.futures.wait([self._running], timeout=30)
+        self._thread.shutdown(wait=False)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._running is not None and not self._running.done()
 
     def submit(self, requests: list[GenerationRequest]) -> None:
         """Queue all ``requests`` or none (QueueFullError when the queue cannot hold them)."""
@@ -137,11 +141,11 @@ class EngineLoop:
                 self._admit(req)
             for req in [r for r in self._active.values() if r.cancelled.is_set()]:
                 self._cancel(req)
-            if self.batcher.size:
-                step = self.batcher.step()
-                self.observer.on_step(step.decode_rows, step.draft_cap)
-                for seq, out in step.outputs:
-                    self._deliver(self._active[id(seq)], out)
+            if self.batcher.size:  # first tokens go out before the decode step, not after it
+                for step in (self.batcher.prefill_step(), self.batcher.decode_step()):
+                    self.observer.on_step(step.decode_rows, step.draft_cap)
+                    for seq, out in step.outputs:
+                        self._deliver(self._active[id(seq)], out)
             with self._wake:
                 self.observer.on_queue(len(self._active), len(self._waiting))
         for req in list(self._active.values()) + list(self._waiting):
