@@ -9,19 +9,15 @@ maximises the whole batch's expected tokens per second.
 
 from __future__ import annotations
 
-import logging
-import statistics
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .benchmark import median_ms
 from .engine import Sequence
 from .policy import DraftPolicy
 from .runner import ModelRunner, Segment
-
-log = logging.getLogger(__name__)
 
 CAP_CANDIDATES = (0, 1, 2, 3, 4, 6, 8, 12, 16)
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 4.0  # pseudo-counts before a row has drafted anything
@@ -50,16 +46,6 @@ class StepCosts:
         return {"verify_a_b_c": list(self.verify), "draft_d_e": list(self.draft)}
 
 
-def _median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @torch.inference_mode()
 def measure_step_costs(runner: ModelRunner, context: int = 128, rows: tuple[int, ...] = (1, 4, 16),
                        drafts: tuple[int, ...] = (0, 4, 8), repeats: int = 3) -> StepCosts:
@@ -71,14 +57,14 @@ def measure_step_costs(runner: ModelRunner, context: int = 128, rows: tuple[int,
             segs = [Segment(torch.randint(10, 1000, (k + 1,), device=runner.device), caches[i], context,
                             all_logits=k > 0) for i in range(b)]
             samples.append([1.0, b, b * (k + 1)])
-            targets.append(_median_s(lambda: runner.forward_packed(segs), repeats))
+            targets.append(median_ms(lambda: runner.forward_packed(segs), repeats) / 1000)
     verify = tuple(float(x) for x in np.linalg.lstsq(np.array(samples), np.array(targets), rcond=None)[0])
     policy = DraftPolicy(precision="int8" if runner.draft_lm_head is not None else "full")
     draft_samples, draft_targets = [], []
     for b in rows:
         segs = [Segment(torch.randint(10, 1000, (1,), device=runner.device), caches[i], context) for i in range(b)]
         draft_samples.append([1.0, b])
-        draft_targets.append(_median_s(lambda: runner.forward_packed(segs, policy), repeats))
+        draft_targets.append(median_ms(lambda: runner.forward_packed(segs, policy), repeats) / 1000)
     draft = tuple(float(x) for x in np.linalg.lstsq(np.array(draft_samples), np.array(draft_targets),
                                                      rcond=None)[0])
     return StepCosts(verify, draft, runner.num_layers)
