@@ -100,7 +100,7 @@ class SpeculationPlanner:
                 s = seq.stats
                 acceptance = (s.accepted_tokens + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (s.draft_tokens + PRIOR_WEIGHT)
                 usual = s.draft_tokens / s.verify_steps if s.verify_steps and s.draft_tokens else seq.policy.max_draft
-                limit = cap if seq.params.greedy or seq.params.seed is None else seq.policy.max_draft
+                limit = cap if seq.params.draft_length_free else seq.policy.max_draft
                 drafted = min(usual, limit, seq.policy.max_draft)
                 tokens += acceptance * drafted
                 if drafted > 0:

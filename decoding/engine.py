@@ -213,7 +213,7 @@ class SpeculativeEngine:
                    seq.params.max_tokens - len(seq.generated) - 1,
                    self.max_context - len(seq.tokens) - 1,
                    seq.cache.capacity - start - 1)
-        if cap is not None and (seq.params.greedy or seq.params.seed is None):
+        if cap is not None and seq.params.draft_length_free:
             room = min(room, cap)
         return room
 

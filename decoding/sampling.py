@@ -36,6 +36,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def draft_length_free(self) -> bool:
+        """Whether the output is the same whatever the draft length: greedy, or sampling without a seed.
+
+        A seeded sampling row's random draws depend on how many tokens it drafts, so only
+        rows with this property may have their draft length capped under load.
+        """
+        return self.greedy or self.seed is None
+
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     """A per-request RNG so that concurrent requests never share random state."""

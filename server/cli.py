@@ -181,13 +181,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     import subprocess
-    import time
 
     import httpx
 
     from knn_router.evaluate import spec_bench_by_domain
 
     from .bench_serve import bench_serve
+    from .readiness import NotReadyError, wait_ready
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress bar
     levels = [int(x) for x in args.clients.split(",")]
@@ -200,16 +200,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                                    args.model, "--max-batch-size", str(max(levels)), "--log-level", "warning",
                                    *args.serve_args.split()])
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
+        try:
+            wait_ready(url + "/health", server, timeout=300)
+        except NotReadyError as exc:
+            raise SystemExit(f"the server did not start: {exc}") from exc
     try:
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         report = bench_serve(url, model, prompts, levels, args.requests_per_client, args.max_new_tokens, args.ramp_s)

@@ -7,10 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+from server.readiness import NotReadyError, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,18 +32,12 @@ class LiveServer:
         self.log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited during startup:\n{self.log_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server did not become healthy:\n{self.log_text()}")
+        try:
+            wait_ready(f"{self.url}/health", self.proc, startup_timeout)
+        except NotReadyError as exc:
+            log = self.log_text()
+            self.stop()
+            raise RuntimeError(f"server did not become healthy ({exc}):\n{log}") from exc
 
     def log_text(self) -> str:
         self.log.flush()

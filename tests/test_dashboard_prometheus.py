@@ -22,6 +22,8 @@ import yaml
 from live_server import ROOT, LiveServer, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.readiness import wait_ready
+
 DOCKER = ROOT / "docker"
 MODEL_NAME = "smollm2-dash"
 METRIC = re.compile(r"\bknn_ssd_[a-z0-9_]+")
@@ -74,18 +76,6 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "prometheus exited; see its log"
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError("prometheus did not become ready")
-
     def wait_for_scrape_of(self, expr: str, value: float, timeout: float = 60) -> None:
         """Wait until the scraped ``expr`` reaches ``value`` (the server's figure at the time of the call)."""
         deadline = time.monotonic() + timeout
@@ -114,7 +104,7 @@ def stack(tmp_path_factory):
     with LiveServer("--served-model-name", MODEL_NAME) as server:
         prometheus = Prometheus(binary, server.url.removeprefix("http://"), workdir)
         try:
-            prometheus.wait_ready()
+            wait_ready(f"{prometheus.url}/-/ready", prometheus.proc, timeout=60)
             prometheus.wait_for_scrape_of('count_over_time(up{job="knn-ssd"}[5m])', 2)
             yield server, prometheus
         finally:
