@@ -19,6 +19,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from .packaged import PACKAGED_MODELS, PackagedModelError, installed_gguf
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
@@ -166,18 +168,25 @@ def _model_directory(model: str) -> tuple[Path, list[Path]]:
     """
     if model == DEFAULT_MODEL:
         gguf = default_gguf_path()
-        return _converted_gguf(gguf), [gguf]
+        return converted_gguf(gguf), [gguf]
+    if model in PACKAGED_MODELS:
+        try:
+            gguf = installed_gguf(model)
+        except PackagedModelError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        return converted_gguf(gguf, PACKAGED_MODELS[model].convert_dtype), [gguf]
     path = Path(model).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist (expected 'default', a HF model directory or a .gguf file)")
+        raise ModelLoadError(f"model path {path} does not exist (expected 'default', "
+                             f"{', '.join(repr(n) for n in PACKAGED_MODELS)}, a HF model directory or a .gguf file)")
     if path.is_file() and path.suffix == ".gguf":
-        return _converted_gguf(path), [path]
+        return converted_gguf(path), [path]
     if path.is_dir():
         return path, sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     raise ModelLoadError(f"model path {path} is neither a directory nor a .gguf file")
 
 
-def _converted_gguf(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
+def converted_gguf(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Dequantise ``gguf`` to safetensors once; later calls return the cached directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

