@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(route)
     route.add_argument("--index", default="auto", help="artifact directory ('auto': the shipped default)")
     route.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl")
-    route.add_argument("--per-domain", type=int, default=20, help="prompts per domain")
+    route.add_argument("--per-domain", type=int, default=80,
+                       help="prompts per domain, spread evenly (80: all 480 Spec-Bench questions)")
     route.add_argument("--anchors", type=int, default=10_000, help="anchors for the latency benchmark")
     route.add_argument("--latency-only", action="store_true", help="only the lookup latency benchmark")
     route.add_argument("--json", default=None, help="also write the figures to this JSON file")
