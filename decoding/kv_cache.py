@@ -28,11 +28,20 @@ class KVCache:
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k``/``v`` (B, H, T, D) at ``start`` and return the keys/values of positions ``[0, start + T)``."""
         end = start + k.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"KV cache overflow: position {end} > capacity {self.capacity}")
+        self._check(end)
         self.keys[layer, :, :, start:end] = k
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def layer_buffers(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole (H, capacity, D) key/value buffers of ``layer`` of the first sequence, for a kernel
+        that writes positions below ``end`` itself."""
+        self._check(end)
+        return self.keys[layer, 0], self.values[layer, 0]
+
+    def _check(self, end: int) -> None:
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: position {end} > capacity {self.capacity}")
 
     def commit(self, length: int) -> None:
         """Mark ``[0, length)`` as holding committed full-model entries."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 
 class Linear:
     """``y = x @ W.T + b`` over a 2-D input.
@@ -44,23 +46,30 @@ def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
 class Int8Linear:
     """Weight-only int8 copy (symmetric, per output channel) used only by the draft.
 
-    Activations run in bf16: the packed int8 kernel is slower than fp32 with fp32 inputs.
+    On an AVX2 CPU the engine's own kernel (``native.draft_kernels``) runs it on
+    float32 activations quantised to int16 per row; elsewhere torch's packed int8
+    kernel runs it with bf16 activations (with float32 ones it is slower than fp32).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         w = weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scale = scale.to(torch.bfloat16)
-        self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
-        self._use_kernel = _int8_kernel_works(self.qweight.device)
+        kernels = native.draft_kernels() if self.qweight.device.type == "cpu" else None
+        self._native = None if kernels is None else kernels.int8_linear
+        dtype = torch.float32 if self._native is not None else torch.bfloat16
+        self.scale = scale.to(dtype)
+        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
+        self._use_kernel = self._native is None and _int8_kernel_works(self.qweight.device)
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.bias is None else self.bias.numel() * 2
-        return self.qweight.numel() + self.scale.numel() * 2 + extra
+        extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.qweight.numel() + self.scale.numel() * self.scale.element_size() + extra
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native is not None:
+            return self._native(x.float(), self.qweight, self.scale, self.bias).to(x.dtype)
         xb = x.to(torch.bfloat16)
         if self._use_kernel:
             y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .kv_cache import KVCache
 from .linear import Int8Linear, Linear
 from .policy import DraftPolicy, SkipSet
@@ -29,11 +30,19 @@ class RMSNorm:
         weight = module.weight.detach().float()
         self.weight = weight + 1.0 if "Gemma" in type(module).__name__ else weight
         self.eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        kernels = native.draft_kernels() if self.weight.device.type == "cpu" else None
+        self._draft_kernel = None if kernels is None else kernels.rms_norm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
+
+    def draft(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm for draft forwards: the one-pass native kernel where built (not bit-identical)."""
+        if self._draft_kernel is None or x.dim() != 2:
+            return self(x)
+        return self._draft_kernel(x.float(), self.weight, self.eps).to(x.dtype)
 
 
 @dataclass
@@ -56,6 +65,7 @@ class _Layer:
     scaling: float
     softcap: float | None
     window: int | None
+    silu: bool  # the MLP activation is SiLU (the native draft kernel fuses it with the product)
     draft: dict[str, Int8Linear] | None = None
 
 
@@ -111,6 +121,9 @@ class ModelRunner:
             cos, sin = hf_model.model.rotary_emb(torch.ones(1, dtype=self.dtype, device=self.device), positions)
         self.cos, self.sin = cos[0], sin[0]  # (max_context, head_dim)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        # The draft's own CPU kernels (fp32 models; see native.py); verification never uses them.
+        on_cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        self.kernels = native.draft_kernels() if on_cpu_fp32 else None
         self.lm_head = Linear(hf_model.lm_head.weight.detach(), getattr(hf_model.lm_head, "bias", None))
         with torch.no_grad():
             self.layers = [self._build_layer(layer) for layer in hf_model.model.layers]
@@ -141,6 +154,7 @@ class ModelRunner:
             scaling=float(attn.scaling),
             softcap=getattr(attn, "attn_logit_softcapping", None),
             window=window,
+            silu=type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation"),
         )
 
     # ------------------------------------------------------------------ draft copies
@@ -200,13 +214,15 @@ class ModelRunner:
             cos, sin = self.cos[positions], self.sin[positions]
         cos, sin = cos[:, None], sin[:, None]  # (T, 1, D): over heads
         h = self.embed(tokens)  # (T, H), all segments
+        draft = policy is not None
         for index, layer in enumerate(self.layers):
             lin = layer.draft if int8 else None
             if index not in skip.attention:
-                h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, segments, lengths)
+                x = layer.attn_norm.draft(h) if draft else layer.attn_norm(h)
+                h = h + self._attention(layer, lin, index, x, cos, sin, segments, lengths, draft)
             if index not in skip.mlp:
-                h = h + self._mlp(layer, lin, layer.mlp_norm(h))
-        h = self.final_norm(h)
+                h = h + self._mlp(layer, lin, layer.mlp_norm.draft(h) if draft else layer.mlp_norm(h), draft)
+        h = self.final_norm.draft(h) if draft else self.final_norm(h)
         rows, offset = [], 0
         for seg, n in zip(segments, lengths):
             rows.append(torch.arange(offset, offset + n) if seg.all_logits else torch.tensor([offset + n - 1]))
@@ -224,10 +240,23 @@ class ModelRunner:
         return outputs
 
     def _attention(self, layer: _Layer, lin: dict[str, Int8Linear] | None, index: int, x: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], lengths: list[int]) -> torch.Tensor:
+                   cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], lengths: list[int],
+                   draft: bool = False) -> torch.Tensor:
         T = x.shape[0]
         nq, nk = layer.q_heads, layer.kv_heads
         qkv = (lin["qkv"] if lin else layer.qkv)(x).view(T, nq + 2 * nk, self.head_dim)
+        if draft and self.kernels is not None and layer.q_norm is None and layer.softcap is None:
+            y = self._draft_attention(layer, index, qkv, cos[:, 0], sin[:, 0], segments, lengths)
+        else:
+            y = self._full_attention(layer, index, qkv, cos, sin, segments, lengths)
+        y = (lin["o"] if lin else layer.o)(y)
+        if layer.attn_out_norm is not None:
+            y = layer.attn_out_norm(y)
+        return y
+
+    def _full_attention(self, layer: _Layer, index: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        segments: list[Segment], lengths: list[int]) -> torch.Tensor:
+        nq, nk = layer.q_heads, layer.kv_heads
         qk, v = qkv[:, : nq + nk], qkv[:, nq + nk:]
         if layer.q_norm is not None:
             qk = torch.cat((layer.q_norm(qk[:, :nq]), layer.k_norm(qk[:, nq:])), dim=1)
@@ -240,14 +269,29 @@ class ModelRunner:
             keys, values = seg.cache.write(index, seg.start, k, v[part].transpose(0, 1)[None])
             ys.append(_attend(q, keys, values, seg.start, layer)[0].transpose(0, 1).reshape(n, -1))
             offset += n
-        y = (lin["o"] if lin else layer.o)(torch.cat(ys) if len(ys) > 1 else ys[0])
-        if layer.attn_out_norm is not None:
-            y = layer.attn_out_norm(y)
-        return y
+        return torch.cat(ys) if len(ys) > 1 else ys[0]
 
-    def _mlp(self, layer: _Layer, lin: dict[str, Int8Linear] | None, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (lin["gate_up"] if lin else layer.gate_up)(x).chunk(2, dim=-1)
-        y = (lin["down"] if lin else layer.down)(layer.act(gate) * up)
+    def _draft_attention(self, layer: _Layer, index: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         segments: list[Segment], lengths: list[int]) -> torch.Tensor:
+        """Rotary, KV write and attention of a draft forward in one native call per segment."""
+        ys, offset = [], 0
+        for seg, n in zip(segments, lengths):
+            keys, values = seg.cache.layer_buffers(index, seg.start + n)
+            ys.append(self.kernels.draft_attention(qkv[offset:offset + n], cos[offset:offset + n],
+                                                   sin[offset:offset + n], keys, values, seg.start,
+                                                   layer.q_heads, layer.scaling, layer.window or 0))
+            offset += n
+        return torch.cat(ys) if len(ys) > 1 else ys[0]
+
+    def _mlp(self, layer: _Layer, lin: dict[str, Int8Linear] | None, x: torch.Tensor,
+             draft: bool = False) -> torch.Tensor:
+        gate_up = (lin["gate_up"] if lin else layer.gate_up)(x)
+        if draft and self.kernels is not None and layer.silu:
+            hidden = self.kernels.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = layer.act(gate) * up
+        y = (lin["down"] if lin else layer.down)(hidden)
         if layer.mlp_out_norm is not None:
             y = layer.mlp_out_norm(y)
         return y

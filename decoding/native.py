@@ -1,0 +1,57 @@
+"""The engine's own C++ CPU kernels, built once per torch version with torch's extension builder.
+
+Only the draft uses them (verification never does), so they can only change speed,
+never output. Where they cannot be built (no compiler, no AVX2, not x86) the engine
+falls back to torch's own kernels and logs why, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "draft_kernels.cpp"
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def draft_kernels() -> Any | None:
+    """``torch.ops.knn_ssd`` (``int8_linear``, ``rms_norm``; see csrc/), or None where unavailable."""
+    with _lock:
+        if "ops" not in _state:
+            _state["ops"] = _build()
+        return _state["ops"]
+
+
+def _build() -> Any | None:
+    if os.environ.get("KNN_SSD_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+        log.info("native CPU kernels disabled by KNN_SSD_NATIVE")
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        log.info("native draft kernels need AVX2 (CPU capability %s): using torch's kernels", capability)
+        return None
+    from torch.utils import cpp_extension
+
+    from .loading import cache_root
+
+    build_dir = cache_root() / "kernels" / f"torch-{torch.__version__}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # torch's builder runs `ninja`; the venv's own copy (pip package ninja) is next to this interpreter.
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    try:
+        cpp_extension.load(name="knn_ssd_kernels", sources=[str(SOURCE)], build_directory=str(build_dir),
+                           extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False, verbose=False)
+    except (RuntimeError, OSError, ImportError) as exc:  # no compiler / ninja: stay on torch's kernels
+        log.warning("native draft kernels unavailable (%s): using torch's kernels", str(exc).splitlines()[0])
+        return None
+    log.info("native draft kernels ready (%s)", build_dir)
+    return torch.ops.knn_ssd

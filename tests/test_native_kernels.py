@@ -1,0 +1,111 @@
+"""The draft's native CPU kernels (decoding/csrc) against torch references, and the fallback without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import tiny_model
+
+from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine, native
+from decoding.linear import Int8Linear
+
+KERNELS = native.draft_kernels()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason="native kernels need an AVX2 CPU and a C++ compiler")
+
+
+def _quantised(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    scale = w.abs().amax(dim=1) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale, torch.randn(n, generator=gen)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("k", [576, 1536, 100, 5000])
+def test_int8_linear_matches_dequantised_matmul(rows, k):
+    q, scale, bias = _quantised(37, k)
+    x = torch.randn(rows, k) * torch.linspace(0.1, 8, k)  # a spread of magnitudes, like activations
+    ref = F.linear(x, q.float() * scale[:, None], bias)
+    out = KERNELS.int8_linear(x, q, scale, bias)
+    # int16 activations: error bounded by half a quantisation step per input times the weights' mass
+    bound = (x.abs().amax(dim=1, keepdim=True) / 32767 / 2) * (q.float().abs() * scale[:, None]).sum(dim=1)
+    assert ((out - ref).abs() <= bound + 1e-5).all()
+
+
+@needs_kernels
+def test_int8_linear_rows_are_batch_invariant():
+    q, scale, _ = _quantised(64, 576)
+    x = torch.randn(9, 576)
+    together = KERNELS.int8_linear(x, q, scale, None)
+    for i in range(9):
+        assert torch.equal(KERNELS.int8_linear(x[i:i + 1], q, scale, None)[0], together[i])
+
+
+@needs_kernels
+def test_rms_norm_and_silu_mul_match_torch():
+    x, w = torch.randn(5, 576) * 3, torch.rand(576) + 0.5
+    torch.testing.assert_close(KERNELS.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), rtol=1e-5, atol=1e-5)
+    g = torch.randn(3, 2 * 96) * 4
+    torch.testing.assert_close(KERNELS.silu_mul(g), F.silu(g[:, :96]) * g[:, 96:], rtol=1e-5, atol=1e-6)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@needs_kernels
+@pytest.mark.parametrize("window", [0, 5])
+def test_draft_attention_matches_sdpa(window):
+    hq, hkv, d, cap, start, t = 6, 2, 16, 40, 11, 3
+    gen = torch.Generator().manual_seed(2)
+    keys, values = torch.randn(hkv, cap, d, generator=gen), torch.randn(hkv, cap, d, generator=gen)
+    old_keys, old_values = keys.clone(), values.clone()
+    qkv = torch.randn(t, hq + 2 * hkv, d, generator=gen)
+    angles = torch.rand(t, d // 2, generator=gen) * 6
+    cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
+    out = KERNELS.draft_attention(qkv, cos, sin, keys, values, start, hq, 0.25, window)
+
+    q = _rotary(qkv[:, :hq], cos[:, None], sin[:, None])
+    k_new = _rotary(qkv[:, hq:hq + hkv], cos[:, None], sin[:, None])
+    ref_keys, ref_values = old_keys.clone(), old_values.clone()
+    ref_keys[:, start:start + t] = k_new.transpose(0, 1)
+    ref_values[:, start:start + t] = qkv[:, hq + hkv:].transpose(0, 1)
+    torch.testing.assert_close(keys, ref_keys)
+    assert torch.equal(values, ref_values)
+    qpos, kpos = torch.arange(start, start + t)[:, None], torch.arange(start + t)[None]
+    mask = (kpos <= qpos) & ((kpos > qpos - window) if window else True)
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], ref_keys[None, :, :start + t],
+                                         ref_values[None, :, :start + t], attn_mask=mask, scale=0.25,
+                                         enable_gqa=True)[0].transpose(0, 1).reshape(t, -1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_without_native_kernels_speculation_is_still_lossless(default_model, monkeypatch):
+    """Where the kernels cannot be built, drafts run on torch's kernels and output is unchanged."""
+    monkeypatch.setitem(native._state, "ops", None)
+    runner = ModelRunner(tiny_model("llama"))
+    assert runner.kernels is None
+    assert runner.layers[0].draft["qkv"]._native is None
+    engine = SpeculativeEngine(runner, default_model[1])
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    ids = list(range(5, 30))
+    plain = engine.run(ids, params, PLAIN).generated
+    for policy in (DraftPolicy(precision="int8", threshold=0.0), DraftPolicy(SkipSet([1], [2]), threshold=0.0)):
+        assert engine.run(ids, params, policy).generated == plain
+
+
+def test_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("KNN_SSD_NATIVE", "0")
+    assert native._build() is None
+
+
+@needs_kernels
+def test_int8_linear_uses_native_kernel_on_cpu():
+    q = Int8Linear(torch.randn(32, 64))
+    assert q._native is not None and q.scale.dtype == torch.float32
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(q(x), F.linear(x, q.qweight.float() * q.scale[:, None]), rtol=1e-3, atol=1e-3)
