@@ -19,6 +19,7 @@ class KVCache:
         shape = (num_layers, 1, kv_heads, capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self._layer_views = [(self.keys[i, 0], self.values[i, 0]) for i in range(num_layers)]
         self.length = 0
 
     @property
@@ -37,7 +38,7 @@ class KVCache:
         """The whole (H, capacity, D) key/value buffers of ``layer`` of the first sequence, for a kernel
         that writes positions below ``end`` itself."""
         self._check(end)
-        return self.keys[layer, 0], self.values[layer, 0]
+        return self._layer_views[layer]
 
     def _check(self, end: int) -> None:
         if end > self.capacity:

@@ -1,7 +1,8 @@
 """The engine's own C++ CPU kernels, built once per torch version with torch's extension builder.
 
-Only the draft uses them (verification never does), so they can only change speed,
-never output. Where they cannot be built (no compiler, no AVX2, not x86) the engine
+The draft's int8 linears and norms run on them (they may approximate: verification
+never uses them), and so does the attention of drafts and of decode/verify steps
+(batch-invariant, like every full-model kernel the engine uses). Where they cannot be built (no compiler, no AVX2, not x86) the engine
 falls back to torch's own kernels and logs why, once.
 """
 
@@ -24,7 +25,7 @@ _state: dict[str, Any] = {}
 
 
 def draft_kernels() -> Any | None:
-    """``torch.ops.knn_ssd`` (``int8_linear``, ``rms_norm``; see csrc/), or None where unavailable."""
+    """``torch.ops.knn_ssd`` (``int8_linear``, ``rms_norm``, ``cached_attention``, ``silu_mul``), or None."""
     with _lock:
         if "ops" not in _state:
             _state["ops"] = _build()
@@ -37,7 +38,7 @@ def _build() -> Any | None:
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
-        log.info("native draft kernels need AVX2 (CPU capability %s): using torch's kernels", capability)
+        log.info("native CPU kernels need AVX2 (CPU capability %s): using torch's kernels", capability)
         return None
     from torch.utils import cpp_extension
 
@@ -49,9 +50,12 @@ def _build() -> Any | None:
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     try:
         cpp_extension.load(name="knn_ssd_kernels", sources=[str(SOURCE)], build_directory=str(build_dir),
-                           extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False, verbose=False)
+                           extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"],
+                           # at::parallel_for is OpenMP inline code: without -fopenmp it runs on one thread.
+                           # The process's libgomp.so.1 is torch's own (same soname), so one thread pool.
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # no compiler / ninja: stay on torch's kernels
-        log.warning("native draft kernels unavailable (%s): using torch's kernels", str(exc).splitlines()[0])
+        log.warning("native CPU kernels unavailable (%s): using torch's kernels", str(exc).splitlines()[0])
         return None
-    log.info("native draft kernels ready (%s)", build_dir)
+    log.info("native CPU kernels ready (%s)", build_dir)
     return torch.ops.knn_ssd

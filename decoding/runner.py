@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from . import native
 from .kv_cache import KVCache
 from .linear import Int8Linear, Linear
-from .policy import DraftPolicy, SkipSet
+from .policy import MAX_DRAFT_LIMIT, DraftPolicy, SkipSet
 
 NO_SKIP = SkipSet()
+NATIVE_ATTENTION_TOKENS = MAX_DRAFT_LIMIT + 1  # a verify step's tokens at most
 
 
 class RMSNorm:
@@ -121,7 +122,8 @@ class ModelRunner:
             cos, sin = hf_model.model.rotary_emb(torch.ones(1, dtype=self.dtype, device=self.device), positions)
         self.cos, self.sin = cos[0], sin[0]  # (max_context, head_dim)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
-        # The draft's own CPU kernels (fp32 models; see native.py); verification never uses them.
+        # The engine's own CPU kernels (fp32 models; see native.py): draft linears and norms, and
+        # the attention of drafts and of decode/verify steps.
         on_cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
         self.kernels = native.draft_kernels() if on_cpu_fp32 else None
         self.lm_head = Linear(hf_model.lm_head.weight.detach(), getattr(hf_model.lm_head, "bias", None))
@@ -243,45 +245,53 @@ class ModelRunner:
                    cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], lengths: list[int],
                    draft: bool = False) -> torch.Tensor:
         T = x.shape[0]
-        nq, nk = layer.q_heads, layer.kv_heads
-        qkv = (lin["qkv"] if lin else layer.qkv)(x).view(T, nq + 2 * nk, self.head_dim)
-        if draft and self.kernels is not None and layer.q_norm is None and layer.softcap is None:
-            y = self._draft_attention(layer, index, qkv, cos[:, 0], sin[:, 0], segments, lengths)
+        qkv = (lin["qkv"] if lin else layer.qkv)(x).view(T, layer.q_heads + 2 * layer.kv_heads, self.head_dim)
+        native = [self._native_attention(layer, seg, n, draft) for seg, n in zip(segments, lengths)]
+        if all(native):
+            y = self._cached_attention(layer, index, qkv, cos[:, 0], sin[:, 0], segments, lengths)
         else:
-            y = self._full_attention(layer, index, qkv, cos, sin, segments, lengths)
+            y = self._sdpa_attention(layer, index, qkv, cos, sin, segments, lengths, native)
         y = (lin["o"] if lin else layer.o)(y)
         if layer.attn_out_norm is not None:
             y = layer.attn_out_norm(y)
         return y
 
-    def _full_attention(self, layer: _Layer, index: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        segments: list[Segment], lengths: list[int]) -> torch.Tensor:
+    def _native_attention(self, layer: _Layer, seg: Segment, n: int, draft: bool) -> bool:
+        """Whether ``seg`` attends with the native kernel: drafts always, full forwards for decode and
+        verify steps (a choice by role, so a sequence's numbers never depend on its batch); prefill
+        chunks, whose sizes depend on the batch, always use torch's SDPA."""
+        if self.kernels is None or layer.q_norm is not None or layer.softcap is not None:
+            return False
+        return draft or (not seg.embedding and n <= NATIVE_ATTENTION_TOKENS)
+
+    def _sdpa_attention(self, layer: _Layer, index: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        segments: list[Segment], lengths: list[int], native: list[bool]) -> torch.Tensor:
+        """Torch attention per segment; segments flagged ``native`` go to the native kernel instead."""
         nq, nk = layer.q_heads, layer.kv_heads
         qk, v = qkv[:, : nq + nk], qkv[:, nq + nk:]
         if layer.q_norm is not None:
             qk = torch.cat((layer.q_norm(qk[:, :nq]), layer.k_norm(qk[:, nq:])), dim=1)
         qk = qk * cos + _rotate_half(qk) * sin  # rotary on queries and keys at once
         ys, offset = [], 0
-        for seg, n in zip(segments, lengths):
+        for seg, n, use_native in zip(segments, lengths, native):
             part = slice(offset, offset + n)
-            q = qk[part, :nq].transpose(0, 1)[None]  # (1, Hq, n, D)
-            k = qk[part, nq:].transpose(0, 1)[None]
-            keys, values = seg.cache.write(index, seg.start, k, v[part].transpose(0, 1)[None])
-            ys.append(_attend(q, keys, values, seg.start, layer)[0].transpose(0, 1).reshape(n, -1))
+            if use_native:
+                ys.append(self._cached_attention(layer, index, qkv[part], cos[part, 0], sin[part, 0], [seg], [n]))
+            else:
+                q = qk[part, :nq].transpose(0, 1)[None]  # (1, Hq, n, D)
+                k = qk[part, nq:].transpose(0, 1)[None]
+                keys, values = seg.cache.write(index, seg.start, k, v[part].transpose(0, 1)[None])
+                ys.append(_attend(q, keys, values, seg.start, layer)[0].transpose(0, 1).reshape(n, -1))
             offset += n
         return torch.cat(ys) if len(ys) > 1 else ys[0]
 
-    def _draft_attention(self, layer: _Layer, index: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         segments: list[Segment], lengths: list[int]) -> torch.Tensor:
-        """Rotary, KV write and attention of a draft forward in one native call per segment."""
-        ys, offset = [], 0
-        for seg, n in zip(segments, lengths):
-            keys, values = seg.cache.layer_buffers(index, seg.start + n)
-            ys.append(self.kernels.draft_attention(qkv[offset:offset + n], cos[offset:offset + n],
-                                                   sin[offset:offset + n], keys, values, seg.start,
-                                                   layer.q_heads, layer.scaling, layer.window or 0))
-            offset += n
-        return torch.cat(ys) if len(ys) > 1 else ys[0]
+    def _cached_attention(self, layer: _Layer, index: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          segments: list[Segment], lengths: list[int]) -> torch.Tensor:
+        """Rotary, KV writes and attention of all ``segments`` in one native call."""
+        buffers = [seg.cache.layer_buffers(index, seg.start + n) for seg, n in zip(segments, lengths)]
+        return self.kernels.cached_attention(qkv, cos, sin, [k for k, _ in buffers], [v for _, v in buffers],
+                                             [seg.start for seg in segments], lengths, layer.q_heads,
+                                             layer.scaling, layer.window or 0)
 
     def _mlp(self, layer: _Layer, lin: dict[str, Int8Linear] | None, x: torch.Tensor,
              draft: bool = False) -> torch.Tensor:

@@ -57,24 +57,28 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-@needs_kernels
-@pytest.mark.parametrize("window", [0, 5])
-def test_draft_attention_matches_sdpa(window):
-    hq, hkv, d, cap, start, t = 6, 2, 16, 40, 11, 3
-    gen = torch.Generator().manual_seed(2)
+def _attention_case(seed: int, t: int, start: int, hq: int = 6, hkv: int = 2, d: int = 16, cap: int = 40):
+    gen = torch.Generator().manual_seed(seed)
     keys, values = torch.randn(hkv, cap, d, generator=gen), torch.randn(hkv, cap, d, generator=gen)
-    old_keys, old_values = keys.clone(), values.clone()
     qkv = torch.randn(t, hq + 2 * hkv, d, generator=gen)
     angles = torch.rand(t, d // 2, generator=gen) * 6
     cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
-    out = KERNELS.draft_attention(qkv, cos, sin, keys, values, start, hq, 0.25, window)
+    return keys, values, qkv, cos, sin
+
+
+@needs_kernels
+@pytest.mark.parametrize("window", [0, 5])
+def test_cached_attention_matches_sdpa(window):
+    hq, hkv, start, t = 6, 2, 11, 3
+    keys, values, qkv, cos, sin = _attention_case(2, t, start)
+    old_keys, old_values = keys.clone(), values.clone()
+    out = KERNELS.cached_attention(qkv, cos, sin, [keys], [values], [start], [t], hq, 0.25, window)
 
     q = _rotary(qkv[:, :hq], cos[:, None], sin[:, None])
-    k_new = _rotary(qkv[:, hq:hq + hkv], cos[:, None], sin[:, None])
     ref_keys, ref_values = old_keys.clone(), old_values.clone()
-    ref_keys[:, start:start + t] = k_new.transpose(0, 1)
+    ref_keys[:, start:start + t] = _rotary(qkv[:, hq:hq + hkv], cos[:, None], sin[:, None]).transpose(0, 1)
     ref_values[:, start:start + t] = qkv[:, hq + hkv:].transpose(0, 1)
-    torch.testing.assert_close(keys, ref_keys)
+    assert torch.equal(keys, ref_keys)  # rotary bit-identical to torch's (no fused multiply-add)
     assert torch.equal(values, ref_values)
     qpos, kpos = torch.arange(start, start + t)[:, None], torch.arange(start + t)[None]
     mask = (kpos <= qpos) & ((kpos > qpos - window) if window else True)
@@ -82,6 +86,23 @@ def test_draft_attention_matches_sdpa(window):
                                          ref_values[None, :, :start + t], attn_mask=mask, scale=0.25,
                                          enable_gqa=True)[0].transpose(0, 1).reshape(t, -1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_cached_attention_is_batch_and_length_invariant():
+    """A token's output is the same alone, among a verify step's tokens, or packed with other sequences."""
+    cases = [_attention_case(seed, t, start) for seed, t, start in ((3, 4, 7), (4, 1, 20), (5, 2, 0))]
+    packed_buffers = [(k.clone(), v.clone()) for k, v, *_ in cases]
+    packed = KERNELS.cached_attention(torch.cat([c[2] for c in cases]), torch.cat([c[3] for c in cases]),
+                                      torch.cat([c[4] for c in cases]), [k for k, _ in packed_buffers],
+                                      [v for _, v in packed_buffers], [7, 20, 0], [4, 1, 2], 6, 0.25, 0)
+    row = 0
+    for (keys, values, qkv, cos, sin), start in zip(cases, (7, 20, 0)):
+        for t in range(qkv.shape[0]):  # one token at a time, as plain decoding does
+            alone = KERNELS.cached_attention(qkv[t:t + 1], cos[t:t + 1], sin[t:t + 1], [keys], [values],
+                                             [start + t], [1], 6, 0.25, 0)
+            assert torch.equal(alone[0], packed[row])
+            row += 1
 
 
 def test_without_native_kernels_speculation_is_still_lossless(default_model, monkeypatch):

@@ -1,5 +1,6 @@
-// AVX2 kernels for the draft forward on CPU (the draft may approximate: verification
-// runs torch's own kernels on the original weights).
+// AVX2 kernels for the engine's forward on CPU. int8_linear, rms_norm and silu_mul serve
+// the draft only (it may approximate: verification runs torch's kernels on the original
+// weights); cached_attention serves drafts and the full model's decode/verify steps alike.
 //
 // int8_linear: y = (x @ W_q.T) * scale + bias, with W_q int8 (N, K) per-output-channel and x
 // float32 (M, K). Each input row is quantised to int16 with its own absmax scale
@@ -140,6 +141,83 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return out;
 }
 
+
+// exp of 8 floats (Cephes' polynomial, ~1 ulp on the range softmax uses: x <= 0).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 fx = _mm256_round_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(0.693359375f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+// In-place exp(scores - max) over [first, last]; returns 1 / their sum.
+inline float softmax_weights(float* scores, int64_t first, int64_t last) {
+  float mx = -INFINITY;
+  for (int64_t j = first; j <= last; ++j) mx = std::max(mx, scores[j]);
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t j = first;
+  for (; j + 8 <= last + 1; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vmx));
+    _mm256_storeu_ps(scores + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  if (j <= last) {  // the last < 8 scores: padded lanes are zeroed after the exp
+    const int64_t rem = last + 1 - j;
+    float buf[8];
+    for (int64_t i = 0; i < 8; ++i) buf[i] = i < rem ? scores[j + i] - mx : -80.f;
+    _mm256_storeu_ps(buf, exp8(_mm256_loadu_ps(buf)));
+    for (int64_t i = 0; i < 8; ++i) {
+      if (i < rem) scores[j + i] = buf[i]; else buf[i] = 0.f;
+    }
+    vsum = _mm256_add_ps(vsum, _mm256_loadu_ps(buf));
+  }
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
+  s4 = _mm_hadd_ps(s4, s4);
+  s4 = _mm_hadd_ps(s4, s4);
+  return 1.f / _mm_cvtss_f32(s4);
+}
+
+
+// out = inv * sum_j p[j] * v[j] over rows j in [first, last] of v (row length D), accumulated in
+// registers when D is a multiple of 8 up to 128 (head sizes 16..128), else in memory.
+template <int DV>
+inline void mix_values_fixed(const float* p, int64_t first, int64_t last, const float* v, float inv, float* out) {
+  __m256 acc[DV];
+  for (int i = 0; i < DV; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t j = first; j <= last; ++j) {
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    const float* vr = v + j * DV * 8;
+    for (int i = 0; i < DV; ++i) acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(pj, _mm256_loadu_ps(vr + 8 * i)));
+  }
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (int i = 0; i < DV; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], vinv));
+}
+
+inline void mix_values(const float* p, int64_t first, int64_t last, const float* v, int64_t D, float inv, float* out) {
+  switch (D) {
+    case 16: return mix_values_fixed<2>(p, first, last, v, inv, out);
+    case 32: return mix_values_fixed<4>(p, first, last, v, inv, out);
+    case 64: return mix_values_fixed<8>(p, first, last, v, inv, out);
+    case 128: return mix_values_fixed<16>(p, first, last, v, inv, out);
+    default: break;
+  }
+  std::fill(out, out + D, 0.f);
+  for (int64_t j = first; j <= last; ++j)
+    for (int64_t d = 0; d < D; ++d) out[d] += p[j] * v[j * D + d];
+  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+}
+
 // Rotary embedding of one head vector (HF's rotate_half convention).
 inline void rotate(const float* x, const float* cos, const float* sin, float* out, int64_t D) {
   const int64_t half = D / 2;
@@ -147,57 +225,79 @@ inline void rotate(const float* x, const float* cos, const float* sin, float* ou
   for (int64_t i = half; i < D; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
-// draft_attention: the attention block of a draft forward between the qkv and output
-// projections, for T new tokens of one sequence at positions start..start+T-1: rotary on
-// queries and keys, keys/values written into the sequence's layer buffers (Hkv, capacity, D),
-// then causal (optionally sliding-window) attention over positions [0, start + t].
-at::Tensor draft_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keys,
-                           const at::Tensor& values, int64_t start, int64_t q_heads, double scaling, int64_t window) {
-  TORCH_CHECK(qkv.dim() == 3 && qkv.scalar_type() == at::kFloat, "draft_attention: qkv must be float32 (T, H, D)");
-  TORCH_CHECK(keys.dim() == 3 && keys.is_contiguous() && values.is_contiguous() && keys.scalar_type() == at::kFloat &&
-              values.sizes() == keys.sizes() && values.scalar_type() == at::kFloat,
-              "draft_attention: keys/values must be contiguous float32 (Hkv, capacity, D)");
+// cached_attention: the attention block between the qkv and output projections for the
+// packed new tokens of several sequences: rotary on queries and keys, each sequence's
+// keys/values written into its layer buffers (Hkv, capacity, D) at start..start+n-1, then
+// causal (optionally sliding-window) attention of token t over positions [0, start + t].
+// Every (token, head) is computed alone in a fixed order, so a sequence's result does not
+// depend on the others or on how many tokens it brings (batch invariance). Built with
+// -ffp-contract=off, the rotary is bit-identical to torch's mul/add formulation.
+at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                            at::TensorList keys, at::TensorList values, at::IntArrayRef starts,
+                            at::IntArrayRef lengths, int64_t q_heads, double scaling, int64_t window) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.scalar_type() == at::kFloat, "cached_attention: qkv must be float32 (T, H, D)");
+  const int64_t S = static_cast<int64_t>(keys.size());
+  TORCH_CHECK(static_cast<int64_t>(values.size()) == S && static_cast<int64_t>(starts.size()) == S &&
+              static_cast<int64_t>(lengths.size()) == S, "cached_attention: one buffer, start and length per sequence");
   const at::Tensor x = qkv.contiguous(), c = cos.contiguous(), sn = sin.contiguous();
-  const int64_t T = x.size(0), D = x.size(2), Hkv = keys.size(0), cap = keys.size(1), Hq = q_heads;
-  TORCH_CHECK(x.size(1) == Hq + 2 * Hkv && keys.size(2) == D && start + T <= cap, "draft_attention: shapes");
-  TORCH_CHECK(c.size(0) == T && c.size(1) == D && sn.sizes() == c.sizes(), "draft_attention: cos/sin must be (T, D)");
+  const int64_t T = x.size(0), D = x.size(2), Hq = q_heads;
+  TORCH_CHECK(S > 0 && keys[0].dim() == 3 && keys[0].size(2) == D, "cached_attention: buffers must be (Hkv, capacity, D)");
+  const int64_t Hkv = keys[0].size(0), width = Hq + 2 * Hkv;
+  TORCH_CHECK(x.size(1) == width && c.size(0) == T && c.size(1) == D && sn.sizes() == c.sizes(),
+              "cached_attention: qkv (T, Hq + 2 Hkv, D) and cos/sin (T, D) expected");
+  std::vector<int64_t> row_seq(T), row_pos(T);
+  int64_t row = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const at::Tensor& k = keys[s];
+    TORCH_CHECK(k.is_contiguous() && values[s].is_contiguous() && k.scalar_type() == at::kFloat &&
+                values[s].scalar_type() == at::kFloat && k.sizes() == values[s].sizes() && k.size(0) == Hkv &&
+                k.size(2) == D && starts[s] >= 0 && starts[s] + lengths[s] <= k.size(1),
+                "cached_attention: contiguous float32 buffers with room for every new token");
+    for (int64_t t = 0; t < lengths[s]; ++t, ++row) {
+      TORCH_CHECK(row < T, "cached_attention: lengths add up to more than qkv's rows");
+      row_seq[row] = s;
+      row_pos[row] = starts[s] + t;
+    }
+  }
+  TORCH_CHECK(row == T, "cached_attention: lengths must add up to qkv's rows");
   const float* xp = x.data_ptr<float>();
-  float* kp = keys.data_ptr<float>();
-  float* vp = values.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const float* row = xp + t * (Hq + 2 * Hkv) * D;
+  const float* cp = c.data_ptr<float>();
+  const float* sp = sn.data_ptr<float>();
+  for (int64_t r = 0; r < T; ++r) {
+    float* kp = keys[row_seq[r]].data_ptr<float>();
+    float* vp = values[row_seq[r]].data_ptr<float>();
+    const int64_t cap = keys[row_seq[r]].size(1);
     for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t pos = (h * cap + start + t) * D;
-      rotate(row + (Hq + h) * D, c.data_ptr<float>() + t * D, sn.data_ptr<float>() + t * D, kp + pos, D);
-      std::copy(row + (Hq + Hkv + h) * D, row + (Hq + Hkv + h + 1) * D, vp + pos);
+      const int64_t at = (h * cap + row_pos[r]) * D;
+      rotate(xp + (r * width + Hq + h) * D, cp + r * D, sp + r * D, kp + at, D);
+      std::copy(xp + (r * width + Hq + Hkv + h) * D, xp + (r * width + Hq + Hkv + h + 1) * D, vp + at);
     }
   }
   at::Tensor y = at::empty({T, Hq * D}, x.options());
   float* yp = y.data_ptr<float>();
   const int64_t groups = Hq / Hkv;
-  const int64_t span = start + T;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, span * D));
-  at::parallel_for(0, T * Hq, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> q(D), scores(span), acc(D);
+  TORCH_CHECK(groups * Hkv == Hq && groups <= 64, "cached_attention: query heads must be 1..64 times the KV heads");
+  int64_t longest = 1;
+  for (int64_t r = 0; r < T; ++r) longest = std::max(longest, row_pos[r] + 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (longest * D * groups));
+  // One unit = one token's query heads sharing one KV head: each key/value row is read once for all of them.
+  at::parallel_for(0, T * Hkv, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> q(groups * D), scores(groups * longest);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t t = b / Hq, h = b % Hq, kvh = h / groups, last = start + t;
+      const int64_t r = b / Hkv, kvh = b % Hkv, last = row_pos[r];
+      const int64_t cap = keys[row_seq[r]].size(1);
+      const float* kp = keys[row_seq[r]].data_ptr<float>() + kvh * cap * D;
+      const float* vp = values[row_seq[r]].data_ptr<float>() + kvh * cap * D;
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-      rotate(xp + (t * (Hq + 2 * Hkv) + h) * D, c.data_ptr<float>() + t * D, sn.data_ptr<float>() + t * D, q.data(), D);
-      float mx = -INFINITY;
-      for (int64_t j = first; j <= last; ++j) {
-        scores[j] = dot(q.data(), kp + (kvh * cap + j) * D, D) * float(scaling);
-        mx = std::max(mx, scores[j]);
-      }
-      double sum = 0.0;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = first; j <= last; ++j) {
-        const float p = std::exp(scores[j] - mx);
-        sum += p;
-        const float* vr = vp + (kvh * cap + j) * D;
-        for (int64_t d = 0; d < D; ++d) acc[d] += p * vr[d];
-      }
-      const float inv = float(1.0 / sum);
-      for (int64_t d = 0; d < D; ++d) yp[t * Hq * D + h * D + d] = acc[d] * inv;
+      for (int64_t g = 0; g < groups; ++g)
+        rotate(xp + (r * width + kvh * groups + g) * D, cp + r * D, sp + r * D, q.data() + g * D, D);
+      for (int64_t j = first; j <= last; ++j)
+        for (int64_t g = 0; g < groups; ++g)
+          scores[g * longest + j] = dot(q.data() + g * D, kp + j * D, D) * float(scaling);
+      float inv[64];
+      for (int64_t g = 0; g < groups; ++g) inv[g] = softmax_weights(scores.data() + g * longest, first, last);
+      for (int64_t g = 0; g < groups; ++g)
+        mix_values(scores.data() + g * longest, first, last, vp, D, inv[g], yp + (r * Hq + kvh * groups + g) * D);
     }
   });
   return y;
@@ -225,13 +325,13 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 TORCH_LIBRARY(knn_ssd, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
-  m.def("draft_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, int start, "
-        "int q_heads, float scaling, int window) -> Tensor");
+  m.def("cached_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!)[] keys, Tensor(b!)[] values, int[] starts, "
+        "int[] lengths, int q_heads, float scaling, int window) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(knn_ssd, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("rms_norm", &rms_norm);
-  m.impl("draft_attention", &draft_attention);
+  m.impl("cached_attention", &cached_attention);
   m.impl("silu_mul", &silu_mul);
 }
