@@ -89,8 +89,22 @@ def measure_costs(runner: ModelRunner, context: int = 256, repeats: int = 5, rou
     n = runner.num_layers
     draft = {}
     for precision in precisions:
-        whole = ms[(precision, "whole")]
-        attention = max(0.0, (whole - ms[(precision, "no_attention")]) / n)
-        mlp = max(0.0, (whole - ms[(precision, "no_mlp")]) / n)
-        draft[precision] = DraftCost(base=max(0.0, whole - n * (attention + mlp)), attention=attention, mlp=mlp)
+        draft[precision] = fit_draft_cost(ms[(precision, "whole")], ms[(precision, "no_attention")],
+                                          ms[(precision, "no_mlp")], n)
     return StepCosts(verify, draft, runner.num_layers)
+
+
+def fit_draft_cost(whole: float, no_attention: float, no_mlp: float, num_layers: int) -> DraftCost:
+    """Per-sub-layer cost model through three measured draft forwards (ms).
+
+    The model always reproduces ``whole`` (the draft with nothing skipped, the usual
+    int8 policy). Skipping every attention or every MLP sub-layer can save more than
+    their share (the rest then fits in cache), which would make the base negative:
+    then the sub-layer costs are scaled down so the parts add up to ``whole``.
+    """
+    attention = max(0.0, (whole - no_attention) / num_layers)
+    mlp = max(0.0, (whole - no_mlp) / num_layers)
+    layers = num_layers * (attention + mlp)
+    if layers > whole:
+        return DraftCost(base=0.0, attention=attention * whole / layers, mlp=mlp * whole / layers)
+    return DraftCost(base=whole - layers, attention=attention, mlp=mlp)

@@ -13,6 +13,7 @@ import pytest
 from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
 from knn_router.artifact import ArtifactError, load_router, save_artifact
 from knn_router.calibrate import CalibrationConfig, calibrate, read_domain_file
+from knn_router.costs import fit_draft_cost
 from knn_router.router import MIXED, Router
 
 POLICIES = {"a": DraftPolicy(SkipSet([1]), precision="int8"), "b": PLAIN, MIXED: DraftPolicy(precision="int8")}
@@ -132,3 +133,15 @@ def test_calibration_end_to_end(tmp_path, default_model, default_engine):
     assert manifest["model"]["fingerprint"] == info.fingerprint
     seq, _ = default_engine.start(files["german"][0], SamplingParams(max_tokens=1))
     assert router.route(seq.embedding.numpy()).label == "german"
+
+
+def test_draft_cost_model_reproduces_the_measured_full_draft():
+    additive = fit_draft_cost(whole=40.0, no_attention=30.0, no_mlp=25.0, num_layers=30)
+    assert additive.ms(30, SkipSet()) == pytest.approx(40.0)
+    assert additive.ms(30, SkipSet(attention=range(30))) == pytest.approx(30.0)
+    # Skipping everything of one kind saved more than its share (seen with int8 drafts): the full
+    # draft must still cost what was measured, not the sum of the parts (which used to be 27.7 ms for 20).
+    cache_bound = fit_draft_cost(whole=20.0, no_attention=4.8, no_mlp=7.5, num_layers=30)
+    assert cache_bound.base == 0.0
+    assert cache_bound.ms(30, SkipSet()) == pytest.approx(20.0)
+    assert cache_bound.ms(30, SkipSet(attention=[3])) < 20.0
