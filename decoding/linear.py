@@ -46,7 +46,7 @@ def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
 class Int8Linear:
     """Weight-only int8 copy (symmetric, per output channel) used only by the draft.
 
-    On an AVX2 CPU the engine's own kernel (``native.draft_kernels``) runs it on
+    On an AVX2 CPU the engine's own kernel (``native.cpu_kernels``) runs it on
     float32 activations quantised to int16 per row; elsewhere torch's packed int8
     kernel runs it with bf16 activations (with float32 ones it is slower than fp32).
     """
@@ -55,7 +55,7 @@ class Int8Linear:
         w = weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        kernels = native.draft_kernels() if self.qweight.device.type == "cpu" else None
+        kernels = native.cpu_kernels() if self.qweight.device.type == "cpu" else None
         self._native = None if kernels is None else kernels.int8_linear
         dtype = torch.float32 if self._native is not None else torch.bfloat16
         self.scale = scale.to(dtype)

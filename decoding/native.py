@@ -2,8 +2,9 @@
 
 The draft's int8 linears and norms run on them (they may approximate: verification
 never uses them), and so does the attention of drafts and of decode/verify steps
-(batch-invariant, like every full-model kernel the engine uses). Where they cannot be built (no compiler, no AVX2, not x86) the engine
-falls back to torch's own kernels and logs why, once.
+(batch-invariant, like every full-model kernel the engine uses). Where they cannot
+be built (no compiler, no AVX2, not x86) the engine falls back to torch's own
+kernels and logs why, once.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "draft_kernels.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
 
-def draft_kernels() -> Any | None:
+def cpu_kernels() -> Any | None:
     """``torch.ops.knn_ssd`` (``int8_linear``, ``rms_norm``, ``cached_attention``, ``silu_mul``), or None."""
     with _lock:
         if "ops" not in _state:

@@ -31,7 +31,7 @@ class RMSNorm:
         weight = module.weight.detach().float()
         self.weight = weight + 1.0 if "Gemma" in type(module).__name__ else weight
         self.eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
-        kernels = native.draft_kernels() if self.weight.device.type == "cpu" else None
+        kernels = native.cpu_kernels() if self.weight.device.type == "cpu" else None
         self._draft_kernel = None if kernels is None else kernels.rms_norm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ class ModelRunner:
         # The engine's own CPU kernels (fp32 models; see native.py): draft linears and norms, and
         # the attention of drafts and of decode/verify steps.
         on_cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        self.kernels = native.draft_kernels() if on_cpu_fp32 else None
+        self.kernels = native.cpu_kernels() if on_cpu_fp32 else None
         self.lm_head = Linear(hf_model.lm_head.weight.detach(), getattr(hf_model.lm_head, "bias", None))
         with torch.no_grad():
             self.layers = [self._build_layer(layer) for layer in hf_model.model.layers]

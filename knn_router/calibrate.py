@@ -19,7 +19,7 @@ from decoding import PLAIN, DraftPolicy, ModelInfo, SamplingParams, Sequence, Sp
 from .artifact import save_artifact
 from .costs import StepCosts, measure_costs
 from .router import MIXED, Router
-from .search import search
+from .search import expected_speedup, search
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class CalibrationConfig:
     similarity_threshold: float = 0.0
     seed: int = 0
     min_speedup: float = 1.0  # below this measured speedup a domain decodes plainly
+    domain_margin: float = 0.03  # a domain keeps its own policy only if expected this much above mixed's
 
 
 def read_domain_file(path: Path, tokenizer: Any) -> list[list[int]]:
@@ -85,21 +86,33 @@ def confirm(engine: SpeculativeEngine, prompts: list[list[int]], policy: DraftPo
 
 
 def _policy_for(engine: SpeculativeEngine, name: str, search_seqs: list[Sequence], holdout: list[list[int]],
-                costs: StepCosts, config: CalibrationConfig) -> tuple[DraftPolicy, dict[str, Any]]:
-    """Search, confirm, and fall back to plain decoding when speculation does not pay here."""
+                costs: StepCosts, config: CalibrationConfig,
+                mixed: DraftPolicy | None = None) -> tuple[DraftPolicy, dict[str, Any]]:
+    """Search, confirm, and fall back to plain decoding when speculation does not pay here.
+
+    With ``mixed`` (the policy tuned on all domains), the domain keeps its own policy
+    only if it is expected to beat ``mixed`` on this domain's prompts by
+    ``config.domain_margin``: a domain-specific policy must earn its place, so the
+    router never routes to a policy that is no better than the fallback.
+    """
     t0 = time.perf_counter()
     with tqdm(total=config.budget, desc=f"search {name}", unit="cand", leave=False) as bar:
         result = search(engine.runner, search_seqs, costs, config.budget, seed=config.seed, progress=bar)
     best = result.best
     report: dict[str, Any] = {"candidates": len(result.evaluated), "expected_speedup": round(best.expected, 3),
                               "draft_agreement": round(best.agreement, 3), "searched_policy": best.policy.to_dict()}
-    policy = best.policy
-    if best.expected < config.min_speedup:
+    policy, expected, reason = best.policy, best.expected, None
+    if mixed is not None and not mixed.is_plain:
+        mixed_expected = expected_speedup(engine.runner, search_seqs, mixed, costs)
+        report["mixed_expected_speedup"] = round(mixed_expected, 3)
+        if best.expected < mixed_expected * (1 + config.domain_margin):
+            policy, expected = mixed, mixed_expected
+            reason = f"own policy not expected to beat the mixed policy by {config.domain_margin:.0%} here"
+    if expected < config.min_speedup:
         policy, reason = PLAIN, "no candidate expected to beat plain decoding"
     else:
         measured = confirm(engine, holdout, policy, config.tokens)
         report.update({k: round(v, 3) for k, v in measured.items()})
-        reason = None
         if measured["measured_speedup"] < config.min_speedup:
             policy, reason = PLAIN, "speculation measured slower than plain decoding on held-out prompts"
     report.update({"chosen": "plain" if policy.is_plain else "speculative", "policy": policy.to_dict(),
@@ -124,7 +137,14 @@ def calibrate(engine: SpeculativeEngine, info: ModelInfo, domains: dict[str, lis
             for ids in prompts:
                 seqs[name].append(engine.run(ids, params, PLAIN))
                 bar.update(1)
-    anchors, labels, policies, report = [], [], {}, {}
+    per_domain_search = max(1, config.search_prompts // len(domains))
+    per_domain_holdout = max(1, config.holdout_prompts // len(domains))
+    mixed_search = [s for name in domains for s in seqs[name][:per_domain_search]]
+    mixed_holdout = [p for name, prompts in domains.items()
+                     for p in prompts[len(prompts) - per_domain_holdout:]]
+    policies, report = {}, {}
+    policies[MIXED], report[MIXED] = _policy_for(engine, MIXED, mixed_search, mixed_holdout, costs, config)
+    anchors, labels = [], []
     for name, prompts in tqdm(domains.items(), desc="domains", unit="domain"):
         emb = np.stack([s.embedding.float().cpu().numpy() for s in seqs[name]])
         centres = anchors_of(emb, config.anchors_per_domain, config.seed)
@@ -132,15 +152,10 @@ def calibrate(engine: SpeculativeEngine, info: ModelInfo, domains: dict[str, lis
         labels += [name] * len(centres)
         split = min(config.search_prompts, max(1, len(prompts) - config.holdout_prompts))
         holdout = prompts[split:split + config.holdout_prompts] or prompts[:1]
-        policies[name], report[name] = _policy_for(engine, name, seqs[name][:split], holdout, costs, config)
+        policies[name], report[name] = _policy_for(engine, name, seqs[name][:split], holdout, costs, config,
+                                                   mixed=policies[MIXED])
         report[name].update({"prompts": len(prompts), "anchors": len(centres), "search_prompts": split,
                              "holdout_prompts": len(holdout)})
-    per_domain_search = max(1, config.search_prompts // len(domains))
-    per_domain_holdout = max(1, config.holdout_prompts // len(domains))
-    mixed_search = [s for name in domains for s in seqs[name][:per_domain_search]]
-    mixed_holdout = [p for name, prompts in domains.items()
-                     for p in prompts[len(prompts) - per_domain_holdout:]]
-    policies[MIXED], report[MIXED] = _policy_for(engine, MIXED, mixed_search, mixed_holdout, costs, config)
     anchor_matrix = np.concatenate(anchors).astype(np.float32)
     router = Router(anchor_matrix, labels, policies, k=config.k, threshold=config.similarity_threshold)
     full_report = {

@@ -75,6 +75,12 @@ def simulate(arrays: list[tuple[np.ndarray, np.ndarray]], threshold: float, max_
     return (tokens / ms) * costs.forward_1 if ms else 0.0
 
 
+def expected_speedup(runner: ModelRunner, seqs: list[Sequence], policy: DraftPolicy, costs: StepCosts) -> float:
+    """Expected speedup of ``policy`` exactly as given (threshold and max draft too) on ``seqs``."""
+    arrays = agreement(runner, seqs, policy.skip, policy.precision)
+    return simulate(arrays, policy.threshold, policy.max_draft, costs.draft_ms(policy), costs)
+
+
 def score(candidate: Candidate, arrays, costs: StepCosts) -> Candidate:
     """Fill in the best threshold / max draft of ``candidate`` and its expected speedup."""
     draft_ms = costs.draft_ms(DraftPolicy(candidate.skip, precision=candidate.precision))

@@ -113,7 +113,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         domains[name] = read_domain_file(Path(path), tokenizer)
     config = CalibrationConfig(anchors_per_domain=args.anchors, search_prompts=args.search_prompts,
                                holdout_prompts=args.holdout_prompts, tokens=args.tokens, budget=args.budget,
-                               k=args.k, similarity_threshold=args.similarity_threshold, seed=args.seed)
+                               k=args.k, similarity_threshold=args.similarity_threshold, seed=args.seed,
+                               domain_margin=args.domain_margin)
     report = calibrate(engine, info, domains, Path(args.out), config)
     print(f"calibrated {len(domains)} domains in {report['calibration_s']:.0f}s -> {args.out}")
     print(f"{'domain':<16}{'policy':<13}{'expected':>9}{'measured':>9}{'accept':>8}{'tokens/step':>12}  draft")
@@ -295,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--k", type=int, default=1, help="nearest anchors voting at routing time")
     cal.add_argument("--similarity-threshold", type=float, default=0.0,
                      help="below this cosine similarity a request gets the 'mixed' policy")
+    cal.add_argument("--domain-margin", type=float, default=0.03,
+                     help="a domain keeps its own policy only if it is expected to beat the mixed policy (tuned on "
+                          "all domains) by this fraction on the domain's prompts; otherwise it gets the mixed policy")
     cal.add_argument("--seed", type=int, default=0, help="random seed of KMeans and the search")
     cal.set_defaults(func=cmd_calibrate)
 

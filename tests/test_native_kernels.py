@@ -10,7 +10,7 @@ from tiny_models import tiny_model
 from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine, native
 from decoding.linear import Int8Linear
 
-KERNELS = native.draft_kernels()
+KERNELS = native.cpu_kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="native kernels need an AVX2 CPU and a C++ compiler")
 
 

@@ -128,6 +128,12 @@ def test_calibration_end_to_end(tmp_path, default_model, default_engine):
         entry = report["domains"][name]
         assert entry["chosen"] in ("plain", "speculative") and entry["candidates"] >= 1
         assert {"expected_speedup", "policy", "search_s"} <= set(entry)
+    mixed = report["domains"][MIXED]
+    for name in ("math", "german"):  # a domain keeps its own policy only if it beats the mixed one by the margin
+        entry = report["domains"][name]
+        if mixed["chosen"] == "speculative":
+            own_wins = entry["expected_speedup"] >= entry["mixed_expected_speedup"] * (1 + config.domain_margin)
+            assert own_wins or entry["policy"] in (mixed["policy"], PLAIN.to_dict())
     manifest = json.loads((out / "router.json").read_text())
     assert manifest["report"]["costs"]["verify_ms"]["1"] > 0  # measured on this machine
     assert manifest["model"]["fingerprint"] == info.fingerprint
