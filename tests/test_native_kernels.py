@@ -23,7 +23,7 @@ def _quantised(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 9])
 @pytest.mark.parametrize("k", [576, 1536, 100, 5000])
 def test_int8_linear_matches_dequantised_matmul(rows, k):
     q, scale, bias = _quantised(37, k)
@@ -48,8 +48,9 @@ def test_int8_linear_rows_are_batch_invariant():
 def test_rms_norm_and_silu_mul_match_torch():
     x, w = torch.randn(5, 576) * 3, torch.rand(576) + 0.5
     torch.testing.assert_close(KERNELS.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), rtol=1e-5, atol=1e-5)
-    g = torch.randn(3, 2 * 96) * 4
-    torch.testing.assert_close(KERNELS.silu_mul(g), F.silu(g[:, :96]) * g[:, 96:], rtol=1e-5, atol=1e-6)
+    g = torch.randn(3, 2 * 100) * 4  # 100: eight-wide blocks and a scalar tail
+    g[0, :4] = torch.tensor([-100.0, 100.0, -88.5, 90.0])  # far tails of the sigmoid
+    torch.testing.assert_close(KERNELS.silu_mul(g), F.silu(g[:, :100]) * g[:, 100:], rtol=1e-5, atol=1e-6)
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,9 +69,10 @@ def _attention_case(seed: int, t: int, start: int, hq: int = 6, hkv: int = 2, d:
 
 @needs_kernels
 @pytest.mark.parametrize("window", [0, 5])
-def test_cached_attention_matches_sdpa(window):
+@pytest.mark.parametrize("d", [16, 12])  # 12: a head size off the 8-wide vector path
+def test_cached_attention_matches_sdpa(window, d):
     hq, hkv, start, t = 6, 2, 11, 3
-    keys, values, qkv, cos, sin = _attention_case(2, t, start)
+    keys, values, qkv, cos, sin = _attention_case(2, t, start, d=d)
     old_keys, old_values = keys.clone(), values.clone()
     out = KERNELS.cached_attention(qkv, cos, sin, [keys], [values], [start], [t], hq, 0.25, window)
 

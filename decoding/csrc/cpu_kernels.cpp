@@ -30,34 +30,82 @@ inline int32_t horizontal_sum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// Output columns [n0, n1) of R input rows.
-template <int R>
-void rows_block(const int16_t* x, const double* x_scale, int64_t K, const int8_t* w, const float* scale,
-                const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+// One input row to int16 with its absmax scale (returned); vectorised, rounding half to even
+// like std::lrintf, so the result is the same as the scalar loop's.
+inline double quantise_row(const float* x, int64_t K, int16_t* q) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, vmax);
+  float amax = 0.f;
+  for (float v : lanes) amax = std::max(amax, v);
+  for (int64_t i = k; i < K; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax > 0.f ? amax / 32767.f : 1.f;
+  const float inv = 1.f / s;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));  // packs works per 128-bit lane
+  }
+  for (; k < K; ++k) q[k] = static_cast<int16_t>(std::lrintf(x[k] * inv));
+  return s;
+}
+
+// Columns n..n+C-1 of input rows 0..R-1: R x C dot products sharing each load, in exact
+// int32 (flushed to double every kFlush inputs), so results never depend on the blocking.
+template <int R, int C>
+void dot_block(const int16_t* x, const double* x_scale, int64_t K, const int8_t* w, const float* scale,
+               const float* bias, float* y, int64_t ldy, int64_t n) {
   const int64_t K16 = K & ~int64_t(15);
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* wr = w + n * K;
-    double total[R] = {};
-    for (int64_t c0 = 0; c0 < K16; c0 += kFlush) {
-      const int64_t c1 = std::min(K16, c0 + kFlush);
-      __m256i acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-      for (int64_t k = c0; k < c1; k += 16) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr + k + kPrefetch), _MM_HINT_T0);
-        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
-        for (int r = 0; r < R; ++r) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * K + k));
-          acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(wv, xv));
-        }
+  double total[R][C] = {};
+  for (int64_t c0 = 0; c0 < K16; c0 += kFlush) {
+    const int64_t c1 = std::min(K16, c0 + kFlush);
+    __m256i acc[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
+    for (int64_t k = c0; k < c1; k += 16) {
+      __m256i wv[C];
+      for (int c = 0; c < C; ++c) {
+        const int8_t* wr = w + (n + c) * K + k;
+        _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetch), _MM_HINT_T0);
+        wv[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr)));
       }
-      for (int r = 0; r < R; ++r) total[r] += horizontal_sum(acc[r]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * K + k));
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(wv[c], xv));
+      }
     }
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) total[r][c] += horizontal_sum(acc[r][c]);
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      const int8_t* wr = w + (n + c) * K;
       int64_t tail = 0;
       for (int64_t k = K16; k < K; ++k) tail += int32_t(x[r * K + k]) * int32_t(wr[k]);
-      float out = float((total[r] + double(tail)) * x_scale[r]) * scale[n];
-      y[r * ldy + n] = bias ? out + bias[n] : out;
+      const float out = float((total[r][c] + double(tail)) * x_scale[r]) * scale[n + c];
+      y[r * ldy + n + c] = bias ? out + bias[n + c] : out;
     }
+  }
+}
+
+// Columns n..n+C-1 of all M input rows: the C weight rows stay in L1 while every input row
+// passes over them, so the weights stream from memory once per call whatever M is.
+template <int C>
+void columns(const int16_t* x, const double* xs, int64_t M, int64_t K, const int8_t* w, const float* scale,
+             const float* bias, float* y, int64_t N, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) dot_block<4, C>(x + m * K, xs + m, K, w, scale, bias, y + m * N, N, n);
+  switch (M - m) {
+    case 3: dot_block<3, C>(x + m * K, xs + m, K, w, scale, bias, y + m * N, N, n); break;
+    case 2: dot_block<2, C>(x + m * K, xs + m, K, w, scale, bias, y + m * N, N, n); break;
+    case 1: dot_block<1, C>(x + m * K, xs + m, K, w, scale, bias, y + m * N, N, n); break;
+    default: break;
   }
 }
 
@@ -76,29 +124,16 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   std::vector<int16_t> xq(M * K);
   std::vector<double> xs(M);
   const float* xp = xc.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xp[m * K + k]));
-    const float s = amax > 0.f ? amax / 32767.f : 1.f;
-    const float inv = 1.f / s;
-    for (int64_t k = 0; k < K; ++k) xq[m * K + k] = static_cast<int16_t>(std::lrintf(xp[m * K + k] * inv));
-    xs[m] = s;
-  }
+  for (int64_t m = 0; m < M; ++m) xs[m] = quantise_row(xp + m * K, K, xq.data() + m * K);
   at::Tensor y = at::empty({M, N}, xc.options());
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) rows_block<4>(xq.data() + m * K, xs.data() + m, K, wp, sp, bp, yp + m * N, N, n0, n1);
-    const int16_t* xr = xq.data() + m * K;
-    switch (M - m) {
-      case 3: rows_block<3>(xr, xs.data() + m, K, wp, sp, bp, yp + m * N, N, n0, n1); break;
-      case 2: rows_block<2>(xr, xs.data() + m, K, wp, sp, bp, yp + m * N, N, n0, n1); break;
-      case 1: rows_block<1>(xr, xs.data() + m, K, wp, sp, bp, yp + m * N, N, n0, n1); break;
-      default: break;
-    }
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) columns<2>(xq.data(), xs.data(), M, K, wp, sp, bp, yp, N, n);
+    if (n < n1) columns<1>(xq.data(), xs.data(), M, K, wp, sp, bp, yp, N, n);
   });
   return y;
 }
@@ -141,6 +176,43 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return out;
 }
 
+
+// Dot products of q with 8 consecutive key rows (row length D, a multiple of 8): one
+// accumulator per key, then a fixed hadd tree, so each score depends only on q and its key.
+inline void dot8(const float* q, const float* k, int64_t D, float* out) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * D + d), acc[j]);
+  }
+  const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                                      _mm256_permute2f128_ps(h0123, h4567, 0x31)));
+}
+
+// scores[j] = scaling * q . k_j for keys first..last; the last partial block of 8 keys is
+// computed from a zero-padded copy, the same arithmetic as a full block.
+inline void key_scores(const float* q, const float* keys, int64_t D, int64_t first, int64_t last, float scaling,
+                       float* scores, float* pad) {
+  if (D % 8) {
+    for (int64_t j = first; j <= last; ++j) scores[j] = dot(q, keys + j * D, D) * scaling;
+    return;
+  }
+  float block[8];
+  for (int64_t j = first; j <= last; j += 8) {
+    const int64_t n = std::min<int64_t>(8, last + 1 - j);
+    const float* k = keys + j * D;
+    if (n < 8) {
+      std::fill(pad, pad + 8 * D, 0.f);
+      std::copy(k, k + n * D, pad);
+      k = pad;
+    }
+    dot8(q, k, D, block);
+    for (int64_t i = 0; i < n; ++i) scores[j + i] = block[i] * scaling;
+  }
+}
 
 // exp of 8 floats (Cephes' polynomial, ~1 ulp on the range softmax uses: x <= 0).
 inline __m256 exp8(__m256 x) {
@@ -282,7 +354,7 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (longest * D * groups));
   // One unit = one token's query heads sharing one KV head: each key/value row is read once for all of them.
   at::parallel_for(0, T * Hkv, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> q(groups * D), scores(groups * longest);
+    std::vector<float> q(groups * D), scores(groups * longest), pad(8 * D);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b / Hkv, kvh = b % Hkv, last = row_pos[r];
       const int64_t cap = keys[row_seq[r]].size(1);
@@ -291,9 +363,8 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       for (int64_t g = 0; g < groups; ++g)
         rotate(xp + (r * width + kvh * groups + g) * D, cp + r * D, sp + r * D, q.data() + g * D, D);
-      for (int64_t j = first; j <= last; ++j)
-        for (int64_t g = 0; g < groups; ++g)
-          scores[g * longest + j] = dot(q.data() + g * D, kp + j * D, D) * float(scaling);
+      for (int64_t g = 0; g < groups; ++g)
+        key_scores(q.data() + g * D, kp, D, first, last, float(scaling), scores.data() + g * longest, pad.data());
       float inv[64];
       for (int64_t g = 0; g < groups; ++g) inv[g] = softmax_weights(scores.data() + g * longest, first, last);
       for (int64_t g = 0; g < groups; ++g)
@@ -312,11 +383,19 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   at::Tensor y = at::empty({M, I}, g.options());
   const float* gp = g.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < I; ++i) {
-      const float a = gp[m * 2 * I + i];
-      yp[m * I + i] = a / (1.f + std::exp(-a)) * gp[m * 2 * I + I + i];
+  const __m256 one = _mm256_set1_ps(1.f), top = _mm256_set1_ps(88.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* gate = gp + m * 2 * I;
+    const float* up = gate + I;
+    float* out = yp + m * I;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const __m256 a = _mm256_loadu_ps(gate + i);
+      const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), top));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
     }
+    for (; i < I; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  }
   return y;
 }
 
