@@ -18,10 +18,11 @@ from .benchmark import median_ms
 from .engine import Sequence
 from .policy import DraftPolicy
 from .runner import ModelRunner, Segment
+from .stats import RequestStats
 
 CAP_CANDIDATES = (0, 1, 2, 3, 4, 6, 8, 12, 16)
-PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 4.0  # pseudo-counts before a row has drafted anything
-
+# Pseudo-counts before a row has drafted anything: a per-token acceptance of 0.7.
+PRIOR_ACCEPTED, PRIOR_REJECTIONS = 2.8, 1.2
 
 @dataclass(frozen=True)
 class StepCosts:
@@ -98,11 +99,10 @@ class SpeculationPlanner:
             drafted = 0.0
             if not seq.policy.is_plain:
                 s = seq.stats
-                acceptance = (s.accepted_tokens + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (s.draft_tokens + PRIOR_WEIGHT)
-                usual = s.draft_tokens / s.verify_steps if s.verify_steps and s.draft_tokens else seq.policy.max_draft
+                usual = s.draft_tokens / s.draft_steps if s.draft_steps else seq.policy.max_draft
                 limit = cap if seq.params.draft_length_free else seq.policy.max_draft
                 drafted = min(usual, limit, seq.policy.max_draft)
-                tokens += acceptance * drafted
+                tokens += expected_accepted(token_acceptance(s), drafted)
                 if drafted > 0:
                     longest_in_group[seq.policy] = max(longest_in_group.get(seq.policy, 0.0), drafted)
                     rows_in_group[seq.policy] = rows_in_group.get(seq.policy, 0) + 1
@@ -111,3 +111,19 @@ class SpeculationPlanner:
         seconds = self.costs.verify_s(len(seqs), round(verify_tokens))
         seconds += sum(self.costs.draft_s(p, rows_in_group[p]) * n for p, n in longest_in_group.items())
         return tokens / seconds if seconds > 0 else 0.0
+
+
+def token_acceptance(stats: RequestStats) -> float:
+    """Per-token acceptance of a row's drafts: drafts are accepted one after another until the first
+    rejection, so the estimate is accepted / (accepted + rejections), with a prior of 0.7."""
+    accepted = stats.accepted_tokens + PRIOR_ACCEPTED
+    return accepted / (accepted + stats.draft_rejections + PRIOR_REJECTIONS)
+
+
+def expected_accepted(alpha: float, drafted: float) -> float:
+    """Expected accepted tokens of ``drafted`` drafts accepted in order, each with probability ``alpha``."""
+    if drafted <= 0:
+        return 0.0
+    if alpha >= 1.0:
+        return drafted
+    return alpha * (1.0 - alpha ** drafted) / (1.0 - alpha)

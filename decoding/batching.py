@@ -66,10 +66,10 @@ class ContinuousBatcher:
             if seq in group:
                 group.remove(seq)
 
-    def step(self) -> BatchStep:
+    def step(self, cut_drafts: Callable[[], bool] | None = None) -> BatchStep:
         """``prefill_step`` then ``decode_step``: one engine iteration."""
         result = self.prefill_step()
-        decoded = self.decode_step()
+        decoded = self.decode_step(cut_drafts)
         decoded.outputs = result.outputs + decoded.outputs
         return decoded
 
@@ -91,14 +91,22 @@ class ContinuousBatcher:
                     self.running.append(seq)
         return result
 
-    def decode_step(self) -> BatchStep:
-        """Advance every running sequence by one batched speculative step, draft length capped by the planner."""
+    def decode_step(self, cut_drafts: Callable[[], bool] | None = None) -> BatchStep:
+        """Advance every running sequence by one batched speculative step, draft length capped by the planner.
+
+        ``cut_drafts`` (e.g. "a request is waiting") ends drafting early so that the step
+        finishes sooner; outputs do not change (see ``SpeculativeEngine.step_batch``).
+        """
         result = BatchStep()
         running = list(self.running)
         if running:
             cap = self.planner.cap(running) if self.planner else None
             result.decode_rows, result.draft_cap = len(running), cap
-            for seq, out in self._guarded(lambda rows: self.engine.step_batch(rows, cap), running, running):
+
+            def step(rows: list[Sequence]) -> list[StepOutput]:
+                return self.engine.step_batch(rows, cap, cut_drafts)
+
+            for seq, out in self._guarded(step, running, running):
                 result.outputs.append((seq, out))
                 if isinstance(out, BaseException) or out.finish_reason is not None:
                     self.running.remove(seq)

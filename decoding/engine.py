@@ -140,18 +140,21 @@ class SpeculativeEngine:
         """Advance ``seq`` by one draft-and-verify step (one plain step if its policy is plain)."""
         return self.step_batch([seq])[0]
 
-    def step_batch(self, seqs: list[Sequence], draft_cap: int | None = None) -> list[StepOutput]:
+    def step_batch(self, seqs: list[Sequence], draft_cap: int | None = None,
+                   cut_drafts: Callable[[], bool] | None = None) -> list[StepOutput]:
         """Advance every sequence by one step: grouped drafts, one packed verify, per-row acceptance.
 
         ``draft_cap`` bounds the draft length of rows whose output cannot depend on it
         (greedy rows and unseeded sampling rows); seeded sampling rows always draft as
-        their policy says, so a seed gives the same text alone or in any batch.
+        their policy says, so a seed gives the same text alone or in any batch. When
+        ``cut_drafts()`` turns true between draft positions (e.g. a request is waiting
+        for its prefill), those same rows stop drafting and the step verifies at once.
         """
         for seq in seqs:
             if seq.finished or seq.prefill_remaining:
                 raise RuntimeError("step on a finished or not fully prefilled sequence")
         starts = [seq.cache.length for seq in seqs]
-        drafts, draft_probs = self._draft_batch(seqs, starts, draft_cap)
+        drafts, draft_probs = self._draft_batch(seqs, starts, draft_cap, cut_drafts)
         t0 = time.perf_counter()
         segments = [Segment(torch.tensor([seq.tokens[-1], *d], device=self.runner.device), seq.cache, start,
                             all_logits=bool(d)) for seq, start, d in zip(seqs, starts, drafts)]
@@ -202,6 +205,8 @@ class SpeculativeEngine:
         stats.verify_steps += 1
         stats.draft_tokens += len(drafts)
         stats.accepted_tokens += accepted
+        stats.draft_steps += bool(drafts)
+        stats.draft_rejections += accepted < len(drafts)
         stats.step_tokens += accepted + 1
         return self._commit(seq, drafts[:accepted] + [bonus])
 
@@ -217,8 +222,8 @@ class SpeculativeEngine:
             room = min(room, cap)
         return room
 
-    def _draft_batch(self, seqs: list[Sequence], starts: list[int],
-                     cap: int | None) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+    def _draft_batch(self, seqs: list[Sequence], starts: list[int], cap: int | None,
+                     cut: Callable[[], bool] | None = None) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         """Draft for every row; rows sharing a policy run together, one packed draft forward per position."""
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
@@ -239,6 +244,8 @@ class SpeculativeEngine:
                 for i, out in zip(active, outs):
                     if self._draft_one(seqs[i], out.logits[-1], drafts[i], probs[i]) and len(drafts[i]) < rooms[i]:
                         still.append(i)
+                if still and cut is not None and cut():
+                    still = [i for i in still if not seqs[i].params.draft_length_free]
                 active = still
             elapsed = time.perf_counter() - t0
             for i in members:

@@ -15,6 +15,8 @@ class RequestStats:
     verify_steps: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    draft_steps: int = 0  # verify steps that checked at least one drafted token
+    draft_rejections: int = 0  # verify steps in which the full model rejected a drafted token
     step_tokens: int = 0  # tokens produced by verify steps, before stop/max_tokens truncation
     prefill_s: float = 0.0
     draft_s: float = 0.0

@@ -142,7 +142,8 @@ class EngineLoop:
             for req in [r for r in self._active.values() if r.cancelled.is_set()]:
                 self._cancel(req)
             if self.batcher.size:  # first tokens go out before the decode step, not after it
-                for step in (self.batcher.prefill_step(), self.batcher.decode_step()):
+                # a request arriving mid-step cuts the drafts short: its prefill is not kept waiting
+                for step in (self.batcher.prefill_step(), self.batcher.decode_step(self._has_waiting)):
                     self.observer.on_step(step.decode_rows, step.draft_cap)
                     for seq, out in step.outputs:
                         self._deliver(self._active[id(seq)], out)
@@ -150,6 +151,10 @@ class EngineLoop:
                 self.observer.on_queue(len(self._active), len(self._waiting))
         for req in list(self._active.values()) + list(self._waiting):
             req.emit(GenerationEvent(error=RuntimeError("server shutting down")))
+
+    def _has_waiting(self) -> bool:
+        """Whether requests wait for admission or prefill (read without the lock: a hint, not a decision)."""
+        return bool(self._waiting) or bool(self.batcher.prefilling)
 
     def _release(self, req: GenerationRequest) -> None:
         """``req`` left the engine (finished, failed or cancelled)."""

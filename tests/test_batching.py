@@ -5,13 +5,15 @@ from __future__ import annotations
 import concurrent.futures
 
 import httpx
+import pytest
 import torch
 from conftest import chat_ids
 from test_server_metrics import scrape, total
 
 from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
-from decoding.adaptive import SpeculationPlanner, StepCosts
+from decoding.adaptive import SpeculationPlanner, StepCosts, expected_accepted, token_acceptance
 from decoding.batching import ContinuousBatcher, generate_batch
+from decoding.stats import RequestStats
 
 TEXTS = ["Translate to English: Guten Morgen, wie geht es dir heute?", "What is the capital of France?",
          "Write a haiku about rain.", "Explain photosynthesis in two sentences.", "List three prime numbers.",
@@ -69,6 +71,37 @@ def test_planner_choice_follows_costs(default_engine):
     int8_rows = [seq for seq in seqs if seq.policy.precision == "int8"]
     assert SpeculationPlanner(FREE_VERIFY).cap(int8_rows) is None
     assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs[1:2]) is None  # a lone row decodes as calibrated
+
+
+def test_planner_acceptance_model_is_geometric():
+    assert expected_accepted(0.5, 0) == 0.0
+    assert expected_accepted(0.5, 3) == pytest.approx(0.5 + 0.25 + 0.125)
+    assert expected_accepted(1.0, 4) == 4.0
+    assert token_acceptance(RequestStats()) == pytest.approx(0.7)  # the prior
+    # 18 accepted drafts, 2 rejections: close to 18 / 20 once the prior is outweighed
+    assert token_acceptance(RequestStats(accepted_tokens=18, draft_rejections=2)) == pytest.approx(20.8 / 24)
+
+
+def test_cut_drafts_verifies_at_once_and_keeps_every_output(default_engine):
+    """A waiting request cuts drafting short: greedy rows verify after one draft, seeded rows draft as usual."""
+    tok = default_engine.tokenizer
+    seeded = (chat_ids(tok, TEXTS[2]), SamplingParams(max_tokens=16, temperature=0.8, seed=7),
+              DraftPolicy(precision="int8", threshold=0.0, max_draft=4))
+    requests = mixed_requests(tok, long_prompt=False)[:4] + [seeded]
+    batcher = ContinuousBatcher(default_engine, max_batch_size=8)
+    seqs = []
+    for ids, params, policy in requests:
+        seq = default_engine.admit(ids, params)
+        seq.policy = policy
+        batcher.add(seq)
+        seqs.append(seq)
+    while batcher.size:
+        batcher.step(cut_drafts=lambda: True)
+    assert [s.generated for s in seqs] == solo_outputs(default_engine, requests)
+    for seq in seqs[:4]:
+        assert seq.stats.draft_tokens <= seq.stats.draft_steps  # at most one draft per step
+    assert seqs[1].stats.draft_steps > 0  # the int8 row did speculate
+    assert seqs[4].stats.draft_tokens > seqs[4].stats.draft_steps  # the seeded row kept its draft length
 
 
 def test_seeded_sampling_rows_same_alone_and_in_batch(default_engine):
