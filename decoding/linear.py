@@ -24,8 +24,16 @@ class Linear:
         self.weight = weight
         self.bias = None if bias is None else bias.detach()
         self.packed = _pack(weight, self.PACK_ROWS)
+        native_ok = weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+        kernels = native.cpu_kernels() if native_ok else None
+        self._step_kernel = None if kernels is None else kernels.linear_f32
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
+        """``step``: a decode/verify forward. On an AVX2 CPU those run the native kernel (1.4x
+        oneDNN's speed for one row here, ~1.1x for 2-16 rows, also batch-invariant); prefill
+        keeps oneDNN, faster for long chunks. The choice is by role, never by row count."""
+        if step and self._step_kernel is not None and x.dtype == torch.float32:
+            return self._step_kernel(x, self.weight, self.bias)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         if x.shape[0] == 1:

@@ -32,18 +32,15 @@ class RMSNorm:
         self.weight = weight + 1.0 if "Gemma" in type(module).__name__ else weight
         self.eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
         kernels = native.cpu_kernels() if self.weight.device.type == "cpu" else None
-        self._draft_kernel = None if kernels is None else kernels.rms_norm
+        self._kernel = None if kernels is None else kernels.rms_norm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm of each row; on CPU the one-pass native kernel (a row's result never depends on the others)."""
+        if self._kernel is not None and x.dim() == 2:
+            return self._kernel(x.float(), self.weight, self.eps).to(x.dtype)
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
-
-    def draft(self, x: torch.Tensor) -> torch.Tensor:
-        """The norm for draft forwards: the one-pass native kernel where built (not bit-identical)."""
-        if self._draft_kernel is None or x.dim() != 2:
-            return self(x)
-        return self._draft_kernel(x.float(), self.weight, self.eps).to(x.dtype)
 
 
 @dataclass
@@ -66,7 +63,7 @@ class _Layer:
     scaling: float
     softcap: float | None
     window: int | None
-    silu: bool  # the MLP activation is SiLU (the native draft kernel fuses it with the product)
+    silu: bool  # the MLP activation is SiLU (the native kernel fuses it with the product)
     draft: dict[str, Int8Linear] | None = None
 
 
@@ -217,20 +214,21 @@ class ModelRunner:
         cos, sin = cos[:, None], sin[:, None]  # (T, 1, D): over heads
         h = self.embed(tokens)  # (T, H), all segments
         draft = policy is not None
+        step = not any(seg.embedding for seg in segments)  # decode/verify/draft, not prefill: see Linear
         for index, layer in enumerate(self.layers):
             lin = layer.draft if int8 else None
             if index not in skip.attention:
-                x = layer.attn_norm.draft(h) if draft else layer.attn_norm(h)
-                h = h + self._attention(layer, lin, index, x, cos, sin, segments, lengths, draft)
+                h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, segments, lengths, draft,
+                                        step)
             if index not in skip.mlp:
-                h = h + self._mlp(layer, lin, layer.mlp_norm.draft(h) if draft else layer.mlp_norm(h), draft)
-        h = self.final_norm.draft(h) if draft else self.final_norm(h)
+                h = h + self._mlp(layer, lin, layer.mlp_norm(h), step)
+        h = self.final_norm(h)
         rows, offset = [], 0
         for seg, n in zip(segments, lengths):
             rows.append(torch.arange(offset, offset + n) if seg.all_logits else torch.tensor([offset + n - 1]))
             offset += n
-        head = self.draft_lm_head if int8 else self.lm_head
-        logits = head(h[torch.cat(rows)] if len(segments) > 1 or not segments[0].all_logits else h).float()
+        h_out = h[torch.cat(rows)] if len(segments) > 1 or not segments[0].all_logits else h
+        logits = (self.draft_lm_head(h_out) if int8 else self.lm_head(h_out, step)).float()
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         outputs, offset, row = [], 0, 0
@@ -243,15 +241,15 @@ class ModelRunner:
 
     def _attention(self, layer: _Layer, lin: dict[str, Int8Linear] | None, index: int, x: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], lengths: list[int],
-                   draft: bool = False) -> torch.Tensor:
+                   draft: bool = False, step: bool = False) -> torch.Tensor:
         T = x.shape[0]
-        qkv = (lin["qkv"] if lin else layer.qkv)(x).view(T, layer.q_heads + 2 * layer.kv_heads, self.head_dim)
+        qkv = (lin["qkv"](x) if lin else layer.qkv(x, step)).view(T, layer.q_heads + 2 * layer.kv_heads, self.head_dim)
         native = [self._native_attention(layer, seg, n, draft) for seg, n in zip(segments, lengths)]
         if all(native):
             y = self._cached_attention(layer, index, qkv, cos[:, 0], sin[:, 0], segments, lengths)
         else:
             y = self._sdpa_attention(layer, index, qkv, cos, sin, segments, lengths, native)
-        y = (lin["o"] if lin else layer.o)(y)
+        y = lin["o"](y) if lin else layer.o(y, step)
         if layer.attn_out_norm is not None:
             y = layer.attn_out_norm(y)
         return y
@@ -293,15 +291,14 @@ class ModelRunner:
                                              [seg.start for seg in segments], lengths, layer.q_heads,
                                              layer.scaling, layer.window or 0)
 
-    def _mlp(self, layer: _Layer, lin: dict[str, Int8Linear] | None, x: torch.Tensor,
-             draft: bool = False) -> torch.Tensor:
-        gate_up = (lin["gate_up"] if lin else layer.gate_up)(x)
-        if draft and self.kernels is not None and layer.silu:
+    def _mlp(self, layer: _Layer, lin: dict[str, Int8Linear] | None, x: torch.Tensor, step: bool) -> torch.Tensor:
+        gate_up = lin["gate_up"](x) if lin else layer.gate_up(x, step)
+        if self.kernels is not None and layer.silu and gate_up.dtype == torch.float32:
             hidden = self.kernels.silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = layer.act(gate) * up
-        y = (lin["down"] if lin else layer.down)(hidden)
+        y = lin["down"](hidden) if lin else layer.down(hidden, step)
         if layer.mlp_out_norm is not None:
             y = layer.mlp_out_norm(y)
         return y

@@ -45,6 +45,19 @@ def test_int8_linear_rows_are_batch_invariant():
 
 
 @needs_kernels
+@pytest.mark.parametrize("n,k", [(37, 576), (64, 100), (9, 1536)])  # column and input tails
+def test_linear_f32_matches_torch_and_is_row_invariant(n, k):
+    gen = torch.Generator().manual_seed(n)
+    w, bias, x = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen), torch.randn(9, k, generator=gen)
+    together = KERNELS.linear_f32(x, w, bias)
+    torch.testing.assert_close(together, F.linear(x.double(), w.double(), bias.double()).float(),
+                               rtol=1e-5, atol=1e-4)
+    for rows in (1, 2, 3, 4, 5):  # every blocking of the rows gives the same bits per row
+        assert torch.equal(KERNELS.linear_f32(x[:rows], w, bias), together[:rows])
+    assert torch.equal(KERNELS.linear_f32(x[7:8], w, None) + bias, together[7:8])  # the bias is added last
+
+
+@needs_kernels
 def test_rms_norm_and_silu_mul_match_torch():
     x, w = torch.randn(5, 576) * 3, torch.rand(576) + 0.5
     torch.testing.assert_close(KERNELS.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), rtol=1e-5, atol=1e-5)
