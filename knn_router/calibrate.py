@@ -69,20 +69,23 @@ def anchors_of(embeddings: np.ndarray, count: int, seed: int) -> np.ndarray:
     return KMeans(n_clusters=count, n_init=10, random_state=seed).fit(unit).cluster_centers_
 
 
-def confirm(engine: SpeculativeEngine, prompts: list[list[int]], policy: DraftPolicy, tokens: int) -> dict[str, float]:
-    """Real decoding on held-out prompts: decode tokens/s of ``policy`` over plain, interleaved per prompt."""
+def confirm(engine: SpeculativeEngine, prompts: list[list[int]], policies: list[DraftPolicy],
+            tokens: int) -> list[dict[str, float]]:
+    """Real decoding on held-out prompts: decode tokens/s of each policy over plain, interleaved per prompt."""
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-    plain_t = spec_t = 0.0
-    plain_n = spec_n = drafts = accepted = steps = 0
+    plain_t, plain_n = 0.0, 0
+    totals = [[0.0, 0, 0, 0, 0] for _ in policies]  # seconds, tokens, drafts, accepted, steps
     for ids in prompts:
         plain = engine.run(ids, params, PLAIN).stats
-        spec = engine.run(ids, params, policy).stats
         plain_t, plain_n = plain_t + plain.decode_s, plain_n + plain.step_tokens
-        spec_t, spec_n = spec_t + spec.decode_s, spec_n + spec.step_tokens
-        drafts, accepted, steps = drafts + spec.draft_tokens, accepted + spec.accepted_tokens, steps + spec.verify_steps
-    return {"measured_speedup": (spec_n / spec_t) / (plain_n / plain_t),
-            "acceptance_rate": accepted / drafts if drafts else 0.0,
-            "mean_accepted_tokens": spec_n / steps if steps else 0.0}
+        for total, policy in zip(totals, policies):
+            spec = engine.run(ids, params, policy).stats
+            for i, value in enumerate((spec.decode_s, spec.step_tokens, spec.draft_tokens, spec.accepted_tokens,
+                                       spec.verify_steps)):
+                total[i] += value
+    return [{"measured_speedup": (n / t) / (plain_n / plain_t),
+             "acceptance_rate": accepted / drafts if drafts else 0.0,
+             "mean_accepted_tokens": n / steps if steps else 0.0} for t, n, drafts, accepted, steps in totals]
 
 
 def _policy_for(engine: SpeculativeEngine, name: str, search_seqs: list[Sequence], holdout: list[list[int]],
@@ -92,8 +95,9 @@ def _policy_for(engine: SpeculativeEngine, name: str, search_seqs: list[Sequence
 
     With ``mixed`` (the policy tuned on all domains), the domain keeps its own policy
     only if it is expected to beat ``mixed`` on this domain's prompts by
-    ``config.domain_margin``: a domain-specific policy must earn its place, so the
-    router never routes to a policy that is no better than the fallback.
+    ``config.domain_margin`` and then measures at least as fast as ``mixed`` on the
+    held-out prompts: a domain-specific policy must earn its place, so the router
+    never routes to a policy that is no better than the fallback.
     """
     t0 = time.perf_counter()
     with tqdm(total=config.budget, desc=f"search {name}", unit="cand", leave=False) as bar:
@@ -111,7 +115,14 @@ def _policy_for(engine: SpeculativeEngine, name: str, search_seqs: list[Sequence
     if expected < config.min_speedup:
         policy, reason = PLAIN, "no candidate expected to beat plain decoding"
     else:
-        measured = confirm(engine, holdout, policy, config.tokens)
+        rival = mixed if mixed is not None and not mixed.is_plain and policy != mixed else None
+        measured, *rival_measured = confirm(engine, holdout, [policy] + ([rival] if rival else []), config.tokens)
+        if rival_measured:
+            report["mixed_measured_speedup"] = round(rival_measured[0]["measured_speedup"], 3)
+            if measured["measured_speedup"] < rival_measured[0]["measured_speedup"]:
+                report["own_measured_speedup"] = round(measured["measured_speedup"], 3)
+                policy, measured = rival, rival_measured[0]
+                reason = "own policy measured slower than the mixed policy on held-out prompts"
         report.update({k: round(v, 3) for k, v in measured.items()})
         if measured["measured_speedup"] < config.min_speedup:
             policy, reason = PLAIN, "speculation measured slower than plain decoding on held-out prompts"

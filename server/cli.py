@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="below this cosine similarity a request gets the 'mixed' policy")
     cal.add_argument("--domain-margin", type=float, default=0.03,
                      help="a domain keeps its own policy only if it is expected to beat the mixed policy (tuned on "
-                          "all domains) by this fraction on the domain's prompts; otherwise it gets the mixed policy")
+                          "all domains) by this fraction on the domain's prompts and then measures at least as fast "
+                          "on its held-out prompts; otherwise it gets the mixed policy")
     cal.add_argument("--seed", type=int, default=0, help="random seed of KMeans and the search")
     cal.set_defaults(func=cmd_calibrate)
 

@@ -134,6 +134,8 @@ def test_calibration_end_to_end(tmp_path, default_model, default_engine):
         if mixed["chosen"] == "speculative":
             own_wins = entry["expected_speedup"] >= entry["mixed_expected_speedup"] * (1 + config.domain_margin)
             assert own_wins or entry["policy"] in (mixed["policy"], PLAIN.to_dict())
+            if entry["policy"] not in (mixed["policy"], PLAIN.to_dict()):  # ... and measures no slower on held-out
+                assert entry["measured_speedup"] >= entry["mixed_measured_speedup"]
     manifest = json.loads((out / "router.json").read_text())
     assert manifest["report"]["costs"]["verify_ms"]["1"] > 0  # measured on this machine
     assert manifest["model"]["fingerprint"] == info.fingerprint
