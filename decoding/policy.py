@@ -59,6 +59,11 @@ def _as_indices(values: Any, kind: str) -> list[int]:
     return out
 
 
+# The built-in speculative shape (int8 draft, no skips): what calibration chose for every domain of
+# the default model on CPU; on 12 Spec-Bench prompts x 128 tokens 1.43x plain vs 1.37x for 0.6 / 10.
+DEFAULT_THRESHOLD, DEFAULT_MAX_DRAFT = 0.3, 8
+
+
 @dataclass(frozen=True)
 class DraftPolicy:
     """How one request drafts: skip set, draft weight precision, early stop and draft length.
@@ -68,8 +73,8 @@ class DraftPolicy:
 
     skip: SkipSet = field(default_factory=SkipSet)
     precision: DraftPrecision = "full"
-    threshold: float = 0.6
-    max_draft: int = 10
+    threshold: float = DEFAULT_THRESHOLD
+    max_draft: int = DEFAULT_MAX_DRAFT
     speculative: bool = True
 
     def __post_init__(self) -> None:
@@ -107,8 +112,8 @@ class DraftPolicy:
         return cls(
             skip=SkipSet.from_dict(data.get("skip", {})),
             precision=data.get("precision", "full"),
-            threshold=float(data.get("threshold", 0.6)),
-            max_draft=int(data.get("max_draft", 10)),
+            threshold=float(data.get("threshold", DEFAULT_THRESHOLD)),
+            max_draft=int(data.get("max_draft", DEFAULT_MAX_DRAFT)),
             speculative=bool(data.get("speculative", True)),
         )
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from decoding.loading import DEFAULT_MODEL
+from decoding.policy import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -32,9 +33,10 @@ def _skip_set_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-mlp", default="", help="comma-separated MLP layer indices the draft skips")
     p.add_argument("--draft-precision", default="int8", choices=["full", "int8"],
                    help="weights the draft runs on: the model's own (full) or the int8 copy")
-    p.add_argument("--threshold", type=float, default=0.6,
-                   help="stop drafting when the draft's top-1 probability falls below this")
-    p.add_argument("--max-draft", type=int, default=10, help="most tokens drafted per verify step")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="stop drafting when the draft's top-1 probability falls below this (default: %(default)s)")
+    p.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT,
+                   help="most tokens drafted per verify step (default: %(default)s)")
 
 
 ENV_PREFIX = "KNN_SSD_"

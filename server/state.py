@@ -32,9 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("knn_ssd.server")
 
-# Without a router: the int8 draft copy with no skipped layers, the best single policy
-# measured on the default model on CPU (see README); plain decoding where no int8 copy exists.
-FALLBACK_INT8 = DraftPolicy(precision="int8", threshold=0.6, max_draft=10)
+# Without a router: the int8 draft copy with no skipped layers and the default threshold and
+# draft length, the best single policy measured on the default model on CPU (see README);
+# plain decoding where no int8 copy exists.
+FALLBACK_INT8 = DraftPolicy(precision="int8")
 
 
 @dataclass
