@@ -293,7 +293,7 @@ class ModelRunner:
 
     def _mlp(self, layer: _Layer, lin: dict[str, Int8Linear] | None, x: torch.Tensor, step: bool) -> torch.Tensor:
         gate_up = lin["gate_up"](x) if lin else layer.gate_up(x, step)
-        if self.kernels is not None and layer.silu and gate_up.dtype == torch.float32:
+        if self.kernels is not None and layer.silu:
             hidden = self.kernels.silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -95,19 +96,28 @@ void dot_block(const int16_t* x, const double* x_scale, int64_t K, const int8_t*
   }
 }
 
-// Columns n..n+C-1 of all M input rows: the C weight rows stay in L1 while every input row
-// passes over them, so the weights stream from memory once per call whatever M is.
+// Calls f(std::integral_constant<int, R>{}, m) for row blocks m..m+R-1 covering 0..M-1: blocks of
+// 4, then the remainder. Kernels run a block of C columns for all M rows with it, so those C
+// weight rows stay in L1 while every input row passes over them (weights stream once per call).
+template <typename F>
+inline void row_blocks(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) f(std::integral_constant<int, 4>{}, m);
+  switch (M - m) {
+    case 3: f(std::integral_constant<int, 3>{}, m); break;
+    case 2: f(std::integral_constant<int, 2>{}, m); break;
+    case 1: f(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+// Columns n..n+C-1 of all M input rows.
 template <int C>
 void columns(const int16_t* x, const double* xs, int64_t M, int64_t K, const int8_t* w, const float* scale,
              const float* bias, float* y, int64_t N, int64_t n) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) dot_block<4, C>(x + m * K, xs + m, K, w, scale, bias, y + m * N, N, n);
-  switch (M - m) {
-    case 3: dot_block<3, C>(x + m * K, xs + m, K, w, scale, bias, y + m * N, N, n); break;
-    case 2: dot_block<2, C>(x + m * K, xs + m, K, w, scale, bias, y + m * N, N, n); break;
-    case 1: dot_block<1, C>(x + m * K, xs + m, K, w, scale, bias, y + m * N, N, n); break;
-    default: break;
-  }
+  row_blocks(M, [&](auto R, int64_t m) {
+    dot_block<decltype(R)::value, C>(x + m * K, xs + m, K, w, scale, bias, y + m * N, N, n);
+  });
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
@@ -177,14 +187,7 @@ void f32_block(const float* x, int64_t K, const float* w, const float* bias, flo
 template <int C>
 void f32_columns(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, int64_t N,
                  int64_t n) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) f32_block<4, C>(x + m * K, K, w, bias, y + m * N, N, n);
-  switch (M - m) {
-    case 3: f32_block<3, C>(x + m * K, K, w, bias, y + m * N, N, n); break;
-    case 2: f32_block<2, C>(x + m * K, K, w, bias, y + m * N, N, n); break;
-    case 1: f32_block<1, C>(x + m * K, K, w, bias, y + m * N, N, n); break;
-    default: break;
-  }
+  row_blocks(M, [&](auto R, int64_t m) { f32_block<decltype(R)::value, C>(x + m * K, K, w, bias, y + m * N, N, n); });
 }
 
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
@@ -461,18 +464,18 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   float* yp = y.data_ptr<float>();
   const __m256 one = _mm256_set1_ps(1.f), top = _mm256_set1_ps(88.f);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* gate = gp + m * 2 * I;
-    const float* up = gate + I;
-    float* out = yp + m * I;
-    int64_t i = 0;
-    for (; i + 8 <= I; i += 8) {
-      const __m256 a = _mm256_loadu_ps(gate + i);
-      const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), top));
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* gate = gp + m * 2 * I;
+      const float* up = gate + I;
+      float* out = yp + m * I;
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {
+        const __m256 a = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), top));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+      }
+      for (; i < I; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
     }
-    for (; i < I; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-  }
   });
   return y;
 }
