@@ -28,6 +28,11 @@ class Linear:
         kernels = native.cpu_kernels() if native_ok else None
         self._step_kernel = None if kernels is None else kernels.linear_f32
 
+    @property
+    def native(self) -> bool:
+        """Whether decode/verify steps run the engine's native kernel."""
+        return self._step_kernel is not None
+
     def __call__(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
         """``step``: a decode/verify forward. On an AVX2 CPU those run the native kernel (1.4x
         oneDNN's speed for one row here, ~1.1x for 2-16 rows, also batch-invariant); prefill
@@ -74,6 +79,11 @@ class Int8Linear:
     def nbytes(self) -> int:
         extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         return self.qweight.numel() + self.scale.numel() * self.scale.element_size() + extra
+
+    @property
+    def native(self) -> bool:
+        """Whether the engine's native int8 kernel runs this layer."""
+        return self._native is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._native is not None:

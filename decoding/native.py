@@ -1,8 +1,9 @@
 """The engine's own C++ CPU kernels, built once per torch version with torch's extension builder.
 
-The draft's int8 linears and norms run on them (they may approximate: verification
-never uses them), and so does the attention of drafts and of decode/verify steps
-(batch-invariant, like every full-model kernel the engine uses). Where they cannot
+The draft's int8 linears run on them (they may approximate: verification never
+uses them), and so do the linears, norms and attention of decode/verify steps
+(exact and batch-invariant, like every full-model kernel the engine uses), one
+call for all layers where the layer layout allows. Where they cannot
 be built (no compiler, no AVX2, not x86) the engine falls back to torch's own
 kernels and logs why, once.
 """
@@ -26,7 +27,8 @@ _state: dict[str, Any] = {}
 
 
 def cpu_kernels() -> Any | None:
-    """``torch.ops.knn_ssd`` (``int8_linear``, ``rms_norm``, ``cached_attention``, ``silu_mul``), or None."""
+    """``torch.ops.knn_ssd`` (``int8_linear``, ``linear_f32``, ``rms_norm``, ``cached_attention``, ``silu_mul``,
+    ``decoder_layers``), or None."""
     with _lock:
         if "ops" not in _state:
             _state["ops"] = _build()

@@ -68,6 +68,20 @@ class _Layer:
 
 
 @dataclass(frozen=True)
+class _LayerStack:
+    """All decoder layers' tensors in the order ``knn_ssd::decoder_layers`` takes them."""
+
+    norms: list[torch.Tensor]  # attention, MLP norm weights per layer
+    weights: list[torch.Tensor]  # qkv, o, gate_up, down per layer
+    scales: list[torch.Tensor]  # int8 weights' per-channel scales; empty for float32
+    biases: list[torch.Tensor | None]
+    windows: list[int]  # 0: no sliding window
+    q_heads: int
+    scaling: float
+    eps: float
+
+
+@dataclass(frozen=True)
 class Segment:
     """One sequence's part of a packed forward: ``tokens`` (1-D) at positions ``start..`` of ``cache``."""
 
@@ -127,6 +141,8 @@ class ModelRunner:
         with torch.no_grad():
             self.layers = [self._build_layer(layer) for layer in hf_model.model.layers]
         self.draft_lm_head: Int8Linear | None = None
+        self._full_stack = self._layer_stack(int8=False)
+        self._draft_stack: _LayerStack | None = None
         if int8_draft:
             self.enable_int8_draft()
 
@@ -167,6 +183,29 @@ class ModelRunner:
                                for name, lin in (("qkv", layer.qkv), ("o", layer.o),
                                                  ("gate_up", layer.gate_up), ("down", layer.down))}
             self.draft_lm_head = Int8Linear(self.lm_head.weight, self.lm_head.bias)
+        self._draft_stack = self._layer_stack(int8=True)
+
+    def _layer_stack(self, int8: bool) -> _LayerStack | None:
+        """The layers for the one-call native path of decode/verify steps (float32) or int8 drafts, where
+        the kernels run them all: plain pre-norm layers with SiLU MLPs and one norm epsilon, head count
+        and scaling (Llama, Qwen2, Mistral). Other layouts (Gemma's extra norms and softcaps, Qwen3's
+        head norms) keep the per-layer path."""
+        layers = self.layers
+        if self.kernels is None or any(layer.attn_out_norm or layer.mlp_out_norm or layer.q_norm or layer.softcap
+                                       or not layer.silu or (int8 and not layer.draft) for layer in layers):
+            return None
+        norms = [norm for layer in layers for norm in (layer.attn_norm, layer.mlp_norm)]
+        if len({n.eps for n in norms}) != 1 or len({(la.q_heads, la.scaling) for la in layers}) != 1:
+            return None
+        names = ("qkv", "o", "gate_up", "down")
+        linears = [layer.draft[name] if int8 else getattr(layer, name) for layer in layers for name in names]
+        if not all(lin.native for lin in linears):
+            return None
+        return _LayerStack(norms=[n.weight for n in norms],
+                           weights=[lin.qweight if int8 else lin.weight for lin in linears],
+                           scales=[lin.scale for lin in linears] if int8 else [], biases=[lin.bias for lin in linears],
+                           windows=[layer.window or 0 for layer in layers], q_heads=layers[0].q_heads,
+                           scaling=layers[0].scaling, eps=norms[0].eps)
 
     @property
     def int8_draft_bytes(self) -> int:
@@ -215,13 +254,17 @@ class ModelRunner:
         h = self.embed(tokens)  # (T, H), all segments
         draft = policy is not None
         step = not any(seg.embedding for seg in segments)  # decode/verify/draft, not prefill: see Linear
-        for index, layer in enumerate(self.layers):
+        stack = self._draft_stack if int8 else self._full_stack if step and all(
+            self._native_attention(self.layers[0], seg, n, draft) for seg, n in zip(segments, lengths)) else None
+        for index, layer in enumerate(self.layers if stack is None else ()):
             lin = layer.draft if int8 else None
             if index not in skip.attention:
                 h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, segments, lengths, draft,
                                         step)
             if index not in skip.mlp:
                 h = h + self._mlp(layer, lin, layer.mlp_norm(h), step)
+        if stack is not None:
+            h = self._stacked_layers(stack, h, cos[:, 0], sin[:, 0], segments, lengths, skip)
         h = self.final_norm(h)
         rows, offset = [], 0
         for seg, n in zip(segments, lengths):
@@ -238,6 +281,19 @@ class ModelRunner:
             offset += n
             row += len(picked)
         return outputs
+
+    def _stacked_layers(self, stack: _LayerStack, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        segments: list[Segment], lengths: list[int], skip: SkipSet) -> torch.Tensor:
+        """All layers in one native call: the same kernels in the same order as the per-layer path, so
+        the same results, without ~8 trips through Python per layer."""
+        ends = [seg.start + n for seg, n in zip(segments, lengths)]
+        buffers = [seg.cache.layer_buffers(index, end) for index in range(self.num_layers)
+                   for seg, end in zip(segments, ends)]
+        layers = range(self.num_layers)
+        return self.kernels.decoder_layers(
+            h, stack.norms, stack.weights, stack.scales, stack.biases, [int(i in skip.attention) for i in layers],
+            [int(i in skip.mlp) for i in layers], cos, sin, [k for k, _ in buffers], [v for _, v in buffers],
+            [seg.start for seg in segments], lengths, stack.q_heads, stack.scaling, stack.windows, stack.eps)
 
     def _attention(self, layer: _Layer, lin: dict[str, Int8Linear] | None, index: int, x: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], lengths: list[int],

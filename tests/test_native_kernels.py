@@ -9,6 +9,7 @@ from tiny_models import tiny_model
 
 from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine, native
 from decoding.linear import Int8Linear
+from decoding.runner import Segment
 
 KERNELS = native.cpu_kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="native kernels need an AVX2 CPU and a C++ compiler")
@@ -118,6 +119,41 @@ def test_cached_attention_is_batch_and_length_invariant():
                                              [start + t], [1], 6, 0.25, 0)
             assert torch.equal(alone[0], packed[row])
             row += 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # qwen2: biases; mistral: sliding window
+def test_one_call_layer_stack_matches_per_layer_path(family):
+    """Decode/verify steps and drafts run all layers in one native call; logits and KV writes are
+    bit-identical to the per-layer path, for packed sequences and with skipped sub-layers."""
+    runner = ModelRunner(tiny_model(family))
+    assert runner._full_stack is not None and runner._draft_stack is not None
+    caches = [runner.new_cache(64) for _ in range(2)]
+    for cache, start in zip(caches, (30, 9)):
+        runner.forward(torch.arange(3, 3 + start), cache, 0)
+    segments = [Segment(torch.tensor([5, 6, 7]), caches[0], 30, all_logits=True),
+                Segment(torch.tensor([8]), caches[1], 9)]
+    policies = [None, DraftPolicy(precision="int8"), DraftPolicy(SkipSet([1], [0, 3]), precision="int8"),
+                DraftPolicy(SkipSet([2], [1]))]
+
+    def run(policy):
+        logits = [out.logits for out in runner.forward_packed(segments, policy)]
+        return logits, [(c.keys[:, 0, :, :40].clone(), c.values[:, 0, :, :40].clone()) for c in caches]
+
+    for policy in policies:
+        stacked = run(policy)
+        stacks = runner._full_stack, runner._draft_stack
+        runner._full_stack = runner._draft_stack = None
+        per_layer = run(policy)
+        runner._full_stack, runner._draft_stack = stacks
+        assert all(torch.equal(a, b) for a, b in zip(stacked[0], per_layer[0])), policy
+        assert all(torch.equal(a, b) for pair_a, pair_b in zip(stacked[1], per_layer[1])
+                   for a, b in zip(pair_a, pair_b)), policy
+
+
+def test_gemma_layers_keep_the_per_layer_path():
+    """Layouts the one-call stack does not cover (extra norms, softcaps) are left to the per-layer path."""
+    assert ModelRunner(tiny_model("gemma2"))._full_stack is None
 
 
 def test_without_native_kernels_speculation_is_still_lossless(default_model, monkeypatch):

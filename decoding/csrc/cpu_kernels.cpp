@@ -1,7 +1,8 @@
 // AVX2 kernels for the engine's forward on CPU. int8_linear serves the draft only (it may
 // approximate: verification runs the original weights); rms_norm and silu_mul serve every
-// forward, cached_attention drafts and the full model's decode/verify steps. Each computes a
-// row (token) on its own in a fixed order, so results never depend on the batch.
+// forward, cached_attention drafts and the full model's decode/verify steps, and
+// decoder_layers chains them over all layers in one call. Each computes a row (token) on its
+// own in a fixed order, so results never depend on the batch.
 //
 // int8_linear: y = (x @ W_q.T) * scale + bias, with W_q int8 (N, K) per-output-channel and x
 // float32 (M, K). Each input row is quantised to int16 with its own absmax scale
@@ -480,6 +481,47 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return y;
 }
 
+// decoder_layers: a stack of decoder layers in one call, so the ~8 kernel calls per layer are
+// not each a trip through Python (pre-norm Llama-style layers: RMS norms, fused qkv, rotary
+// attention, SiLU-gated MLP). Serves decode/verify steps (float32 weights, linear_f32) and
+// int8 drafts (int8 weights with per-channel scales; `scales` empty means float32). Per layer
+// i: norms[2i], norms[2i + 1] (attention, MLP); weights/scales/biases[4i + j] for j = qkv, o,
+// gate_up, down; KV buffers keys/values[i * S + s] for sequence s. Skipped sub-layers are the
+// identity. Returns the residual stream after the last layer; every kernel is the one the
+// per-layer path calls, in the same order, so the results are identical to it.
+at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::TensorList weights,
+                          at::TensorList scales, const c10::List<c10::optional<at::Tensor>>& biases,
+                          at::IntArrayRef skip_attention, at::IntArrayRef skip_mlp, const at::Tensor& cos,
+                          const at::Tensor& sin, at::TensorList keys, at::TensorList values, at::IntArrayRef starts,
+                          at::IntArrayRef lengths, int64_t q_heads, double scaling, at::IntArrayRef windows,
+                          double eps) {
+  const int64_t L = static_cast<int64_t>(skip_attention.size()), S = static_cast<int64_t>(starts.size());
+  TORCH_CHECK(static_cast<int64_t>(skip_mlp.size()) == L && static_cast<int64_t>(windows.size()) == L &&
+              static_cast<int64_t>(norms.size()) == 2 * L && static_cast<int64_t>(weights.size()) == 4 * L &&
+              (scales.empty() || static_cast<int64_t>(scales.size()) == 4 * L) &&
+              static_cast<int64_t>(biases.size()) == 4 * L &&
+              static_cast<int64_t>(keys.size()) == L * S && static_cast<int64_t>(values.size()) == L * S,
+              "decoder_layers: 2 norms, 4 linears, one window and S KV buffers per layer");
+  at::Tensor h = hidden.contiguous().clone();
+  const int64_t T = h.size(0);
+  const auto linear = [&](const at::Tensor& x, int64_t i) {
+    return scales.empty() ? linear_f32(x, weights[i], biases.get(i))
+                          : int8_linear(x, weights[i], scales[i], biases.get(i));
+  };
+  for (int64_t i = 0; i < L; ++i) {
+    if (!skip_attention[i]) {
+      const at::Tensor qkv = linear(rms_norm(h, norms[2 * i], eps), 4 * i);
+      const int64_t D = keys[i * S].size(2), width = qkv.size(1) / D;
+      const at::Tensor y = cached_attention(qkv.view({T, width, D}), cos, sin, keys.slice(i * S, S),
+                                            values.slice(i * S, S), starts, lengths, q_heads, scaling,
+                                            windows[i]);
+      h.add_(linear(y, 4 * i + 1));
+    }
+    if (!skip_mlp[i]) h.add_(linear(silu_mul(linear(rms_norm(h, norms[2 * i + 1], eps), 4 * i + 2)), 4 * i + 3));
+  }
+  return h;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(knn_ssd, m) {
@@ -489,6 +531,9 @@ TORCH_LIBRARY(knn_ssd, m) {
   m.def("cached_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!)[] keys, Tensor(b!)[] values, int[] starts, "
         "int[] lengths, int q_heads, float scaling, int window) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("decoder_layers(Tensor hidden, Tensor[] norms, Tensor[] weights, Tensor[] scales, Tensor?[] biases, "
+        "int[] skip_attention, int[] skip_mlp, Tensor cos, Tensor sin, Tensor(a!)[] keys, Tensor(b!)[] values, "
+        "int[] starts, int[] lengths, int q_heads, float scaling, int[] windows, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(knn_ssd, CPU, m) {
   m.impl("int8_linear", &int8_linear);
@@ -496,4 +541,5 @@ TORCH_LIBRARY_IMPL(knn_ssd, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("cached_attention", &cached_attention);
   m.impl("silu_mul", &silu_mul);
+  m.impl("decoder_layers", &decoder_layers);
 }
