@@ -456,10 +456,11 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   for (int64_t r = 0; r < T; ++r) longest = std::max(longest, row_pos[r] + 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (longest * D * groups));
   // One unit = one token's query heads sharing one KV head: each key/value row is read once for all of them.
+  // Units run head-major, so a thread takes consecutive tokens of one KV head while its rows are in cache.
   at::parallel_for(0, T * Hkv, grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> q(groups * D), scores(groups * longest), pad(8 * D);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r = b / Hkv, kvh = b % Hkv, last = row_pos[r];
+      const int64_t r = b % T, kvh = b / T, last = row_pos[r];
       const int64_t cap = keys[row_seq[r]].size(1);
       const float* kp = keys[row_seq[r]].data_ptr<float>() + kvh * cap * D;
       const float* vp = values[row_seq[r]].data_ptr<float>() + kvh * cap * D;
