@@ -208,6 +208,16 @@ class ModelRunner:
                            scaling=layers[0].scaling, eps=norms[0].eps)
 
     @property
+    def kernel_summary(self) -> str:
+        """Which kernels run the forwards, for the startup log."""
+        if self.kernels is None:
+            return "torch kernels"
+        stacked = [role for role, stack in (("decode/verify steps", self._full_stack), ("int8 drafts", self._draft_stack))
+                   if stack is not None]
+        return "native CPU kernels, " + (f"{' and '.join(stacked)} in one call for all layers" if stacked
+                                         else "one call per layer")
+
+    @property
     def int8_draft_bytes(self) -> int:
         """Memory the int8 draft copy costs (0 when not made)."""
         if self.draft_lm_head is None:

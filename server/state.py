@@ -90,8 +90,8 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
     engine = SpeculativeEngine(runner, tokenizer, max_context=max_len)
     log.info("model %s: %s, %d layers, hidden %d, %.0fM parameters, fingerprint %s", info.name, info.architecture,
              info.num_layers, info.hidden_size, info.parameters / 1e6, info.fingerprint)
-    log.info("device %s, dtype %s, context %d tokens, int8 draft copy %.0f MiB (loaded in %.1fs)", info.device,
-             info.dtype, max_len, runner.int8_draft_bytes / 2**20, time.perf_counter() - t0)
+    log.info("device %s, dtype %s, context %d tokens, int8 draft copy %.0f MiB (loaded in %.1fs); %s", info.device,
+             info.dtype, max_len, runner.int8_draft_bytes / 2**20, time.perf_counter() - t0, runner.kernel_summary)
     router = _router(config, info)
     if router is None:
         log.info("index: none; speculative requests use the built-in policy %s", FALLBACK_INT8.to_dict())

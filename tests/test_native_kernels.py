@@ -128,6 +128,7 @@ def test_one_call_layer_stack_matches_per_layer_path(family):
     bit-identical to the per-layer path, for packed sequences and with skipped sub-layers."""
     runner = ModelRunner(tiny_model(family))
     assert runner._full_stack is not None and runner._draft_stack is not None
+    assert "decode/verify steps and int8 drafts in one call" in runner.kernel_summary
     caches = [runner.new_cache(64) for _ in range(2)]
     for cache, start in zip(caches, (30, 9)):
         runner.forward(torch.arange(3, 3 + start), cache, 0)
@@ -153,7 +154,8 @@ def test_one_call_layer_stack_matches_per_layer_path(family):
 
 def test_gemma_layers_keep_the_per_layer_path():
     """Layouts the one-call stack does not cover (extra norms, softcaps) are left to the per-layer path."""
-    assert ModelRunner(tiny_model("gemma2"))._full_stack is None
+    runner = ModelRunner(tiny_model("gemma2"))
+    assert runner._full_stack is None and runner.kernel_summary == "native CPU kernels, one call per layer"
 
 
 def test_without_native_kernels_speculation_is_still_lossless(default_model, monkeypatch):
