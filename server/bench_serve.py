@@ -2,7 +2,9 @@
 
 Each client streams chat completions back to back (greedy, ``max_new_tokens`` each, EOS
 ignored); aggregate tokens/s is all generated tokens over the level's wall time, time to first
-token is measured per request from the client side.
+token is measured per request from the client side. Modes: ``speculative`` (each request as the
+server routes it) and ``plain`` (``speculate: false``, the baseline), run level by level on the
+same server.
 """
 
 from __future__ import annotations
@@ -25,9 +27,14 @@ class RequestTiming:
     total_s: float
 
 
-async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestTiming:
+MODES = ("speculative", "plain")
+
+
+async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
+                       speculate: bool) -> RequestTiming:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+            "speculate": speculate}
     t0 = time.perf_counter()
     ttft, tokens = None, 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -46,7 +53,7 @@ async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_t
 
 
 async def run_level(url: str, model: str, prompts: list[str], clients: int, requests_per_client: int,
-                    max_tokens: int, ramp_s: float, bar: tqdm) -> dict[str, Any]:
+                    max_tokens: int, ramp_s: float, bar: tqdm, mode: str = "speculative") -> dict[str, Any]:
     """``clients`` concurrent clients, each sending ``requests_per_client`` requests one after another.
 
     Client ``i`` starts after ``i * ramp_s / clients`` seconds (0: all at once, a burst).
@@ -57,7 +64,7 @@ async def run_level(url: str, model: str, prompts: list[str], clients: int, requ
         await asyncio.sleep(index * ramp_s / clients)
         for r in range(requests_per_client):
             prompt = prompts[(index * requests_per_client + r) % len(prompts)]
-            timings.append(await _one_request(client, model, prompt, max_tokens))
+            timings.append(await _one_request(client, model, prompt, max_tokens, mode == "speculative"))
             bar.update()
 
     limits = httpx.Limits(max_connections=clients + 4)
@@ -67,7 +74,7 @@ async def run_level(url: str, model: str, prompts: list[str], clients: int, requ
         wall = time.perf_counter() - t0
     tokens = sum(t.tokens for t in timings)
     ttfts = sorted(t.ttft_s for t in timings)
-    return {"clients": clients, "requests": len(timings), "tokens": tokens, "wall_s": wall,
+    return {"clients": clients, "mode": mode, "requests": len(timings), "tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
             "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
             "per_request_tokens_per_s": statistics.median(t.tokens / t.total_s for t in timings),
@@ -75,22 +82,32 @@ async def run_level(url: str, model: str, prompts: list[str], clients: int, requ
 
 
 def bench_serve(url: str, model: str, prompts: list[str], levels: list[int], requests_per_client: int,
-                max_tokens: int, ramp_s: float | None = None) -> dict[str, Any]:
-    """Run every concurrency level; each client sends ``requests_per_client`` requests back to back.
+                max_tokens: int, ramp_s: float | None = None, modes: tuple[str, ...] = ("speculative",)
+                ) -> dict[str, Any]:
+    """Run every concurrency level in every mode; each client sends ``requests_per_client`` requests back
+    to back. ``x first`` ratios compare a level with the first level of the same mode; with both modes,
+    speculative levels also get ``vs_plain`` (their tokens/s over plain decoding's at that level).
 
     ``ramp_s`` None staggers client starts over the first level's median request latency, so
     arrivals spread as in steady traffic instead of coming as synchronized waves (with a fixed
     ``max_tokens`` and no EOS, clients that start together also finish together, forever).
     """
-    results = []
-    with tqdm(total=sum(levels) * requests_per_client, desc="bench-serve", unit="request") as bar:
+    unknown = set(modes) - set(MODES)
+    if unknown or not modes:
+        raise ValueError(f"modes must be among {', '.join(MODES)}, got {', '.join(modes) or 'none'}")
+    results: list[dict[str, Any]] = []
+    with tqdm(total=sum(levels) * requests_per_client * len(modes), desc="bench-serve", unit="request") as bar:
         for clients in levels:
-            ramp = 0.0 if not results else (results[0]["request_latency_p50_s"] if ramp_s is None else ramp_s)
-            results.append(asyncio.run(run_level(url, model, prompts, clients, requests_per_client, max_tokens, ramp,
-                                                 bar)))
-    base = results[0]
+            for mode in modes:
+                ramp = 0.0 if not results else (results[0]["request_latency_p50_s"] if ramp_s is None else ramp_s)
+                results.append(asyncio.run(run_level(url, model, prompts, clients, requests_per_client, max_tokens,
+                                                     ramp, bar, mode)))
     for r in results:
+        base = next(b for b in results if b["mode"] == r["mode"])
         r["throughput_vs_first"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["ttft_p50_vs_first"] = r["ttft_p50_s"] / base["ttft_p50_s"]
+        plain = [p for p in results if p["mode"] == "plain" and p["clients"] == r["clients"]]
+        if r["mode"] == "speculative" and plain:
+            r["vs_plain"] = r["tokens_per_s"] / plain[0]["tokens_per_s"]
     return {"url": url, "max_new_tokens": max_tokens, "requests_per_client": requests_per_client,
             "levels": results}

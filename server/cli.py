@@ -214,17 +214,19 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"the server did not start: {exc}") from exc
     try:
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        report = bench_serve(url, model, prompts, levels, args.requests_per_client, args.max_new_tokens, args.ramp_s)
+        report = bench_serve(url, model, prompts, levels, args.requests_per_client, args.max_new_tokens, args.ramp_s,
+                             tuple(args.modes.split(",")))
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
-    print(f"{'clients':>7} {'ramp s':>6} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tokens/s':>9} {'x first':>8} "
-          f"{'TTFT p50':>9} {'x first':>8} {'TTFT p95':>9}")
+    print(f"{'clients':>7} {'mode':>11} {'ramp s':>6} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tokens/s':>9} "
+          f"{'x first':>8} {'TTFT p50':>9} {'x first':>8} {'TTFT p95':>9} {'vs plain':>8}")
     for r in report["levels"]:
-        print(f"{r['clients']:>7} {r['ramp_s']:>6.1f} {r['requests']:>8} {r['tokens']:>7} {r['wall_s']:>7.1f} {r['tokens_per_s']:>9.1f} "
-              f"{r['throughput_vs_first']:>8.2f} {r['ttft_p50_s']:>9.3f} {r['ttft_p50_vs_first']:>8.2f} "
-              f"{r['ttft_p95_s']:>9.3f}")
+        vs_plain = f"{r['vs_plain']:>8.2f}" if "vs_plain" in r else f"{'':>8}"
+        print(f"{r['clients']:>7} {r['mode']:>11} {r['ramp_s']:>6.1f} {r['requests']:>8} {r['tokens']:>7} "
+              f"{r['wall_s']:>7.1f} {r['tokens_per_s']:>9.1f} {r['throughput_vs_first']:>8.2f} {r['ttft_p50_s']:>9.3f} "
+              f"{r['ttft_p50_vs_first']:>8.2f} {r['ttft_p95_s']:>9.3f} {vs_plain}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
@@ -355,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--ramp-s", type=float, default=None,
                              help="stagger client starts over this many seconds (0: all at once, a burst; default: "
                                   "the first level's median request latency, for steady-state arrivals)")
+    serve_bench.add_argument("--modes", default="speculative",
+                             help="comma-separated: speculative (requests as the server routes them) and/or plain "
+                                  "(speculate: false, the baseline); with both, each level runs in both modes on the "
+                                  "same server and reports speculative over plain tokens/s")
     serve_bench.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl (prompts)")
     serve_bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
     serve_bench.set_defaults(func=cmd_bench_serve)
