@@ -212,8 +212,8 @@ class ModelRunner:
         """Which kernels run the forwards, for the startup log."""
         if self.kernels is None:
             return "torch kernels"
-        stacked = [role for role, stack in (("decode/verify steps", self._full_stack), ("int8 drafts", self._draft_stack))
-                   if stack is not None]
+        roles = (("decode/verify steps", self._full_stack), ("int8 drafts", self._draft_stack))
+        stacked = [role for role, stack in roles if stack is not None]
         return "native CPU kernels, " + (f"{' and '.join(stacked)} in one call for all layers" if stacked
                                          else "one call per layer")
 
@@ -264,17 +264,17 @@ class ModelRunner:
         h = self.embed(tokens)  # (T, H), all segments
         draft = policy is not None
         step = not any(seg.embedding for seg in segments)  # decode/verify/draft, not prefill: see Linear
-        stack = self._draft_stack if int8 else self._full_stack if step and all(
-            self._native_attention(self.layers[0], seg, n, draft) for seg, n in zip(segments, lengths)) else None
-        for index, layer in enumerate(self.layers if stack is None else ()):
-            lin = layer.draft if int8 else None
-            if index not in skip.attention:
-                h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, segments, lengths, draft,
-                                        step)
-            if index not in skip.mlp:
-                h = h + self._mlp(layer, lin, layer.mlp_norm(h), step)
+        stack = self._stack_for(int8, step, draft, segments, lengths)
         if stack is not None:
             h = self._stacked_layers(stack, h, cos[:, 0], sin[:, 0], segments, lengths, skip)
+        else:
+            for index, layer in enumerate(self.layers):
+                lin = layer.draft if int8 else None
+                if index not in skip.attention:
+                    h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, segments, lengths,
+                                            draft, step)
+                if index not in skip.mlp:
+                    h = h + self._mlp(layer, lin, layer.mlp_norm(h), step)
         h = self.final_norm(h)
         rows, offset = [], 0
         for seg, n in zip(segments, lengths):
@@ -291,6 +291,17 @@ class ModelRunner:
             offset += n
             row += len(picked)
         return outputs
+
+    def _stack_for(self, int8: bool, step: bool, draft: bool, segments: list[Segment],
+                   lengths: list[int]) -> _LayerStack | None:
+        """The one-call layer stack for this forward, or None for the per-layer path: int8 drafts, and
+        full-precision steps whose every segment attends natively (never prefill)."""
+        if int8:
+            return self._draft_stack
+        if not step or not all(self._native_attention(self.layers[0], seg, n, draft)
+                               for seg, n in zip(segments, lengths)):
+            return None
+        return self._full_stack
 
     def _stacked_layers(self, stack: _LayerStack, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         segments: list[Segment], lengths: list[int], skip: SkipSet) -> torch.Tensor:

@@ -97,9 +97,9 @@ def bench_serve(url: str, model: str, prompts: list[str], levels: list[int], req
         raise ValueError(f"modes must be among {', '.join(MODES)}, got {', '.join(modes) or 'none'}")
     results: list[dict[str, Any]] = []
     with tqdm(total=sum(levels) * requests_per_client * len(modes), desc="bench-serve", unit="request") as bar:
-        for clients in levels:
-            for mode in modes:
-                ramp = 0.0 if not results else (results[0]["request_latency_p50_s"] if ramp_s is None else ramp_s)
+        for level, clients in enumerate(levels):
+            for mode in modes:  # every mode of a level arrives with the same stagger
+                ramp = 0.0 if level == 0 else (results[0]["request_latency_p50_s"] if ramp_s is None else ramp_s)
                 results.append(asyncio.run(run_level(url, model, prompts, clients, requests_per_client, max_tokens,
                                                      ramp, bar, mode)))
     for r in results:

@@ -65,12 +65,25 @@ struct Cursor {
   const char* at;
   const char* end;
   int64_t step;
+  // Over weight rows [n0, n1) of `w` (rows of `row_bytes`), starting kLead ahead of the kernel.
+  static Cursor rows(const void* w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t step) {
+    const char* base = static_cast<const char*>(w);
+    return Cursor{base + n0 * row_bytes + kLead, base + n1 * row_bytes, step};
+  }
   inline void advance() {
     const char* stop = std::min(at + step, end);
     for (const char* p = at; p < stop; p += 64) _mm_prefetch(p, _MM_HINT_T0);
     at += step;
   }
 };
+
+// The float32 (N,) bias of op `op` checked against N output columns, or null where there is none.
+inline const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t N, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, op,
+              ": bias must be float32 (N,)");
+  return bias->data_ptr<float>();
+}
 
 // Columns n..n+C-1 of input rows 0..R-1: R x C dot products sharing each load, in exact
 // int32 (flushed to double every kFlush inputs), so results never depend on the blocking.
@@ -139,9 +152,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
               "int8_linear: w must be contiguous int8 (N, K)");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == w.size(0),
               "int8_linear: scale must be float32 (N,)");
-  const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == w.size(0)),
-              "int8_linear: bias must be float32 (N,)");
+  const float* bp = bias_data(bias, w.size(0), "int8_linear");
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
   std::vector<int16_t> xq(M * K);
@@ -151,12 +162,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   at::Tensor y = at::empty({M, N}, xc.options());
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
-  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t passes = (M + 3) / 4;
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    Cursor cursor{reinterpret_cast<const char*>(wp + n0 * K) + kLead, reinterpret_cast<const char*>(wp + n1 * K),
-                  std::max<int64_t>(16, 2 * 16 / passes)};
+    Cursor cursor = Cursor::rows(wp, K, n0, n1, std::max<int64_t>(16, 2 * 16 / passes));
     int64_t n = n0;
     for (; n + 2 <= n1; n += 2) columns<2>(xq.data(), xs.data(), M, K, wp, sp, bp, yp, N, n, cursor);
     cursor.step = std::max<int64_t>(16, 16 / passes);
@@ -212,20 +221,16 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optio
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "linear_f32: x must be float32 (M, K)");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(1) == x.size(1),
               "linear_f32: w must be contiguous float32 (N, K)");
-  const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == w.size(0)),
-              "linear_f32: bias must be float32 (N,)");
+  const float* bp = bias_data(bias, w.size(0), "linear_f32");
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
   at::Tensor y = at::empty({M, N}, xc.options());
   const float* xp = xc.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
-  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t passes = (M + 3) / 4;
   at::parallel_for(0, N, 48, [&](int64_t n0, int64_t n1) {
-    const char* first = reinterpret_cast<const char*>(wp + n0 * K);
-    Cursor cursor{first + kLead, reinterpret_cast<const char*>(wp + n1 * K), 0};
+    Cursor cursor = Cursor::rows(wp, K * 4, n0, n1, 0);
     int64_t n = n0;
     if (M == 1) {  // one row: more weight rows in flight per block (the arithmetic is the same)
       cursor.step = 8 * 32;
