@@ -69,6 +69,11 @@ def anchors_of(embeddings: np.ndarray, count: int, seed: int) -> np.ndarray:
     return KMeans(n_clusters=count, n_init=10, random_state=seed).fit(unit).cluster_centers_
 
 
+def search_split(num_prompts: int, config: CalibrationConfig) -> int:
+    """How many of a domain's prompts (the first ones) the policy search uses; the held-out ones follow."""
+    return min(config.search_prompts, max(1, num_prompts - config.holdout_prompts))
+
+
 def confirm(engine: SpeculativeEngine, prompts: list[list[int]], policies: list[DraftPolicy],
             tokens: int) -> list[dict[str, float]]:
     """Real decoding on held-out prompts: decode tokens/s of each policy over plain, interleaved per prompt."""
@@ -139,18 +144,20 @@ def calibrate(engine: SpeculativeEngine, info: ModelInfo, domains: dict[str, lis
     t_start = time.perf_counter()
     costs = measure_costs(engine.runner)
     log.info("step costs (ms): 1-token %.1f, 13-token verify %.1f", costs.forward_1, costs.verify_ms(13))
-    params = SamplingParams(max_tokens=config.tokens, ignore_eos=True)
+    continued = SamplingParams(max_tokens=config.tokens, ignore_eos=True)
+    embedded = SamplingParams(max_tokens=1, ignore_eos=True)  # prefill only: the embedding, for the anchors
+    splits = {name: search_split(len(prompts), config) for name, prompts in domains.items()}
     seqs: dict[str, list[Sequence]] = {}
     total = sum(len(p) for p in domains.values())
-    with tqdm(total=total, desc="embed + continue", unit="prompt") as bar:
+    with tqdm(total=total, desc="embed (+ continue search prompts)", unit="prompt") as bar:
         for name, prompts in domains.items():
             seqs[name] = []
-            for ids in prompts:
-                seqs[name].append(engine.run(ids, params, PLAIN))
+            for i, ids in enumerate(prompts):
+                seqs[name].append(engine.run(ids, continued if i < splits[name] else embedded, PLAIN))
                 bar.update(1)
     per_domain_search = max(1, config.search_prompts // len(domains))
     per_domain_holdout = max(1, config.holdout_prompts // len(domains))
-    mixed_search = [s for name in domains for s in seqs[name][:per_domain_search]]
+    mixed_search = [s for name in domains for s in seqs[name][:min(per_domain_search, splits[name])]]
     mixed_holdout = [p for name, prompts in domains.items()
                      for p in prompts[len(prompts) - per_domain_holdout:]]
     policies, report = {}, {}
@@ -161,7 +168,7 @@ def calibrate(engine: SpeculativeEngine, info: ModelInfo, domains: dict[str, lis
         centres = anchors_of(emb, config.anchors_per_domain, config.seed)
         anchors.append(centres)
         labels += [name] * len(centres)
-        split = min(config.search_prompts, max(1, len(prompts) - config.holdout_prompts))
+        split = splits[name]
         holdout = prompts[split:split + config.holdout_prompts] or prompts[:1]
         policies[name], report[name] = _policy_for(engine, name, seqs[name][:split], holdout, costs, config,
                                                    mixed=policies[MIXED])
