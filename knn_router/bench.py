@@ -153,13 +153,15 @@ def method_policies(router: Router, domain: str, embedding: torch.Tensor) -> tup
     return policies, route.lookup_ms / 1000, route.label
 
 
-def decode(engine: SpeculativeEngine, ids: list[int], policy: DraftPolicy, params: SamplingParams) -> Run:
+def decode(engine: SpeculativeEngine, ids: list[int], policy: DraftPolicy, params: SamplingParams,
+           ) -> tuple[Run, torch.Tensor]:
+    """One timed decoding (prefill included) and the prompt embedding its prefill computed."""
     t0 = time.perf_counter()
     seq = engine.run(ids, params, policy)
     seconds = time.perf_counter() - t0
     s = seq.stats
     return Run(len(seq.generated), seconds, s.draft_tokens, s.accepted_tokens, s.step_tokens, s.verify_steps,
-               tuple(seq.generated))
+               tuple(seq.generated)), seq.embedding
 
 
 def logit_gap(engine: SpeculativeEngine, ids: list[int], output: tuple[int, ...], position: int) -> dict[str, float]:
@@ -185,13 +187,13 @@ def run_stream(engine: SpeculativeEngine, router: Router, prompts: list[BenchPro
     result = StreamResult()
     routes = []
     dtype = engine.runner.dtype
+    distinct = list(dict.fromkeys([PLAIN, *router.policies.values()]))  # every method's policy is one of these
     for i, prompt in enumerate(prompts):
-        seq, _ = engine.start(prompt.ids, SamplingParams(max_tokens=1))
-        policies, lookup_s, label = method_policies(router, prompt.domain, seq.embedding)
+        runs, embedding = {}, None
+        for policy in distinct[i % len(distinct):] + distinct[:i % len(distinct)]:
+            runs[policy], embedding = decode(engine, prompt.ids, policy, params)
+        policies, lookup_s, label = method_policies(router, prompt.domain, embedding)
         routes.append({"domain": prompt.domain, "label": label, "lookup_ms": lookup_s * 1000})
-        distinct = list(dict.fromkeys(policies.values()))
-        rotation = distinct[i % len(distinct):] + distinct[:i % len(distinct)]
-        runs = {policy: decode(engine, prompt.ids, policy, params) for policy in rotation}
         plain = runs[PLAIN]
         for method, policy in policies.items():
             run = runs[policy]

@@ -56,7 +56,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Lossless: **{report['lossless']}** (exact match rate {report['exact_match_rate']:.3f}, divergences at "
         f"non-ties {report['divergences_at_non_ties']}; tolerance: {report['tie_tolerance']}). "
-        f"Routing accuracy {report['routing']['accuracy']:.2f}, lookup p50 {report['routing']['lookup_ms_p50']:.3f} ms, "
+        f"Routing accuracy {report['routing']['accuracy']:.2f}, "
+        f"lookup p50 {report['routing']['lookup_ms_p50']:.3f} ms, "
         f"p99 {report['routing']['lookup_ms_p99']:.3f} ms.",
     ]
     for stream, body in report["streams"].items():
