@@ -2,7 +2,8 @@
 
 Verification is nearly free only while decoding is memory-bound. As the batch grows, every
 drafted token costs real compute in the packed verify, so the best draft length shrinks,
-down to none. ``StepCosts`` fits the measured seconds of packed verify and draft forwards;
+down to none. ``StepCosts`` fits the measured seconds of packed verify and draft forwards
+(flat, then steeper: ``HingeCost``);
 ``SpeculationPlanner`` uses it with each row's observed acceptance to choose the cap that
 maximises the whole batch's expected tokens per second.
 """
@@ -25,50 +26,84 @@ CAP_CANDIDATES = (0, 1, 2, 3, 4, 6, 8, 12, 16)
 PRIOR_ACCEPTED, PRIOR_REJECTIONS = 2.8, 1.2
 
 @dataclass(frozen=True)
-class StepCosts:
-    """Seconds of a packed forward: verify ``a + b * rows + c * tokens``; int8 draft ``d + e * rows``."""
+class HingeCost:
+    """Seconds ``a + b * rows + c * x + d * max(x - knee, 0)``: nearly flat while a forward is bound by
+    memory (weights read once, whatever the tokens), steeper from ``knee`` tokens on, where it is bound
+    by compute. A straight line through both regimes overestimates small batches and underestimates
+    large ones, which made the planner draft where drafting lost (measured on the 1.5B model)."""
 
-    verify: tuple[float, float, float]
-    draft: tuple[float, float]
+    a: float
+    b: float = 0.0
+    c: float = 0.0
+    d: float = 0.0
+    knee: float = 0.0
+
+    def __call__(self, rows: int, x: float) -> float:
+        return max(self.a + self.b * rows + self.c * x + self.d * max(x - self.knee, 0.0), 0.0)
+
+    @classmethod
+    def fit(cls, rows: list[int], xs: list[float], seconds: list[float], per_row: bool = True) -> "HingeCost":
+        """Least squares of the relative error (a 1-token step matters as much as a 100-token one) at
+        every knee among the measured ``xs`` (and none); the best fit wins."""
+        rows_col = np.array(rows, dtype=float) if per_row else np.zeros(len(rows))
+        x = np.array(xs, dtype=float)
+        y = np.array(seconds, dtype=float)
+        weight = 1.0 / np.maximum(y, 1e-9)
+        best, best_error = cls(float(np.mean(y))), float("inf")
+        for knee in [None, *sorted(set(xs))[1:-1]]:
+            hinge = np.zeros_like(x) if knee is None else np.maximum(x - knee, 0.0)
+            design = np.stack([np.ones_like(x), rows_col, x, hinge], axis=1)
+            coef = np.linalg.lstsq(design * weight[:, None], y * weight, rcond=None)[0]
+            error = float(np.sum(((design @ coef - y) * weight) ** 2))
+            if error < best_error:
+                best, best_error = cls(*(float(v) for v in coef), knee=float(knee or 0.0)), error
+        return best
+
+    def describe(self, x: str) -> str:
+        return (f"{self.a:.4f} + {self.b:.4f}*rows + {self.c:.4f}*{x} + {self.d:.4f}*max({x} - {self.knee:g}, 0)")
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds of a packed verify forward (``rows``, total ``tokens``) and of one int8 draft position (``rows``)."""
+
+    verify: HingeCost
+    draft: HingeCost
     num_layers: int
 
     def verify_s(self, rows: int, tokens: int) -> float:
-        a, b, c = self.verify
-        return max(a + b * rows + c * tokens, 0.0)
+        return self.verify(rows, tokens)
 
     def draft_s(self, policy: DraftPolicy, rows: int) -> float:
         """One draft position for ``rows`` rows of ``policy``: the kept share of its precision's forward."""
         kept = 1.0 - len(policy.skip) / (2 * self.num_layers)
-        full = self.verify_s(rows, rows) if policy.precision == "full" else max(self.draft[0] + self.draft[1] * rows,
-                                                                                 0.0)
+        full = self.verify_s(rows, rows) if policy.precision == "full" else self.draft(rows, rows)
         return kept * full
 
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"verify_a_b_c": list(self.verify), "draft_d_e": list(self.draft)}
+    def describe(self) -> str:
+        return f"verify s = {self.verify.describe('tokens')}; int8 draft s = {self.draft.describe('rows')}"
 
 
 @torch.inference_mode()
-def measure_step_costs(runner: ModelRunner, context: int = 128, rows: tuple[int, ...] = (1, 4, 16),
-                       drafts: tuple[int, ...] = (0, 4, 8), repeats: int = 3) -> StepCosts:
-    """Time packed verify forwards (rows x draft length) and draft forwards at ``context`` cached tokens."""
+def measure_step_costs(runner: ModelRunner, context: int = 128, rows: tuple[int, ...] = (1, 2, 4, 8, 16),
+                       drafts: tuple[int, ...] = (0, 2, 4, 8), repeats: int = 2) -> StepCosts:
+    """Time packed verify forwards (rows x draft length) and int8 draft forwards at ``context`` cached tokens."""
     caches = [runner.new_cache(context + max(drafts) + 1) for _ in range(max(rows))]
-    samples, targets = [], []
+    verify_rows, verify_tokens, verify_seconds = [], [], []
     for b in rows:
         for k in drafts:
             segs = [Segment(torch.randint(10, 1000, (k + 1,), device=runner.device), caches[i], context,
                             all_logits=k > 0) for i in range(b)]
-            samples.append([1.0, b, b * (k + 1)])
-            targets.append(median_ms(lambda: runner.forward_packed(segs), repeats) / 1000)
-    verify = tuple(float(x) for x in np.linalg.lstsq(np.array(samples), np.array(targets), rcond=None)[0])
+            verify_rows.append(b)
+            verify_tokens.append(b * (k + 1))
+            verify_seconds.append(median_ms(lambda: runner.forward_packed(segs), repeats) / 1000)
     policy = DraftPolicy(precision="int8" if runner.draft_lm_head is not None else "full")
-    draft_samples, draft_targets = [], []
+    draft_seconds = []
     for b in rows:
         segs = [Segment(torch.randint(10, 1000, (1,), device=runner.device), caches[i], context) for i in range(b)]
-        draft_samples.append([1.0, b])
-        draft_targets.append(median_ms(lambda: runner.forward_packed(segs, policy), repeats) / 1000)
-    draft = tuple(float(x) for x in np.linalg.lstsq(np.array(draft_samples), np.array(draft_targets),
-                                                     rcond=None)[0])
-    return StepCosts(verify, draft, runner.num_layers)
+        draft_seconds.append(median_ms(lambda: runner.forward_packed(segs, policy), repeats) / 1000)
+    return StepCosts(HingeCost.fit(verify_rows, verify_tokens, verify_seconds),
+                     HingeCost.fit(list(rows), list(rows), draft_seconds, per_row=False), runner.num_layers)
 
 
 class SpeculationPlanner:

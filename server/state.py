@@ -109,8 +109,8 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
         t0 = time.perf_counter()
         costs = measure_step_costs(runner)
         planner = SpeculationPlanner(costs)
-        log.info("adaptive speculation: step costs measured in %.1fs (verify s = %.4f + %.4f*rows + %.4f*tokens; "
-                 "int8 draft s = %.4f + %.4f*rows)", time.perf_counter() - t0, *costs.verify, *costs.draft)
+        log.info("adaptive speculation: step costs measured in %.1fs (%s)", time.perf_counter() - t0,
+                 costs.describe())
     batcher = ContinuousBatcher(engine, config.max_batch_size, config.max_num_batched_tokens, planner)
     log.info("continuous batching: up to %d sequences, %d tokens per step, adaptive speculation %s",
              config.max_batch_size, config.max_num_batched_tokens, "on" if planner else "off")

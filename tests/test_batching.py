@@ -11,7 +11,7 @@ from conftest import chat_ids
 from test_server_metrics import scrape, total
 
 from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
-from decoding.adaptive import SpeculationPlanner, StepCosts, expected_accepted, token_acceptance
+from decoding.adaptive import HingeCost, SpeculationPlanner, StepCosts, expected_accepted, token_acceptance
 from decoding.batching import ContinuousBatcher, generate_batch
 from decoding.stats import RequestStats
 
@@ -21,9 +21,9 @@ TEXTS = ["Translate to English: Guten Morgen, wie geht es dir heute?", "What is 
 POLICIES = [PLAIN, DraftPolicy(precision="int8"), DraftPolicy(SkipSet([3, 5, 7], [4, 9]), precision="full"),
             DraftPolicy(SkipSet([2], [20]), precision="int8", threshold=0.3, max_draft=6)]
 # verify cost grows steeply with tokens: speculation never pays in a batch -> cap 0
-EXPENSIVE_VERIFY = StepCosts(verify=(0.04, 0.004, 0.05), draft=(0.01, 0.01), num_layers=30)
+EXPENSIVE_VERIFY = StepCosts(verify=HingeCost(0.04, 0.004, 0.05), draft=HingeCost(0.01, c=0.01), num_layers=30)
 # verify costs the same whatever the tokens and int8 drafts are nearly free: int8 rows draft fully -> uncapped
-FREE_VERIFY = StepCosts(verify=(0.04, 0.0, 0.0), draft=(0.0001, 0.0), num_layers=30)
+FREE_VERIFY = StepCosts(verify=HingeCost(0.04), draft=HingeCost(0.0001), num_layers=30)
 
 
 def mixed_requests(tokenizer, long_prompt: bool = True) -> list[tuple[list[int], SamplingParams, DraftPolicy]]:
@@ -71,6 +71,17 @@ def test_planner_choice_follows_costs(default_engine):
     int8_rows = [seq for seq in seqs if seq.policy.precision == "int8"]
     assert SpeculationPlanner(FREE_VERIFY).cap(int8_rows) is None
     assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs[1:2]) is None  # a lone row decodes as calibrated
+
+
+def test_step_cost_fit_finds_where_forwards_turn_compute_bound():
+    """Flat while the weights' read dominates, steep after: the fit recovers the knee a line would miss."""
+    rows = [b for b in (1, 2, 4, 8, 16) for _ in (0, 2, 4, 8)]
+    tokens = [b * (k + 1) for b in (1, 2, 4, 8, 16) for k in (0, 2, 4, 8)]
+    true = HingeCost(0.25, 0.001, 0.0005, 0.02, knee=12)
+    fit = HingeCost.fit(rows, tokens, [true(r, t) for r, t in zip(rows, tokens)])
+    assert fit.knee == 12
+    for r, t in ((8, 8), (8, 16), (8, 104), (3, 39)):
+        assert fit(r, t) == pytest.approx(true(r, t), abs=1e-9)
 
 
 def test_planner_acceptance_model_is_geometric():
