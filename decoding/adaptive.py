@@ -49,18 +49,17 @@ class HingeCost:
         x = np.array(xs, dtype=float)
         y = np.array(seconds, dtype=float)
         weight = 1.0 / np.maximum(y, 1e-9)
-        best, best_error = cls(float(np.mean(y))), float("inf")
+        fits = []
         for knee in [None, *sorted(set(xs))[1:-1]]:
             hinge = np.zeros_like(x) if knee is None else np.maximum(x - knee, 0.0)
             design = np.stack([np.ones_like(x), rows_col, x, hinge], axis=1)
             coef = np.linalg.lstsq(design * weight[:, None], y * weight, rcond=None)[0]
             error = float(np.sum(((design @ coef - y) * weight) ** 2))
-            if error < best_error:
-                best, best_error = cls(*(float(v) for v in coef), knee=float(knee or 0.0)), error
-        return best
+            fits.append((error, cls(*(float(v) for v in coef), knee=float(knee or 0.0))))
+        return min(fits, key=lambda fit: fit[0])[1]
 
     def describe(self, x: str) -> str:
-        return (f"{self.a:.4f} + {self.b:.4f}*rows + {self.c:.4f}*{x} + {self.d:.4f}*max({x} - {self.knee:g}, 0)")
+        return f"{self.a:.4f} + {self.b:.4f}*rows + {self.c:.4f}*{x} + {self.d:.4f}*max({x} - {self.knee:g}, 0)"
 
 
 @dataclass(frozen=True)

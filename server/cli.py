@@ -355,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "ones are staggered as in steady traffic)")
     serve_bench.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per request")
     serve_bench.add_argument("--ramp-s", type=float, default=None,
-                             help="stagger client starts over this many seconds (0: all at once, a burst; default: "
-                                  "the first level's median request latency, for steady-state arrivals)")
+                             help="stagger client starts of every level after the first over this many seconds (0: "
+                                  "all at once, a burst; default: the first level's median request latency, for "
+                                  "steady-state arrivals); the first level always starts as a burst")
     serve_bench.add_argument("--modes", default="speculative",
                              help="comma-separated: speculative (requests as the server routes them) and/or plain "
                                   "(speculate: false, the baseline); with both, each level runs in both modes on the "
