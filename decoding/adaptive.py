@@ -42,7 +42,7 @@ class HingeCost:
         return max(self.a + self.b * rows + self.c * x + self.d * max(x - self.knee, 0.0), 0.0)
 
     @classmethod
-    def fit(cls, rows: list[int], xs: list[float], seconds: list[float], per_row: bool = True) -> "HingeCost":
+    def fit(cls, rows: list[int], xs: list[float], seconds: list[float], per_row: bool = True) -> HingeCost:
         """Least squares of the relative error (a 1-token step matters as much as a 100-token one) at
         every knee among the measured ``xs`` (and none); the best fit wins."""
         rows_col = np.array(rows, dtype=float) if per_row else np.zeros(len(rows))
@@ -95,12 +95,12 @@ def measure_step_costs(runner: ModelRunner, context: int = 128, rows: tuple[int,
                             all_logits=k > 0) for i in range(b)]
             verify_rows.append(b)
             verify_tokens.append(b * (k + 1))
-            verify_seconds.append(median_ms(lambda: runner.forward_packed(segs), repeats) / 1000)
+            verify_seconds.append(median_ms(lambda segs=segs: runner.forward_packed(segs), repeats) / 1000)
     policy = DraftPolicy(precision="int8" if runner.draft_lm_head is not None else "full")
     draft_seconds = []
     for b in rows:
         segs = [Segment(torch.randint(10, 1000, (1,), device=runner.device), caches[i], context) for i in range(b)]
-        draft_seconds.append(median_ms(lambda: runner.forward_packed(segs, policy), repeats) / 1000)
+        draft_seconds.append(median_ms(lambda segs=segs: runner.forward_packed(segs, policy), repeats) / 1000)
     return StepCosts(HingeCost.fit(verify_rows, verify_tokens, verify_seconds),
                      HingeCost.fit(list(rows), list(rows), draft_seconds, per_row=False), runner.num_layers)
 
@@ -111,12 +111,18 @@ class SpeculationPlanner:
     def __init__(self, costs: StepCosts) -> None:
         self.costs = costs
 
-    def cap(self, seqs: list[Sequence]) -> int | None:
-        """The cap with the highest expected tokens/s for this batch; a lone row decodes as calibrated."""
+    def cap(self, seqs: list[Sequence], most: int | None = None) -> int | None:
+        """The cap with the highest expected tokens/s for this batch; a lone row decodes as calibrated.
+
+        ``most``: the drafts a row can make this step anyway (1 while requests wait for their
+        prefill, see ``SpeculativeEngine.step_batch``), so the choice is between what can run.
+        """
         speculative = [s for s in seqs if not s.policy.is_plain]
         if len(seqs) <= 1 or not speculative:
             return None
         longest = max(s.policy.max_draft for s in speculative)
+        if most is not None and most < longest:
+            return max(range(most + 1), key=lambda c: self.expected_rate(seqs, c))
         best_cap, best_rate = None, -1.0
         for cap in [c for c in CAP_CANDIDATES if c < longest] + [longest]:
             rate = self.expected_rate(seqs, cap)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .adaptive import SpeculationPlanner
 from .engine import Sequence, SpeculativeEngine, StepOutput
@@ -100,7 +100,8 @@ class ContinuousBatcher:
         result = BatchStep()
         running = list(self.running)
         if running:
-            cap = self.planner.cap(running) if self.planner else None
+            cut_now = cut_drafts is not None and cut_drafts()
+            cap = self.planner.cap(running, most=1 if cut_now else None) if self.planner else None
             result.decode_rows, result.draft_cap = len(running), cap
 
             def step(rows: list[Sequence]) -> list[StepOutput]:

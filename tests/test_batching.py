@@ -11,7 +11,13 @@ from conftest import chat_ids
 from test_server_metrics import scrape, total
 
 from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
-from decoding.adaptive import HingeCost, SpeculationPlanner, StepCosts, expected_accepted, token_acceptance
+from decoding.adaptive import (
+    HingeCost,
+    SpeculationPlanner,
+    StepCosts,
+    expected_accepted,
+    token_acceptance,
+)
 from decoding.batching import ContinuousBatcher, generate_batch
 from decoding.stats import RequestStats
 
@@ -70,6 +76,9 @@ def test_planner_choice_follows_costs(default_engine):
     assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs) == 0
     int8_rows = [seq for seq in seqs if seq.policy.precision == "int8"]
     assert SpeculationPlanner(FREE_VERIFY).cap(int8_rows) is None
+    # while requests wait for prefill a row drafts one token at most: the choice is 0 or 1
+    assert SpeculationPlanner(FREE_VERIFY).cap(int8_rows, most=1) == 1
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs, most=1) == 0
     assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs[1:2]) is None  # a lone row decodes as calibrated
 
 
