@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -44,24 +45,37 @@ def median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def forward_latencies(engine: SpeculativeEngine, context: int = 256, repeats: int = 15) -> dict[str, float]:
-    """Median ms of 1-token and k-token full forwards and of draft forwards, at ``context`` cached tokens."""
+def interleaved_median_ms(timers: dict[Any, Callable[[], Any]], rounds: int, repeats: int) -> dict[Any, float]:
+    """Median ms of every timer over ``rounds`` rounds that each time all timers in turn (``median_ms``
+    of ``repeats`` runs each), so a slow spell of a shared machine lands on all points alike instead
+    of skewing the ratios between them."""
+    samples: dict[Any, list[float]] = {key: [] for key in timers}
+    for _ in range(rounds):
+        for key, fn in timers.items():
+            samples[key].append(median_ms(fn, repeats))
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def forward_latencies(engine: SpeculativeEngine, context: int = 256, rounds: int = 5,
+                      repeats: int = 5) -> dict[str, float]:
+    """Median ms of 1-token and k-token full forwards and of draft forwards, at ``context`` cached tokens,
+    timed in interleaved rounds (see ``interleaved_median_ms``)."""
     runner = engine.runner
     cache = runner.new_cache(context + 16)
     runner.forward(torch.randint(10, 1000, (context,)), cache, 0)
     one = torch.tensor([42])
-    out = {"forward_1": median_ms(lambda: runner.forward(one, cache, context), repeats)}
+    timers: dict[str, Callable[[], Any]] = {"forward_1": lambda: runner.forward(one, cache, context)}
     for k in (2, 4, 8, 12):
         tokens = torch.randint(10, 1000, (k,))
-        out[f"verify_{k}"] = median_ms(lambda: runner.forward(tokens, cache, context, all_logits=True), repeats)
+        timers[f"verify_{k}"] = lambda tokens=tokens: runner.forward(tokens, cache, context, all_logits=True)
     drafts = {"draft_skip25": DraftPolicy(evenly_skipped(runner.num_layers, 0.25)),
               "draft_skip50": DraftPolicy(evenly_skipped(runner.num_layers, 0.5))}
     if runner.draft_lm_head is not None:
         drafts["draft_int8"] = DraftPolicy(precision="int8")
         drafts["draft_int8_skip25"] = DraftPolicy(evenly_skipped(runner.num_layers, 0.25), precision="int8")
     for name, policy in drafts.items():
-        out[name] = median_ms(lambda: runner.forward(one, cache, context, policy=policy), repeats)
-    return out
+        timers[name] = lambda policy=policy: runner.forward(one, cache, context, policy=policy)
+    return interleaved_median_ms(timers, rounds, repeats)
 
 
 def decode_throughput(engine: SpeculativeEngine, prompts: list[list[int]], policy: DraftPolicy,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import statistics
+import itertools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 
 from decoding import DraftPolicy, ModelRunner, SkipSet
-from decoding.benchmark import median_ms
+from decoding.benchmark import interleaved_median_ms
 
 VERIFY_POINTS = (1, 2, 4, 8, 13)
 
@@ -43,7 +43,7 @@ class StepCosts:
         points = sorted(self.verify)
         if k <= points[0]:
             return self.verify[points[0]]
-        for lo, hi in zip(points, points[1:]):
+        for lo, hi in itertools.pairwise(points):
             if k <= hi:
                 return self.verify[lo] + (self.verify[hi] - self.verify[lo]) * (k - lo) / (hi - lo)
         return self.verify[points[-1]]
@@ -77,11 +77,7 @@ def measure_costs(runner: ModelRunner, context: int = 256, repeats: int = 5, rou
                            ("no_mlp", SkipSet(mlp=layers))):
             policy = DraftPolicy(skip, precision=precision)
             timers[(precision, name)] = lambda policy=policy: runner.forward(one, cache, context, policy=policy)
-    samples: dict[tuple, list[float]] = {key: [] for key in timers}
-    for _ in range(rounds):
-        for key, fn in timers.items():
-            samples[key].append(median_ms(fn, repeats))
-    ms = {key: statistics.median(values) for key, values in samples.items()}
+    ms = interleaved_median_ms(timers, rounds, repeats)
     verify, slowest = {}, 0.0
     for k in VERIFY_POINTS:
         slowest = max(slowest, ms[("verify", k)])
