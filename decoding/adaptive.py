@@ -121,10 +121,9 @@ class SpeculationPlanner:
         if len(seqs) <= 1 or not speculative:
             return None
         longest = max(s.policy.max_draft for s in speculative)
-        if most is not None and most < longest:
-            return max(range(most + 1), key=lambda c: self.expected_rate(seqs, c))
+        limit = longest if most is None else min(longest, most)
         best_cap, best_rate = None, -1.0
-        for cap in [c for c in CAP_CANDIDATES if c < longest] + [longest]:
+        for cap in [c for c in CAP_CANDIDATES if c < limit] + [limit]:
             rate = self.expected_rate(seqs, cap)
             if rate > best_rate * 1.0001:
                 best_cap, best_rate = cap, rate

@@ -165,13 +165,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   float* yp = y.data_ptr<float>();
   const int64_t passes = (M + 3) / 4;
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    Cursor cursor = Cursor::rows(wp, K, n0, n1, std::max<int64_t>(16, 2 * 16 / passes));
+    Cursor cursor = Cursor::rows(wp, K, n0, n1, 4 * 16);
     int64_t n = n0;
-    if (M == 1) {  // one row (a lone draft): four weight rows in flight, 0.83-0.91x the time of two here
-      cursor.step = 64;
+    if (M == 1)  // one row (a lone draft): four weight rows in flight, 0.83-0.91x the time of two here
       for (; n + 4 <= n1; n += 4) columns<4>(xq.data(), xs.data(), M, K, wp, sp, bp, yp, N, n, cursor);
-      cursor.step = std::max<int64_t>(16, 2 * 16 / passes);
-    }
+    cursor.step = std::max<int64_t>(16, 2 * 16 / passes);
     for (; n + 2 <= n1; n += 2) columns<2>(xq.data(), xs.data(), M, K, wp, sp, bp, yp, N, n, cursor);
     cursor.step = std::max<int64_t>(16, 16 / passes);
     if (n < n1) columns<1>(xq.data(), xs.data(), M, K, wp, sp, bp, yp, N, n, cursor);
