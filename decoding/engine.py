@@ -18,6 +18,7 @@ import torch
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .kv_cache import KVCache
 from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
+from .prefix_cache import BLOCK_TOKENS, PrefixCache
 from .runner import ModelRunner, Segment
 from .sampling import SamplingParams, accept_greedy, accept_sampled, make_generator, sample, target_probs
 from .stats import RequestStats
@@ -45,7 +46,8 @@ class Sequence:
     stopper: StopMatcher
     embedding: torch.Tensor | None = None  # set when the prompt is fully prefilled
     policy: DraftPolicy = PLAIN
-    prefilled: int = 0  # prompt tokens already in the cache (chunked prefill)
+    prefilled: int = 0  # prompt tokens already in the cache (chunked prefill, prefix cache)
+    hidden_sums: list[torch.Tensor] = field(default_factory=list)  # float64, per block of prompt positions
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: str | None = None
 
@@ -76,11 +78,18 @@ class StepOutput:
 
 
 class SpeculativeEngine:
-    """Prefill and step sequences with self-speculative decoding."""
+    """Prefill and step sequences with self-speculative decoding.
 
-    def __init__(self, runner: ModelRunner, tokenizer: Any, max_context: int | None = None) -> None:
+    With a ``prefix_cache``, a prompt that starts with blocks an earlier prompt prefilled
+    reuses their KV entries (same output, see ``PrefixCache``) and prefills only the rest.
+    """
+
+    def __init__(self, runner: ModelRunner, tokenizer: Any, max_context: int | None = None,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
+        self.prefix_cache = prefix_cache
+        self.block_tokens = prefix_cache.block_tokens if prefix_cache else BLOCK_TOKENS
         self.max_context = min(max_context or runner.max_context, runner.max_context)
         eos = getattr(runner.model.generation_config, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
@@ -88,7 +97,7 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------------ lifecycle
     def admit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        """Check the prompt and reserve its KV cache; nothing runs until ``prefill``."""
+        """Check the prompt, reserve its KV cache and load its cached prefix; nothing runs until ``prefill``."""
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -96,18 +105,34 @@ class SpeculativeEngine:
             raise PromptTooLongError(
                 f"the prompt has {n} tokens but the model's context is {self.max_context}: no room to generate")
         capacity = min(n + params.max_tokens, self.max_context) + MAX_DRAFT_LIMIT + 1
-        return Sequence(
+        seq = Sequence(
             prompt_len=n, params=params, cache=self.runner.new_cache(capacity), tokens=list(prompt_ids),
             generator=make_generator(params.seed, self.runner.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             stopper=StopMatcher(params.stop), stats=RequestStats(prompt_tokens=n),
         )
+        if self.prefix_cache is not None:
+            self._load_prefix(seq)
+        return seq
+
+    def _load_prefix(self, seq: Sequence) -> None:
+        """Copy the prompt's cached blocks into its KV cache (never its last token: its logits are needed)."""
+        blocks = self.prefix_cache.match(seq.tokens, seq.prompt_len - 1)
+        if not blocks:
+            return
+        cached = len(blocks) * self.block_tokens
+        seq.cache.keys[:, 0, :, :cached] = torch.cat([b.keys for b in blocks], dim=2)
+        seq.cache.values[:, 0, :, :cached] = torch.cat([b.values for b in blocks], dim=2)
+        seq.cache.commit(cached)
+        seq.hidden_sums = [b.hidden_sum.clone() for b in blocks]
+        seq.prefilled = seq.stats.cached_tokens = cached
 
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> list[StepOutput | None]:
         """Prefill the next ``count`` prompt tokens of each sequence, all in one packed full forward.
 
         A sequence whose prompt is now complete gets its prompt embedding (for routing;
-        set its ``policy`` before ``step``) and its first token; the others get None.
+        set its ``policy`` before ``step``) and its first token, and its blocks go to the
+        prefix cache; the others get None.
         """
         t0 = time.perf_counter()
         segments = []
@@ -116,25 +141,42 @@ class SpeculativeEngine:
                 raise ValueError(f"prefill chunk of {count} tokens with {seq.prefill_remaining} left")
             ids = seq.tokens[seq.prefilled:seq.prefilled + count]
             segments.append(Segment(torch.tensor(ids, device=self.runner.device), seq.cache, seq.prefilled,
-                                    embedding=True))
+                                    prefill=True))
         outs = self.runner.forward_packed(segments)
         elapsed = time.perf_counter() - t0
         results: list[StepOutput | None] = []
         for (seq, count), out in zip(chunks, outs):
-            part = out.embedding * (count / seq.prompt_len)  # chunks add up to the mean over the prompt
-            seq.embedding = out.embedding if count == seq.prompt_len else (
-                part if seq.embedding is None else seq.embedding + part)
+            self._add_hidden(seq, out.hidden)
             seq.prefilled += count
             seq.cache.commit(seq.prefilled)
             seq.stats.prefill_s += elapsed
-            results.append(self._commit(seq, [self._choose(out.logits[-1], seq)]) if not seq.prefill_remaining
-                           else None)
+            if seq.prefill_remaining:
+                results.append(None)
+                continue
+            seq.embedding = (torch.stack(seq.hidden_sums).sum(dim=0) / seq.prompt_len).float()
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert(seq.tokens[:seq.prompt_len], seq.cache, seq.hidden_sums)
+            results.append(self._commit(seq, [self._choose(out.logits[-1], seq)]))
         return results
+
+    def _add_hidden(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Add the final hidden states of prompt positions ``seq.prefilled..`` to their blocks' float64
+        sums, so the embedding (their mean) is the same however the prompt was chunked or cached."""
+        b, pos, i = self.block_tokens, seq.prefilled, 0
+        hidden = hidden.double()
+        while i < hidden.shape[0]:
+            j = min(hidden.shape[0], i + b - pos % b)
+            part = hidden[i:j].sum(dim=0)
+            if pos // b < len(seq.hidden_sums):
+                seq.hidden_sums[pos // b] += part
+            else:
+                seq.hidden_sums.append(part)
+            pos, i = pos + j - i, j
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> tuple[Sequence, StepOutput]:
         """Admit and prefill one prompt in one forward; returns the sequence and its first token."""
         seq = self.admit(prompt_ids, params)
-        return seq, self.prefill([(seq, seq.prompt_len)])[0]
+        return seq, self.prefill([(seq, seq.prefill_remaining)])[0]
 
     def step(self, seq: Sequence) -> StepOutput:
         """Advance ``seq`` by one draft-and-verify step (one plain step if its policy is plain)."""

@@ -11,6 +11,7 @@ class RequestStats:
     """Counters of one request. A plain decoding step counts as a verify step with no drafts."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not prefilled)
     completion_tokens: int = 0
     verify_steps: int = 0
     draft_tokens: int = 0
