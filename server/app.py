@@ -38,6 +38,7 @@ class ServerConfig:
     adaptive_speculation: bool = True
     max_queue: int = 64
     max_model_len: int | None = None
+    prefix_cache_mb: float = 256.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
@@ -102,6 +103,20 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def metrics(s: ServerState = Depends(state)) -> Response:
         return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/reset_prefix_cache", dependencies=[Depends(authorize)])
+    async def reset_prefix_cache(s: ServerState = Depends(state)) -> dict[str, Any]:
+        """Drop every prefix cache block (e.g. between benchmark runs), as vLLM's endpoint of this name."""
+        cache = s.engine.prefix_cache
+        if cache is None:
+            return {"enabled": False, "cleared_blocks": 0, "freed_bytes": 0}
+
+        def clear() -> dict[str, Any]:
+            cleared = {"enabled": True, "cleared_blocks": len(cache), "freed_bytes": cache.nbytes}
+            cache.clear()
+            return cleared
+
+        return await asyncio.wrap_future(s.loop.call(clear))
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models(s: ServerState = Depends(state)) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Each client streams chat completions back to back (greedy, ``max_new_tokens`` each, EOS
 ignored); aggregate tokens/s is all generated tokens over the level's wall time, time to first
-token is measured per request from the client side. Modes: ``speculative`` (each request as the
+token is measured per request from the client side. Each run starts with an empty prefix cache
+(``POST /reset_prefix_cache``), so no run reuses an earlier run's prompts; prefixes shared
+within a run (the chat template's system prompt) are reused as in real traffic. Modes: ``speculative`` (each request as the
 server routes it) and ``plain`` (``speculate: false``, the baseline), run level by level on the
 same server.
 """
@@ -69,6 +71,7 @@ async def run_level(url: str, model: str, prompts: list[str], clients: int, requ
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await client.post("/reset_prefix_cache")  # a server without one answers 404: nothing to reset
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
         wall = time.perf_counter() - t0

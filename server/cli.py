@@ -280,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests waiting beyond --max-batch-size before new ones get 503")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="context length cap in tokens (default: the model's own)")
+    serve.add_argument("--prefix-cache-mb", type=float, default=256.0,
+                       help="memory for automatic prefix caching: prompts that start like an earlier prompt (a "
+                            "shared system prompt, a chat's earlier turns) reuse its KV entries in blocks of 16 "
+                            "tokens instead of prefilling them, with the same output; least recently used blocks "
+                            "are evicted first; 0 disables it")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds SIGTERM waits for in-flight requests before exiting")
     serve.set_defaults(func=cmd_serve)

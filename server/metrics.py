@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from decoding.policy import MAX_DRAFT_LIMIT
+from decoding.prefix_cache import PrefixCache
 
 from .scheduler import GenerationRequest, RouteDecision
 
@@ -28,7 +29,12 @@ class Metrics:
         r = self.registry
         self.requests = Counter("knn_ssd_requests", "Finished API requests by HTTP status and finish reason",
                                 ["model", "status", "finish_reason"], registry=r)
-        self.prompt_tokens = Counter("knn_ssd_prompt_tokens", "Prompt tokens prefilled", ["model"], registry=r)
+        self.prompt_tokens = Counter("knn_ssd_prompt_tokens", "Prompt tokens of admitted requests (prefilled or "
+                                     "read from the prefix cache)", ["model"], registry=r)
+        self.prefix_cache_hits = Counter("knn_ssd_prefix_cache_hit_tokens", "Prompt tokens whose KV entries came "
+                                         "from the prefix cache instead of prefill", ["model"], registry=r)
+        self.prefix_cache_bytes = Gauge("knn_ssd_prefix_cache_bytes", "Memory held by the prefix cache",
+                                        ["model"], registry=r)
         self.generation_tokens = Counter("knn_ssd_generation_tokens", "Generated tokens", ["model", "domain"],
                                          registry=r)
         self.draft_tokens = Counter("knn_ssd_draft_tokens", "Tokens proposed by the draft", ["model", "domain"],
@@ -62,7 +68,7 @@ class Metrics:
                                  ["model", "domain"], registry=r)
         self._rates: dict[str, list[float]] = {}  # domain -> [tokens, seconds]
         self._lock = threading.Lock()
-        for metric in (self.prompt_tokens, self.batch_size, self.draft_cap, self.router_latency, self.ttft, self.itl,
+        for metric in (self.prompt_tokens, self.prefix_cache_hits, self.prefix_cache_bytes, self.batch_size, self.draft_cap, self.router_latency, self.ttft, self.itl,
                        self.e2e, self.queue_time,
                        self.running, self.waiting):
             metric.labels(model)
@@ -75,6 +81,10 @@ class Metrics:
                             self.routing):
                 counter.labels(self.model, domain)
 
+    def track_prefix_cache(self, cache: PrefixCache) -> None:
+        """Report ``cache``'s memory at every scrape."""
+        self.prefix_cache_bytes.labels(self.model).set_function(lambda: cache.nbytes)
+
     # ------------------------------------------------------------------ EngineObserver
     def on_admitted(self, req: GenerationRequest) -> None:
         self.queue_time.labels(self.model).observe(req.admitted - req.arrival)
@@ -85,6 +95,7 @@ class Metrics:
             self.ttft.labels(self.model).observe(now - req.arrival)
             route = req.route
             self.routing.labels(self.model, domain_label(route)).inc()
+            self.prefix_cache_hits.labels(self.model).inc(req.seq.stats.cached_tokens)
             if route.router_ms:
                 self.router_latency.labels(self.model).observe(route.router_ms / 1000)
         elif count:

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -95,6 +95,7 @@ class EngineLoop:
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._active: dict[int, GenerationRequest] = {}  # id(seq) -> request, for sequences in the batcher
         self._in_flight = 0  # submitted and not yet finished: waiting or in the batcher
+        self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._wake = threading.Condition()
         self._stop = False
         self._thread = thread
@@ -125,18 +126,35 @@ class EngineLoop:
             self.observer.on_queue(len(self._active), len(self._waiting))
             self._wake.notify()
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the engine thread between two steps (it owns the engine's state); its result
+        or exception arrives in the returned future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if self._stop:
+                raise RuntimeError("the engine loop has stopped")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
+
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                while not self._stop and not self._waiting and not self._active:
+                while not self._stop and not self._waiting and not self._active and not self._calls:
                     self._wake.wait()
                 if self._stop:
                     break
+                calls, self._calls = self._calls, []
                 admitted = []
                 while self._waiting and self.batcher.size + len(admitted) < self.batcher.max_batch_size:
                     admitted.append(self._waiting.popleft())
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # noqa: BLE001 - the caller gets it
+                    future.set_exception(exc)
             for req in admitted:
                 self._admit(req)
             for req in [r for r in self._active.values() if r.cancelled.is_set()]:
@@ -151,6 +169,8 @@ class EngineLoop:
                 self.observer.on_queue(len(self._active), len(self._waiting))
         for req in list(self._active.values()) + list(self._waiting):
             req.emit(GenerationEvent(error=RuntimeError("server shutting down")))
+        for _, future in self._calls:
+            future.set_exception(RuntimeError("server shutting down"))
 
     def _has_waiting(self) -> bool:
         """Whether requests wait for admission or prefill (read without the lock: a hint, not a decision)."""

@@ -179,9 +179,13 @@ def _api_error(exc: BaseException) -> APIError:
     return APIError(500, f"internal error: {exc}")
 
 
-def usage(choices: list[Choice], prompt_tokens: int) -> dict[str, int]:
+def usage(choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` counts prompt tokens read from the
+    prefix cache (the most any choice got: they share the prompt)."""
     completion = sum(c.stats.completion_tokens for c in choices if c.stats)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    cached = max((c.stats.cached_tokens for c in choices if c.stats), default=0)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def knn_ssd_object(choices: list[Choice]) -> dict[str, Any]:

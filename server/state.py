@@ -19,6 +19,7 @@ from decoding import (
 )
 from decoding.adaptive import SpeculationPlanner, measure_step_costs
 from decoding.batching import ContinuousBatcher
+from decoding.prefix_cache import PrefixCache
 from knn_router.artifact import ArtifactError, artifact_dir, load_router
 from knn_router.router import Router
 
@@ -87,11 +88,14 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
     hf_model, tokenizer, info = load_model(config.model, config.device, config.dtype)
     runner = ModelRunner(hf_model, int8_draft=True)
     max_len = min(runner.max_context, config.max_model_len or runner.max_context)
-    engine = SpeculativeEngine(runner, tokenizer, max_context=max_len)
+    prefix_cache = PrefixCache(int(config.prefix_cache_mb * 2**20)) if config.prefix_cache_mb > 0 else None
+    engine = SpeculativeEngine(runner, tokenizer, max_context=max_len, prefix_cache=prefix_cache)
     log.info("model %s: %s, %d layers, hidden %d, %.0fM parameters, fingerprint %s", info.name, info.architecture,
              info.num_layers, info.hidden_size, info.parameters / 1e6, info.fingerprint)
     log.info("device %s, dtype %s, context %d tokens, int8 draft copy %.0f MiB (loaded in %.1fs); %s", info.device,
              info.dtype, max_len, runner.int8_draft_bytes / 2**20, time.perf_counter() - t0, runner.kernel_summary)
+    log.info("prefix cache: %s", f"{config.prefix_cache_mb:g} MiB, blocks of {prefix_cache.block_tokens} tokens"
+             if prefix_cache else "off")
     router = _router(config, info)
     if router is None:
         log.info("index: none; speculative requests use the built-in policy %s", FALLBACK_INT8.to_dict())
@@ -102,6 +106,8 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
             log.info("  policy %-14s %s", domain, _describe(policy))
     name = config.served_model_name or config.model
     metrics = Metrics(name)
+    if prefix_cache is not None:
+        metrics.track_prefix_cache(prefix_cache)
     if router is not None:
         metrics.declare_domains(router.policies)
     planner = None

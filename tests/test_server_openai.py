@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 from conftest import chat_ids
 from openai import AsyncOpenAI, OpenAI
@@ -155,3 +156,23 @@ def test_requests_are_routed_by_the_shipped_artifact(client):
                                             extra_body={"domain": "qa"})
     assert forced.model_extra["knn_ssd"]["domain"] == "qa"
     assert forced.model_extra["knn_ssd"]["similarity"] is None
+
+
+def test_prefix_cache_reuses_the_chat_template_prefix_with_the_same_output(client, server, default_engine):
+    reset = httpx.post(f"{server.url}/reset_prefix_cache", timeout=30)
+    assert reset.status_code == 200 and reset.json()["enabled"] is True
+    answers = []
+    for question in ("Name a large desert.", "Name a deep ocean trench."):
+        out = client.chat.completions.create(model="default", messages=[{"role": "user", "content": question}],
+                                             max_tokens=16, temperature=0)
+        ids = chat_ids(default_engine.tokenizer, question)
+        assert out.choices[0].message.content == _plain_text(default_engine, ids, 16)
+        answers.append(out.usage.prompt_tokens_details.cached_tokens)
+    assert answers[0] == 0 and answers[1] >= 16  # the system prompt's block(s), after an empty cache
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    hit = next(line for line in metrics.splitlines() if line.startswith("knn_ssd_prefix_cache_hit_tokens_total"))
+    assert float(hit.split()[-1]) >= 16
+    held = next(line for line in metrics.splitlines() if line.startswith("knn_ssd_prefix_cache_bytes"))
+    assert float(held.split()[-1]) > 0
+    cleared = httpx.post(f"{server.url}/reset_prefix_cache", timeout=30).json()
+    assert cleared["cleared_blocks"] > 0 and cleared["freed_bytes"] > 0
