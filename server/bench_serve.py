@@ -27,6 +27,8 @@ class RequestTiming:
     tokens: int
     ttft_s: float
     total_s: float
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache served
 
 
 MODES = ("speculative", "plain")
@@ -38,7 +40,7 @@ async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_t
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             "speculate": speculate}
     t0 = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, usage = None, {}
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:300]}")
@@ -48,10 +50,11 @@ async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_t
             chunk = json.loads(line[6:])
             if ttft is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 ttft = time.perf_counter() - t0
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+            usage = chunk.get("usage") or usage
     total = time.perf_counter() - t0
-    return RequestTiming(tokens, ttft if ttft is not None else total, total)
+    return RequestTiming(usage.get("completion_tokens", 0), ttft if ttft is not None else total, total,
+                         usage.get("prompt_tokens", 0),
+                         (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
 
 
 async def run_level(url: str, model: str, prompts: list[str], clients: int, requests_per_client: int,
@@ -81,7 +84,9 @@ async def run_level(url: str, model: str, prompts: list[str], clients: int, requ
             "tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
             "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
             "per_request_tokens_per_s": statistics.median(t.tokens / t.total_s for t in timings),
-            "request_latency_p50_s": statistics.median(t.total_s for t in timings), "ramp_s": ramp_s}
+            "request_latency_p50_s": statistics.median(t.total_s for t in timings), "ramp_s": ramp_s,
+            "prompt_tokens_mean": statistics.mean(t.prompt_tokens for t in timings),
+            "cached_tokens_mean": statistics.mean(t.cached_tokens for t in timings)}
 
 
 def bench_serve(url: str, model: str, prompts: list[str], levels: list[int], requests_per_client: int,

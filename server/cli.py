@@ -199,7 +199,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress bar
     levels = [int(x) for x in args.clients.split(",")]
-    prompts = [t for texts in spec_bench_by_domain(Path(args.data)).values() for t in texts[1::2]]
+    # domains in turn, so every level that sends a multiple of their count gets the same mix
+    prompts = [t for group in zip(*(texts[1::2] for texts in spec_bench_by_domain(Path(args.data)).values()))
+               for t in group]
     server = None
     url = args.url
     if url is None:  # start our own server sized for the largest level
@@ -220,11 +222,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
-    print(f"{'clients':>7} {'mode':>11} {'ramp s':>6} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tokens/s':>9} "
-          f"{'x first':>8} {'TTFT p50':>9} {'x first':>8} {'TTFT p95':>9} {'vs plain':>8}")
+    print(f"{'clients':>7} {'mode':>11} {'ramp s':>6} {'requests':>8} {'prompt':>6} {'cached':>6} {'tokens':>7} "
+          f"{'wall s':>7} {'tokens/s':>9} {'x first':>8} {'TTFT p50':>9} {'x first':>8} {'TTFT p95':>9} {'vs plain':>8}")
     for r in report["levels"]:
         vs_plain = f"{r['vs_plain']:>8.2f}" if "vs_plain" in r else f"{'':>8}"
-        print(f"{r['clients']:>7} {r['mode']:>11} {r['ramp_s']:>6.1f} {r['requests']:>8} {r['tokens']:>7} "
+        print(f"{r['clients']:>7} {r['mode']:>11} {r['ramp_s']:>6.1f} {r['requests']:>8} "
+              f"{r['prompt_tokens_mean']:>6.0f} {r['cached_tokens_mean']:>6.0f} {r['tokens']:>7} "
               f"{r['wall_s']:>7.1f} {r['tokens_per_s']:>9.1f} {r['throughput_vs_first']:>8.2f} {r['ttft_p50_s']:>9.3f} "
               f"{r['ttft_p50_vs_first']:>8.2f} {r['ttft_p95_s']:>9.3f} {vs_plain}")
     if args.json:
@@ -355,9 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--port", type=int, default=8765, help="port of the server it starts")
     serve_bench.add_argument("--serve-args", default="", help="extra flags for the server it starts, one string")
     serve_bench.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
-    serve_bench.add_argument("--requests-per-client", type=int, default=3,
+    serve_bench.add_argument("--requests-per-client", type=int, default=6,
                              help="requests each client sends back to back (the first wave arrives at once, later "
-                                  "ones are staggered as in steady traffic)")
+                                  "ones are staggered as in steady traffic); prompts take the Spec-Bench domains in "
+                                  "turn, so with a multiple of 6 requests every level has the same domain mix")
     serve_bench.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per request")
     serve_bench.add_argument("--ramp-s", type=float, default=None,
                              help="stagger client starts of every level after the first over this many seconds (0: "
