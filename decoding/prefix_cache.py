@@ -7,9 +7,10 @@ entries of its positions and the float64 sum of their final hidden states, so a 
 that starts with cached blocks skips their prefill and still gets its exact mean-pooled
 embedding for routing.
 
-Only prefill-computed entries are cached: prefill is batch-invariant (a position's entries
-do not depend on the chunk or batch that computed them), so reusing them gives exactly the
-output of a fresh prefill. Entries written by decode steps come from other kernels and are
+Only prefill-computed entries are cached: with the native CPU kernels prefill is
+batch-invariant (a position's entries do not depend on the chunk or batch that computed them),
+so reusing them gives exactly the output of a fresh prefill (elsewhere, as close as chunked
+prefill is). Entries written by decode steps come from other kernels and are
 never cached. Memory is bounded by ``capacity_bytes``; the least recently used blocks go
 first, and a block is always more recently used than its descendants, so eviction never
 strands a reachable block's children before the block itself.
