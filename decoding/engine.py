@@ -82,6 +82,9 @@ class SpeculativeEngine:
 
     With a ``prefix_cache``, a prompt that starts with blocks an earlier prompt prefilled
     reuses their KV entries (same output, see ``PrefixCache``) and prefills only the rest.
+    The lookup runs before each prefill chunk, so a prompt also reuses blocks that a prompt
+    admitted with it finished prefilling in an earlier step (a burst sharing a long system
+    prompt prefills it once), and every chunk's complete blocks go to the cache at once.
     """
 
     def __init__(self, runner: ModelRunner, tokenizer: Any, max_context: int | None = None,
@@ -97,7 +100,7 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------------ lifecycle
     def admit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        """Check the prompt, reserve its KV cache and load its cached prefix; nothing runs until ``prefill``."""
+        """Check the prompt and reserve its KV cache; nothing runs until ``prefill``."""
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -105,57 +108,64 @@ class SpeculativeEngine:
             raise PromptTooLongError(
                 f"the prompt has {n} tokens but the model's context is {self.max_context}: no room to generate")
         capacity = min(n + params.max_tokens, self.max_context) + MAX_DRAFT_LIMIT + 1
-        seq = Sequence(
+        return Sequence(
             prompt_len=n, params=params, cache=self.runner.new_cache(capacity), tokens=list(prompt_ids),
             generator=make_generator(params.seed, self.runner.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             stopper=StopMatcher(params.stop), stats=RequestStats(prompt_tokens=n),
         )
-        if self.prefix_cache is not None:
-            self._load_prefix(seq)
-        return seq
 
     def _load_prefix(self, seq: Sequence) -> None:
-        """Copy the prompt's cached blocks into its KV cache (never its last token: its logits are needed)."""
-        blocks = self.prefix_cache.match(seq.tokens, seq.prompt_len - 1)
+        """Skip ``seq`` ahead over cached blocks beyond what it has prefilled, copying their entries into its
+        KV cache (never its last prompt token: its logits are needed)."""
+        b = self.block_tokens
+        if seq.prefilled % b:
+            return  # a partial block is being prefilled: the cache holds only whole ones
+        blocks = self.prefix_cache.match(seq.tokens, seq.prompt_len - 1)[seq.prefilled // b:]
         if not blocks:
             return
-        cached = len(blocks) * self.block_tokens
-        seq.cache.keys[:, 0, :, :cached] = torch.cat([b.keys for b in blocks], dim=2)
-        seq.cache.values[:, 0, :, :cached] = torch.cat([b.values for b in blocks], dim=2)
-        seq.cache.commit(cached)
-        seq.hidden_sums = [b.hidden_sum.clone() for b in blocks]
-        seq.prefilled = seq.stats.cached_tokens = cached
+        start, end = seq.prefilled, seq.prefilled + len(blocks) * b
+        seq.cache.keys[:, 0, :, start:end] = torch.cat([block.keys for block in blocks], dim=2)
+        seq.cache.values[:, 0, :, start:end] = torch.cat([block.values for block in blocks], dim=2)
+        seq.cache.commit(end)
+        seq.hidden_sums += [block.hidden_sum.clone() for block in blocks]
+        seq.stats.cached_tokens += end - start
+        seq.prefilled = end
 
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> list[StepOutput | None]:
         """Prefill the next ``count`` prompt tokens of each sequence, all in one packed full forward.
 
-        A sequence whose prompt is now complete gets its prompt embedding (for routing;
-        set its ``policy`` before ``step``) and its first token, and its blocks go to the
-        prefix cache; the others get None.
+        A sequence first skips over prompt blocks the prefix cache holds (its chunk is then
+        clipped to what is left). A sequence whose prompt is now complete gets its prompt
+        embedding (for routing; set its ``policy`` before ``step``) and its first token; the
+        others get None.
         """
         t0 = time.perf_counter()
-        segments = []
+        segments, counts = [], []
         for seq, count in chunks:
             if not 0 < count <= seq.prefill_remaining:
                 raise ValueError(f"prefill chunk of {count} tokens with {seq.prefill_remaining} left")
+            if self.prefix_cache is not None:
+                self._load_prefix(seq)
+                count = min(count, seq.prefill_remaining)
+            counts.append(count)
             ids = seq.tokens[seq.prefilled:seq.prefilled + count]
             segments.append(Segment(torch.tensor(ids, device=self.runner.device), seq.cache, seq.prefilled,
                                     prefill=True))
         outs = self.runner.forward_packed(segments)
         elapsed = time.perf_counter() - t0
         results: list[StepOutput | None] = []
-        for (seq, count), out in zip(chunks, outs):
+        for (seq, _), count, out in zip(chunks, counts, outs):
             self._add_hidden(seq, out.hidden)
             seq.prefilled += count
             seq.cache.commit(seq.prefilled)
             seq.stats.prefill_s += elapsed
+            if self.prefix_cache is not None:  # the complete blocks so far
+                self.prefix_cache.insert(seq.tokens[:seq.prefilled], seq.cache, seq.hidden_sums)
             if seq.prefill_remaining:
                 results.append(None)
                 continue
             seq.embedding = (torch.stack(seq.hidden_sums).sum(dim=0) / seq.prompt_len).float()
-            if self.prefix_cache is not None:
-                self.prefix_cache.insert(seq.tokens[:seq.prompt_len], seq.cache, seq.hidden_sums)
             results.append(self._commit(seq, [self._choose(out.logits[-1], seq)]))
         return results
 

@@ -90,3 +90,30 @@ def test_chunked_prefill_writes_the_same_kv_entries_as_one_prefill(default_engin
     assert torch.equal(chunked.cache.keys[..., :n, :], whole.cache.keys[..., :n, :])
     assert torch.equal(chunked.embedding, whole.embedding)
     assert chunked.generated == whole.generated
+
+
+def test_a_prompt_reuses_blocks_another_prompt_prefilled_after_both_were_admitted(default_engine, cached_engine):
+    tok = default_engine.tokenizer
+    cached_engine.prefix_cache.clear()
+    system = "You answer questions about this report. " + " ".join(f"Section {i}: figures rose by {i}%." for i in range(20))
+
+    def prompt(question: str) -> list[int]:
+        ids = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": question}],
+                                      add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
+
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    first, second = prompt("Which section rose most?"), prompt("Summarize section 3.")
+    a, b = cached_engine.admit(first, params), cached_engine.admit(second, params)  # a burst: nothing cached yet
+    while a.prefill_remaining:  # chunked, as under a token budget
+        cached_engine.prefill([(a, min(32, a.prefill_remaining))])
+    cached_engine.prefill([(b, b.prefill_remaining)])
+    shared = next(i for i, (x, y) in enumerate(zip(first, second)) if x != y)
+    assert b.stats.cached_tokens == shared // 16 * 16 and shared >= 160
+    for seq, ids in ((a, first), (b, second)):
+        while not seq.finished:
+            cached_engine.step(seq)
+        fresh = default_engine.run(ids, params)
+        assert seq.generated == fresh.generated
+        assert torch.equal(seq.cache.keys[..., :len(ids), :], fresh.cache.keys[..., :len(ids), :])
+        assert torch.equal(seq.embedding, fresh.embedding)
