@@ -116,14 +116,31 @@ class ContinuousBatcher:
     def _prefill_chunks(self, decode_rows: int) -> list[tuple[Sequence, int]]:
         """First come, first served chunks within the token budget left after the decode rows (at least one)."""
         budget = self.max_batched_tokens - decode_rows
-        chunks = []
+        chunks: list[tuple[Sequence, int]] = []
         for seq in self.prefilling:
             if chunks and budget <= 0:
                 break
+            if self._shares_next_block(seq, chunks):
+                continue
             count = min(seq.prefill_remaining, max(budget, 1))
             chunks.append((seq, count))
             budget -= count
         return chunks
+
+    def _shares_next_block(self, seq: Sequence, chunks: list[tuple[Sequence, int]]) -> bool:
+        """With a prefix cache: whether an earlier chunk of this step is prefilling the prompt block ``seq``
+        would compute next (same tokens up to its end). ``seq`` then waits and reads that block from the
+        cache, so ``n`` choices of one prompt, or a burst sharing a system prompt, prefill it once."""
+        cache = self.engine.prefix_cache
+        if cache is None or seq.prefilled % cache.block_tokens:
+            return False
+        b = cache.block_tokens
+        start = max(seq.prefilled, len(cache.match(seq.tokens, seq.prompt_len - 1)) * b)  # after its cache lookup
+        end = start + b
+        if end > seq.prompt_len - 1:  # a block the cache would not serve (the last prompt token is computed)
+            return False
+        head = seq.tokens[:end]
+        return any(other.prefilled < end and other.tokens[:end] == head for other, _ in chunks)
 
     @staticmethod
     def _guarded(run: Callable, batch: list, seqs: list[Sequence]) -> list[tuple[Sequence, object]]:

@@ -117,3 +117,17 @@ def test_a_prompt_reuses_blocks_another_prompt_prefilled_after_both_were_admitte
         assert seq.generated == fresh.generated
         assert torch.equal(seq.cache.keys[..., :len(ids), :], fresh.cache.keys[..., :len(ids), :])
         assert torch.equal(seq.embedding, fresh.embedding)
+
+
+def test_choices_of_one_prompt_prefill_it_once_in_a_batch(default_engine, cached_engine):
+    from decoding.batching import generate_batch
+
+    cached_engine.prefix_cache.clear()
+    ids = chat_ids(default_engine.tokenizer, "Describe the water cycle in detail, from evaporation to rain.")
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    seqs = generate_batch(cached_engine, [(ids, params, PLAIN)] * 3, max_batched_tokens=24)
+    fresh = default_engine.run(ids, params)
+    assert all(seq.generated == fresh.generated for seq in seqs)
+    cacheable = (len(ids) - 1) // 16 * 16
+    assert seqs[0].stats.cached_tokens == 0
+    assert [seq.stats.cached_tokens for seq in seqs[1:]] == [cacheable, cacheable]
