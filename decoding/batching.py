@@ -132,12 +132,11 @@ class ContinuousBatcher:
         would compute next (same tokens up to its end). ``seq`` then waits and reads that block from the
         cache, so ``n`` choices of one prompt, or a burst sharing a system prompt, prefill it once."""
         cache = self.engine.prefix_cache
-        if cache is None or seq.prefilled % cache.block_tokens:
+        if cache is None or not chunks:
             return False
-        b = cache.block_tokens
-        start = max(seq.prefilled, len(cache.match(seq.tokens, seq.prompt_len - 1)) * b)  # after its cache lookup
-        end = start + b
-        if end > seq.prompt_len - 1:  # a block the cache would not serve (the last prompt token is computed)
+        start = self.engine.prefill_position(seq)
+        end = start + cache.block_tokens
+        if start % cache.block_tokens or end > seq.prompt_len - 1:  # not a block the cache would serve
             return False
         head = seq.tokens[:end]
         return any(other.prefilled < end and other.tokens[:end] == head for other, _ in chunks)

@@ -18,7 +18,7 @@ import torch
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .kv_cache import KVCache
 from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
-from .prefix_cache import BLOCK_TOKENS, PrefixCache
+from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixCache
 from .runner import ModelRunner, Segment
 from .sampling import SamplingParams, accept_greedy, accept_sampled, make_generator, sample, target_probs
 from .stats import RequestStats
@@ -115,16 +115,24 @@ class SpeculativeEngine:
             stopper=StopMatcher(params.stop), stats=RequestStats(prompt_tokens=n),
         )
 
+    def prefill_position(self, seq: Sequence) -> int:
+        """Where ``seq``'s next prefill chunk starts once it skips the blocks the prefix cache holds."""
+        return seq.prefilled + len(self._cached_blocks(seq)) * self.block_tokens
+
+    def _cached_blocks(self, seq: Sequence) -> list[CachedBlock]:
+        """The cached blocks right after what ``seq`` has prefilled (never its last prompt token: its logits
+        are needed); none while a partial block is being prefilled, as the cache holds only whole ones."""
+        if self.prefix_cache is None or seq.prefilled % self.block_tokens:
+            return []
+        return self.prefix_cache.match(seq.tokens, seq.prompt_len - 1)[seq.prefilled // self.block_tokens:]
+
     def _load_prefix(self, seq: Sequence) -> None:
-        """Skip ``seq`` ahead over cached blocks beyond what it has prefilled, copying their entries into its
-        KV cache (never its last prompt token: its logits are needed)."""
-        b = self.block_tokens
-        if seq.prefilled % b:
-            return  # a partial block is being prefilled: the cache holds only whole ones
-        blocks = self.prefix_cache.match(seq.tokens, seq.prompt_len - 1)[seq.prefilled // b:]
+        """Skip ``seq`` ahead over the cached blocks after what it has prefilled, copying their entries into
+        its KV cache."""
+        blocks = self._cached_blocks(seq)
         if not blocks:
             return
-        start, end = seq.prefilled, seq.prefilled + len(blocks) * b
+        start, end = seq.prefilled, seq.prefilled + len(blocks) * self.block_tokens
         seq.cache.keys[:, 0, :, start:end] = torch.cat([block.keys for block in blocks], dim=2)
         seq.cache.values[:, 0, :, start:end] = torch.cat([block.values for block in blocks], dim=2)
         seq.cache.commit(end)
@@ -145,9 +153,8 @@ class SpeculativeEngine:
         for seq, count in chunks:
             if not 0 < count <= seq.prefill_remaining:
                 raise ValueError(f"prefill chunk of {count} tokens with {seq.prefill_remaining} left")
-            if self.prefix_cache is not None:
-                self._load_prefix(seq)
-                count = min(count, seq.prefill_remaining)
+            self._load_prefix(seq)
+            count = min(count, seq.prefill_remaining)
             counts.append(count)
             ids = seq.tokens[seq.prefilled:seq.prefilled + count]
             segments.append(Segment(torch.tensor(ids, device=self.runner.device), seq.cache, seq.prefilled,
