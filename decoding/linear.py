@@ -1,4 +1,4 @@
-"""Linear layers for the engine: full precision (oneDNN-packed on CPU) and the int8 draft copy."""
+"""Linear layers for the engine: full precision (oneDNN-packed or native on CPU) and the int8 draft copy."""
 
 from __future__ import annotations
 
@@ -23,10 +23,18 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
         self.bias = None if bias is None else bias.detach()
-        self.packed = _pack(weight, self.PACK_ROWS)
-        native_ok = weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
-        kernels = native.cpu_kernels() if native_ok else None
-        self._step_kernel = None if kernels is None else kernels.linear_f32
+        self._step_kernel = None
+        # bf16 weights on an AVX512-BF16 CPU: the native kernel runs every forward (prefill too) on
+        # float32 activations; no oneDNN copy of the weights is kept.
+        self._every_forward = False
+        if weight.device.type == "cpu" and weight.is_contiguous():
+            if weight.dtype == torch.float32 and (kernels := native.cpu_kernels()) is not None:
+                self._step_kernel = kernels.linear_f32
+            elif weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0 and (
+                    kernels := native.bf16_kernels()) is not None:
+                self._step_kernel, self._every_forward = kernels.linear_bf16, True
+                self.bias = None if bias is None else self.bias.float()
+        self.packed = None if self._every_forward else _pack(weight, self.PACK_ROWS)
 
     @property
     def native(self) -> bool:
@@ -37,7 +45,7 @@ class Linear:
         """``step``: a decode/verify forward. On an AVX2 CPU those run the native kernel (1.4x
         oneDNN's speed for one row here, ~1.1x for 2-16 rows, also batch-invariant); prefill
         keeps oneDNN, faster for long chunks. The choice is by role, never by row count."""
-        if step and self._step_kernel is not None and x.dtype == torch.float32:
+        if (step or self._every_forward) and self._step_kernel is not None and x.dtype == torch.float32:
             return self._step_kernel(x, self.weight, self.bias)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)

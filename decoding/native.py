@@ -3,7 +3,8 @@
 The draft's int8 linears run on them (they may approximate: verification never
 uses them), and so do the linears, norms and attention of decode/verify steps
 (exact and batch-invariant, like every full-model kernel the engine uses), one
-call for all layers where the layer layout allows. Where they cannot
+call for all layers where the layer layout allows. Models held in bfloat16 run on
+them too where the CPU has AVX512-BF16 (bf16 weights, float32 activations). Where they cannot
 be built (no compiler, no AVX2, not x86) the engine falls back to torch's own
 kernels and logs why, once.
 """
@@ -27,12 +28,18 @@ _state: dict[str, Any] = {}
 
 
 def cpu_kernels() -> Any | None:
-    """``torch.ops.knn_ssd`` (``int8_linear``, ``linear_f32``, ``rms_norm``, ``cached_attention``, ``silu_mul``,
-    ``decoder_layers``), or None."""
+    """``torch.ops.knn_ssd`` (``int8_linear``, ``linear_f32``, ``linear_bf16``, ``rms_norm``, ``cached_attention``,
+    ``silu_mul``, ``decoder_layers``), or None."""
     with _lock:
         if "ops" not in _state:
             _state["ops"] = _build()
         return _state["ops"]
+
+
+def bf16_kernels() -> Any | None:
+    """The kernels where they also run bfloat16 weights (``linear_bf16``: CPUs with AVX512-BF16), else None."""
+    ops = cpu_kernels()
+    return ops if ops is not None and ops.bf16_supported() else None
 
 
 def _build() -> Any | None:

@@ -127,15 +127,18 @@ class ModelRunner:
         self.max_context = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
         self.embed = hf_model.model.embed_tokens
         self.final_norm = RMSNorm(hf_model.model.norm)
+        # The engine's own CPU kernels (see native.py) for float32 models, and bfloat16 ones where the CPU
+        # has AVX512-BF16: draft linears and norms, attention, and the linears of decode/verify steps.
+        # Where they run, activations, KV entries and rotary tables are float32 whatever the weights.
+        cpu = self.device.type == "cpu"
+        self.kernels = (native.cpu_kernels() if cpu and self.dtype == torch.float32
+                        else native.bf16_kernels() if cpu and self.dtype == torch.bfloat16 else None)
+        self.act_dtype = torch.float32 if self.kernels is not None else self.dtype
         with torch.no_grad():  # rotary tables for every position, computed once
             positions = torch.arange(self.max_context, device=self.device)[None]
-            cos, sin = hf_model.model.rotary_emb(torch.ones(1, dtype=self.dtype, device=self.device), positions)
+            cos, sin = hf_model.model.rotary_emb(torch.ones(1, dtype=self.act_dtype, device=self.device), positions)
         self.cos, self.sin = cos[0], sin[0]  # (max_context, head_dim)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
-        # The engine's own CPU kernels (fp32 models; see native.py): draft linears and norms, and
-        # the attention of drafts and of decode/verify steps.
-        on_cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        self.kernels = native.cpu_kernels() if on_cpu_fp32 else None
         self.lm_head = Linear(hf_model.lm_head.weight.detach(), getattr(hf_model.lm_head, "bias", None))
         with torch.no_grad():
             self.layers = [self._build_layer(layer) for layer in hf_model.model.layers]
@@ -213,8 +216,17 @@ class ModelRunner:
             return "torch kernels"
         roles = (("decode/verify steps", self._full_stack), ("int8 drafts", self._draft_stack))
         stacked = [role for role, stack in roles if stack is not None]
-        return "native CPU kernels, " + (f"{' and '.join(stacked)} in one call for all layers" if stacked
-                                         else "one call per layer")
+        weights = " (bf16 weights on AVX512-BF16, float32 activations)" if self.dtype == torch.bfloat16 else ""
+        return f"native CPU kernels{weights}, " + (f"{' and '.join(stacked)} in one call for all layers" if stacked
+                                                   else "one call per layer")
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether every full-model forward runs the native kernels, whose results for a position never
+        depend on the tokens computed with it: then a k-token verify gives the one-token logits exactly,
+        in bfloat16 as in float32."""
+        linears = [self.lm_head] + [lin for la in self.layers for lin in (la.qkv, la.o, la.gate_up, la.down)]
+        return all(lin.native for lin in linears) and all(self._native_attention(la) for la in self.layers)
 
     @property
     def int8_draft_bytes(self) -> int:
@@ -224,7 +236,7 @@ class ModelRunner:
         return self.draft_lm_head.nbytes + sum(q.nbytes for layer in self.layers for q in layer.draft.values())
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.num_layers, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
+        return KVCache(self.num_layers, self.kv_heads, self.head_dim, capacity, self.act_dtype, self.device)
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, policy: DraftPolicy | None = None,
@@ -260,7 +272,7 @@ class ModelRunner:
                                    for seg, n in zip(segments, lengths)])
             cos, sin = self.cos[positions], self.sin[positions]
         cos, sin = cos[:, None], sin[:, None]  # (T, 1, D): over heads
-        h = self.embed(tokens)  # (T, H), all segments
+        h = self.embed(tokens).to(self.act_dtype)  # (T, H), all segments
         step = not any(seg.prefill for seg in segments)  # decode/verify/draft, not prefill: see Linear
         stack = self._stack_for(int8, step)
         if stack is not None:

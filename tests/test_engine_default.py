@@ -8,7 +8,17 @@ import pytest
 import torch
 from conftest import chat_ids
 
-from decoding import PLAIN, DraftPolicy, PromptTooLongError, SamplingParams, SkipSet
+from decoding import (
+    PLAIN,
+    DraftPolicy,
+    ModelRunner,
+    PromptTooLongError,
+    SamplingParams,
+    SkipSet,
+    SpeculativeEngine,
+    load_model,
+    native,
+)
 
 PROMPTS = [
     "Translate to English: Der Hund schläft unter dem Tisch.",
@@ -52,6 +62,21 @@ def test_greedy_speculation_is_lossless_on_20_prompts(default_engine):
         assert spec.stats.verify_steps < 64
         used.add(policy)
     assert len(used) == 6
+
+
+@pytest.mark.skipif(native.bf16_kernels() is None, reason="bf16 kernels need an AVX512-BF16 CPU")
+def test_bf16_greedy_speculation_is_exact_on_the_default_model():
+    """In bfloat16 on an AVX512-BF16 CPU (native kernels, batch-invariant) speculation is exact too: every
+    (skip set, precision) policy gives plain decoding's tokens, with no near-tie allowance."""
+    hf_model, tokenizer, _ = load_model("default", device="cpu", dtype="bfloat16")
+    engine = SpeculativeEngine(ModelRunner(hf_model, int8_draft=True), tokenizer)
+    assert engine.runner.batch_invariant
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    for i, text in enumerate(PROMPTS[::3]):
+        ids = chat_ids(tokenizer, text)
+        plain = engine.run(ids, params, PLAIN).generated
+        for policy in (POLICIES[i % 6], DraftPolicy(precision="int8", threshold=0.0, max_draft=12)):
+            assert engine.run(ids, params, policy).generated == plain, f"prompt {i} diverged with {policy}"
 
 
 def test_plain_equals_transformers_generate(default_model, default_engine):

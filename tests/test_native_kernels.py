@@ -13,6 +13,7 @@ from decoding.runner import Segment
 
 KERNELS = native.cpu_kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="native kernels need an AVX2 CPU and a C++ compiler")
+needs_bf16 = pytest.mark.skipif(native.bf16_kernels() is None, reason="bf16 kernels need an AVX512-BF16 CPU")
 
 
 def _quantised(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,12 +122,33 @@ def test_cached_attention_is_batch_and_length_invariant():
             row += 1
 
 
+@needs_bf16
+@pytest.mark.parametrize("n,k", [(37, 576), (70, 96), (9, 1536), (5, 32)])
+def test_linear_bf16_matches_torch_and_is_row_invariant(n, k):
+    """bf16 weights times float32 inputs rounded to bf16, summed in float32: close to the float64 product of
+    the rounded values, and the same bits for a row whatever rows come with it."""
+    gen = torch.Generator().manual_seed(n)
+    w, bias = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(n, generator=gen)
+    x = torch.randn(9, k, generator=gen) * 4
+    together = KERNELS.linear_bf16(x, w, bias)
+    ref = F.linear(x.bfloat16().double(), w.double(), bias.double()).float()
+    torch.testing.assert_close(together, ref, rtol=1e-5, atol=2e-4)
+    for rows in (1, 2, 3, 4, 5, 8):
+        assert torch.equal(KERNELS.linear_bf16(x[:rows], w, bias), together[:rows])
+    assert torch.equal(KERNELS.linear_bf16(x[7:8], w, None) + bias, together[7:8])
+    long = torch.randn(700, k, generator=gen)  # prefill-sized: row chunks, same arithmetic
+    assert torch.equal(KERNELS.linear_bf16(long, w, bias)[650:659], KERNELS.linear_bf16(long[650:659], w, bias))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        KERNELS.linear_bf16(torch.randn(2, k + 1), torch.randn(n, k + 1).bfloat16(), None)
+
+
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # qwen2: biases; mistral: sliding window
-def test_one_call_layer_stack_matches_per_layer_path(family):
+def test_one_call_layer_stack_matches_per_layer_path(family, dtype):
     """Decode/verify steps and drafts run all layers in one native call; logits and KV writes are
     bit-identical to the per-layer path, for packed sequences and with skipped sub-layers."""
-    runner = ModelRunner(tiny_model(family))
+    runner = ModelRunner(tiny_model(family).to(dtype))
     assert runner._full_stack is not None and runner._draft_stack is not None
     assert "decode/verify steps and int8 drafts in one call" in runner.kernel_summary
     caches = [runner.new_cache(64) for _ in range(2)]
@@ -183,3 +205,29 @@ def test_int8_linear_uses_native_kernel_on_cpu():
     assert q._native is not None and q.scale.dtype == torch.float32
     x = torch.randn(2, 64)
     torch.testing.assert_close(q(x), F.linear(x, q.qweight.float() * q.scale[:, None]), rtol=1e-3, atol=1e-3)
+
+
+@needs_bf16
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
+def test_bf16_model_runs_native_and_speculation_is_exact(family, default_model):
+    """A bfloat16 model on an AVX512-BF16 CPU runs the native kernels on float32 activations: a k-token verify
+    rounds like one-token steps, so greedy speculation gives exactly plain decoding's tokens (no near-ties)."""
+    runner = ModelRunner(tiny_model(family).to(torch.bfloat16))
+    assert runner.kernels is not None and runner.act_dtype == torch.float32 and runner.batch_invariant
+    assert runner.new_cache(8).keys.dtype == torch.float32
+    engine = SpeculativeEngine(runner, default_model[1])
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    for ids in (list(range(5, 30)), list(range(300, 340, 3))):
+        plain = engine.run(ids, params, PLAIN).generated
+        for policy in (DraftPolicy(precision="int8", threshold=0.0), DraftPolicy(SkipSet([1], [2]), threshold=0.0),
+                       DraftPolicy(SkipSet([0, 3], [1]), precision="int8", threshold=0.0)):
+            assert engine.run(ids, params, policy).generated == plain, policy
+
+
+def test_bf16_model_without_bf16_kernels_keeps_torch_path(monkeypatch):
+    """Where the CPU has no AVX512-BF16, a bf16 model runs torch's kernels in bf16 (not batch-invariant)."""
+    monkeypatch.setattr(native, "bf16_kernels", lambda: None)
+    runner = ModelRunner(tiny_model("llama").to(torch.bfloat16))
+    assert runner.kernels is None and runner.act_dtype == torch.bfloat16 and not runner.batch_invariant
+    out = runner.forward(torch.arange(3, 12), runner.new_cache(16), 0)
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()

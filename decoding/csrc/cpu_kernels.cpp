@@ -1,4 +1,5 @@
-// AVX2 kernels for the engine's forward on CPU. int8_linear serves the draft only (it may
+// AVX2 kernels (and AVX512-BF16 ones for bfloat16 models) for the engine's forward on CPU; activations
+// are float32 throughout. int8_linear serves the draft only (it may
 // approximate: verification runs the original weights); rms_norm and silu_mul serve every
 // forward, cached_attention drafts and the full model's decode/verify steps, and
 // decoder_layers chains them over all layers in one call. Each computes a row (token) on its
@@ -254,6 +255,110 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optio
     cursor.step = burst * std::max<int64_t>(16, 32 / passes);
     for (; n < n1; ++n) f32_columns<1>(xp, M, K, wp, bp, yp, N, n, cursor);
   });
+  return y;
+}
+
+// linear_bf16: y = x @ W.T + bias for models held in bfloat16, on CPUs with AVX512-BF16 (this
+// section is compiled for them; callers check bf16_supported()). x stays float32 between layers
+// and is rounded to bfloat16 per element (nearest even) on entry; VDPBF16PS multiplies pairs of
+// bf16 values and adds them to 16 float32 lanes, one chain per output over K in order, then a
+// fixed reduction and the bias: the same arithmetic whatever the rows or the blocking, so a
+// k-token verify reproduces the 1-token results bit for bit, as linear_f32 does for float32.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+// Rows of x (float32, M x K, K a multiple of 32) to bfloat16, rounding to nearest even.
+void to_bf16_rows(const float* x, int64_t M, int64_t K, uint16_t* out) {
+  for (int64_t i = 0; i < M * K; i += 32) {
+    const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
+    _mm512_storeu_si512(out + i, reinterpret_cast<__m512i>(pair));
+  }
+}
+
+// The 16 lanes' sum in a fixed order.
+inline float sum16(__m512 v) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+// Columns n..n+C-1 of bf16 input rows 0..R-1. (K is a multiple of 32: a masked tail block made GCC
+// keep the accumulators in memory, 3x slower.)
+template <int R, int C>
+void bf16_block(const uint16_t* x, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t ldy, int64_t n,
+                Cursor& cursor) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  Cursor ahead = cursor;  // a local copy: its stores cannot alias the accumulators
+  for (int64_t k = 0; k < K; k += 32) {
+    ahead.tick(k);
+    __m512i wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_si512(w + (n + c) * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + r * K + k));
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, reinterpret_cast<__m512bh>(wv[c]));
+    }
+  }
+  cursor = ahead;
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      const float out = sum16(acc[r][c]);
+      y[r * ldy + n + c] = bias ? out + bias[n + c] : out;
+    }
+}
+
+template <int C>
+void bf16_columns(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t N,
+                  int64_t n, Cursor& cursor) {
+  row_blocks(M, [&](auto R, int64_t m) {
+    bf16_block<decltype(R)::value, C>(x + m * K, K, w, bias, y + m * N, N, n, cursor);
+  });
+}
+
+// Output columns [n0, n1) of M rows: one thread's share of a row chunk.
+void bf16_range(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t N,
+                int64_t n0, int64_t n1) {
+  const int64_t passes = (M + 3) / 4, burst = M > 4 ? 2 : 1;
+  Cursor cursor = Cursor::rows(w, K * 2, n0, n1, 0);
+  cursor.burst_mask = 32 * burst - 1;
+  int64_t n = n0;
+  if (M == 1) {  // one row: more weight rows in flight per block
+    cursor.step = 8 * 64;
+    for (; n + 8 <= n1; n += 8) bf16_columns<8>(x, M, K, w, bias, y, N, n, cursor);
+  }
+  cursor.step = burst * std::max<int64_t>(16, 4 * 64 / passes);
+  for (; n + 4 <= n1; n += 4) bf16_columns<4>(x, M, K, w, bias, y, N, n, cursor);
+  cursor.step = burst * std::max<int64_t>(16, 64 / passes);
+  for (; n < n1; ++n) bf16_columns<1>(x, M, K, w, bias, y, N, n, cursor);
+}
+#pragma GCC pop_options
+
+bool bf16_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(bf16_supported(), "linear_bf16: this CPU has no AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % 32 == 0,
+              "linear_bf16: x must be float32 (M, K) with K a multiple of 32");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1),
+              "linear_bf16: w must be contiguous bfloat16 (N, K)");
+  const float* bp = bias_data(bias, w.size(0), "linear_bf16");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
+  std::vector<uint16_t> xb(M * K);
+  to_bf16_rows(xc.data_ptr<float>(), M, K, xb.data());
+  at::Tensor y = at::empty({M, N}, xc.options());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  // Long inputs (prefill) in chunks of rows whose bf16 copy stays in L2 while the weights pass once per chunk.
+  const int64_t chunk = std::max<int64_t>(16, (512 * 1024 / (K * 2)) & ~int64_t(3));
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t rows = std::min(chunk, M - m0);
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+      bf16_range(xb.data() + m0 * K, rows, K, wp, bp, yp + m0 * N, N, n0, n1);
+    });
+  }
   return y;
 }
 
@@ -525,8 +630,9 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 // decoder_layers: a stack of decoder layers in one call, so the ~8 kernel calls per layer are
 // not each a trip through Python (pre-norm Llama-style layers: RMS norms, fused qkv, rotary
-// attention, SiLU-gated MLP). Serves decode/verify steps (float32 weights, linear_f32) and
-// int8 drafts (int8 weights with per-channel scales; `scales` empty means float32). Per layer
+// attention, SiLU-gated MLP). Serves decode/verify steps (float32 or bfloat16 weights: linear_f32
+// or linear_bf16, by the weight's dtype) and int8 drafts (int8 weights with per-channel scales;
+// `scales` empty means full precision). Per layer
 // i: norms[2i], norms[2i + 1] (attention, MLP); weights/scales/biases[4i + j] for j = qkv, o,
 // gate_up, down; KV buffers keys/values[i * S + s] for sequence s. Skipped sub-layers are the
 // identity. Returns the residual stream after the last layer; every kernel is the one the
@@ -547,8 +653,9 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
   at::Tensor h = hidden.contiguous().clone();
   const int64_t T = h.size(0);
   const auto linear = [&](const at::Tensor& x, int64_t i) {
-    return scales.empty() ? linear_f32(x, weights[i], biases.get(i))
-                          : int8_linear(x, weights[i], scales[i], biases.get(i));
+    if (!scales.empty()) return int8_linear(x, weights[i], scales[i], biases.get(i));
+    return weights[i].scalar_type() == at::kBFloat16 ? linear_bf16(x, weights[i], biases.get(i))
+                                                     : linear_f32(x, weights[i], biases.get(i));
   };
   for (int64_t i = 0; i < L; ++i) {
     if (!skip_attention[i]) {
@@ -569,6 +676,8 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
 TORCH_LIBRARY(knn_ssd, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("bf16_supported", &bf16_supported);  // no tensor arguments: one kernel for every backend
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("cached_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!)[] keys, Tensor(b!)[] values, int[] starts, "
         "int[] lengths, int q_heads, float scaling, int window) -> Tensor");
@@ -580,6 +689,7 @@ TORCH_LIBRARY(knn_ssd, m) {
 TORCH_LIBRARY_IMPL(knn_ssd, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("linear_f32", &linear_f32);
+  m.impl("linear_bf16", &linear_bf16);
   m.impl("rms_norm", &rms_norm);
   m.impl("cached_attention", &cached_attention);
   m.impl("silu_mul", &silu_mul);
