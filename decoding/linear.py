@@ -11,7 +11,7 @@ from . import native
 class Linear:
     """``y = x @ W.T + b`` over a 2-D input.
 
-    On CPU the weight is pre-packed for oneDNN: measured here it streams weights
+    On CPU a float32 weight is pre-packed for oneDNN: measured here it streams weights
     about twice as fast as the BLAS path for 1-12 rows, and each output row is
     bit-identical whether it is computed alone or among other rows (batch
     invariance), so a k-token verify reproduces the 1-token logits exactly in
@@ -44,9 +44,12 @@ class Linear:
     def __call__(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
         """``step``: a decode/verify forward. On an AVX2 CPU those run the native kernel (1.4x
         oneDNN's speed for one row here, ~1.1x for 2-16 rows, also batch-invariant); prefill
-        keeps oneDNN, faster for long chunks. The choice is by role, never by row count."""
+        keeps oneDNN, faster for long chunks. The choice is by role, never by row count.
+        bf16 weights on an AVX512-BF16 CPU run the native kernel for every forward."""
         if (step or self._every_forward) and self._step_kernel is not None and x.dtype == torch.float32:
             return self._step_kernel(x, self.weight, self.bias)
+        if x.dtype != self.weight.dtype:  # float32 activations of a bf16 model, in a layer the kernel cannot run
+            return self(x.to(self.weight.dtype), step).to(x.dtype)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         if x.shape[0] == 1:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_model
+from tiny_models import CONFIGS, tiny_model
+from transformers import AutoModelForCausalLM
 
 from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine, native
 from decoding.linear import Int8Linear
@@ -222,6 +223,20 @@ def test_bf16_model_runs_native_and_speculation_is_exact(family, default_model):
         for policy in (DraftPolicy(precision="int8", threshold=0.0), DraftPolicy(SkipSet([1], [2]), threshold=0.0),
                        DraftPolicy(SkipSet([0, 3], [1]), precision="int8", threshold=0.0)):
             assert engine.run(ids, params, policy).generated == plain, policy
+
+
+@needs_bf16
+def test_bf16_layers_off_the_kernel_still_run():
+    """Linears whose input width is no multiple of 32 fall back to torch in bf16 inside a native runner."""
+    torch.manual_seed(0)
+    config = CONFIGS["llama"]()
+    config.hidden_size, config.head_dim = 48, 12
+    runner = ModelRunner(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval())
+    assert runner.kernels is not None and not runner.layers[0].qkv.native and runner.layers[0].down.native
+    assert not runner.batch_invariant and runner._full_stack is None
+    out = runner.forward(torch.arange(3, 12), runner.new_cache(16), 0, prefill=True)
+    assert torch.isfinite(out.logits).all()
+    assert torch.isfinite(runner.forward(torch.tensor([4, 5]), runner.new_cache(16), 0, all_logits=True).logits).all()
 
 
 def test_bf16_model_without_bf16_kernels_keeps_torch_path(monkeypatch):
