@@ -92,7 +92,7 @@ class SpeculativeEngine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
-        self.block_tokens = prefix_cache.block_tokens if prefix_cache else BLOCK_TOKENS
+        self.block_tokens = prefix_cache.block_tokens if prefix_cache is not None else BLOCK_TOKENS
         self.max_context = min(max_context or runner.max_context, runner.max_context)
         eos = getattr(runner.model.generation_config, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]

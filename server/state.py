@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from decoding import (
     PLAIN,
     DraftPolicy,
@@ -16,6 +18,7 @@ from decoding import (
     SamplingParams,
     SpeculativeEngine,
     load_model,
+    native,
 )
 from decoding.adaptive import SpeculationPlanner, measure_step_costs
 from decoding.batching import ContinuousBatcher
@@ -94,8 +97,11 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
              info.num_layers, info.hidden_size, info.parameters / 1e6, info.fingerprint)
     log.info("device %s, dtype %s, context %d tokens, int8 draft copy %.0f MiB (loaded in %.1fs); %s", info.device,
              info.dtype, max_len, runner.int8_draft_bytes / 2**20, time.perf_counter() - t0, runner.kernel_summary)
+    if runner.device.type == "cpu" and runner.dtype == torch.float32 and native.bf16_kernels() is not None:
+        log.info("this CPU runs bf16 weights natively (AVX512-BF16): --dtype bfloat16 halves the weight bytes "
+                 "per token and keeps speculation exact")
     log.info("prefix cache: %s", f"{config.prefix_cache_mb:g} MiB, blocks of {prefix_cache.block_tokens} tokens"
-             if prefix_cache else "off")
+             if prefix_cache is not None else "off")  # an empty cache has len 0: test for None
     router = _router(config, info)
     if router is None:
         log.info("index: none; speculative requests use the built-in policy %s", FALLBACK_INT8.to_dict())

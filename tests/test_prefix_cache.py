@@ -131,3 +131,15 @@ def test_choices_of_one_prompt_prefill_it_once_in_a_batch(default_engine, cached
     cacheable = (len(ids) - 1) // 16 * 16
     assert seqs[0].stats.cached_tokens == 0
     assert [seq.stats.cached_tokens for seq in seqs[1:]] == [cacheable, cacheable]
+
+
+def test_engine_takes_the_block_size_of_its_prefix_cache(default_engine):
+    """A fresh (empty) cache still sets the engine's block size: 8-token blocks serve 8-token multiples."""
+    engine = SpeculativeEngine(default_engine.runner, default_engine.tokenizer,
+                               prefix_cache=PrefixCache(16 << 20, block_tokens=8))
+    assert engine.block_tokens == 8
+    ids = chat_ids(default_engine.tokenizer, "Name three rivers in Europe.")
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    first, second = engine.run(ids, params), engine.run(ids, params)
+    assert second.generated == first.generated
+    assert second.stats.cached_tokens == ((len(ids) - 1) // 8) * 8
