@@ -68,8 +68,8 @@ class Metrics:
                                  ["model", "domain"], registry=r)
         self._rates: dict[str, list[float]] = {}  # domain -> [tokens, seconds]
         self._lock = threading.Lock()
-        for metric in (self.prompt_tokens, self.prefix_cache_hits, self.prefix_cache_bytes, self.batch_size, self.draft_cap, self.router_latency, self.ttft, self.itl,
-                       self.e2e, self.queue_time,
+        for metric in (self.prompt_tokens, self.prefix_cache_hits, self.prefix_cache_bytes, self.batch_size,
+                       self.draft_cap, self.router_latency, self.ttft, self.itl, self.e2e, self.queue_time,
                        self.running, self.waiting):
             metric.labels(model)
         self.declare_domains([PLAIN_DOMAIN])

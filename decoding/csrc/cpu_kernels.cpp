@@ -34,6 +34,14 @@ inline int32_t horizontal_sum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// The 8 lanes' sum in a fixed order (high half onto low, then two pairwise adds): every float
+// reduction here uses it, so results never depend on which kernel summed.
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
 // One input row to int16 with its absmax scale (returned); vectorised, rounding half to even
 // like std::lrintf, so the result is the same as the scalar loop's.
 inline double quantise_row(const float* x, int64_t K, int16_t* q) {
@@ -207,10 +215,7 @@ void f32_block(const float* x, int64_t K, const float* w, const float* bias, flo
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
-      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r][c]), _mm256_extractf128_ps(acc[r][c], 1));
-      s = _mm_hadd_ps(s, s);
-      s = _mm_hadd_ps(s, s);
-      float out = _mm_cvtss_f32(s);
+      float out = horizontal_sum(acc[r][c]);
       const float* wr = w + (n + c) * K;
       for (int64_t k = K8; k < K; ++k) out += x[r * K + k] * wr[k];
       y[r * ldy + n + c] = bias ? out + bias[n + c] : out;
@@ -275,12 +280,9 @@ void to_bf16_rows(const float* x, int64_t M, int64_t K, uint16_t* out) {
   }
 }
 
-// The 16 lanes' sum in a fixed order.
-inline float sum16(__m512 v) {
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+// The 16 lanes' sum in a fixed order: the high half onto the low one, then the 8-lane sum.
+inline float horizontal_sum(__m512 v) {
+  return horizontal_sum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
 }
 
 // Columns n..n+C-1 of bf16 input rows 0..R-1. (K is a multiple of 32: a masked tail block made GCC
@@ -291,9 +293,8 @@ void bf16_block(const uint16_t* x, int64_t K, const uint16_t* w, const float* bi
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  Cursor ahead = cursor;  // a local copy: its stores cannot alias the accumulators
   for (int64_t k = 0; k < K; k += 32) {
-    ahead.tick(k);
+    cursor.tick(k);
     __m512i wv[C];
     for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_si512(w + (n + c) * K + k);
     for (int r = 0; r < R; ++r) {
@@ -301,10 +302,9 @@ void bf16_block(const uint16_t* x, int64_t K, const uint16_t* w, const float* bi
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, reinterpret_cast<__m512bh>(wv[c]));
     }
   }
-  cursor = ahead;
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
-      const float out = sum16(acc[r][c]);
+      const float out = horizontal_sum(acc[r][c]);
       y[r * ldy + n + c] = bias ? out + bias[n + c] : out;
     }
 }
@@ -393,11 +393,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
   }
-  __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  float out = _mm_cvtss_f32(s);
+  float out = horizontal_sum(_mm256_add_ps(acc0, acc1));
   for (; i < n; ++i) out += a[i] * b[i];
   return out;
 }
@@ -480,10 +476,7 @@ inline float softmax_weights(float* scores, int64_t first, int64_t last) {
     }
     vsum = _mm256_add_ps(vsum, _mm256_loadu_ps(buf));
   }
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
-  s4 = _mm_hadd_ps(s4, s4);
-  s4 = _mm_hadd_ps(s4, s4);
-  return 1.f / _mm_cvtss_f32(s4);
+  return 1.f / horizontal_sum(vsum);
 }
 
 
