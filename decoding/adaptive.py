@@ -64,10 +64,11 @@ class HingeCost:
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Seconds of a packed verify forward (``rows``, total ``tokens``) and of one int8 draft position (``rows``)."""
+    """Seconds of a packed verify forward (``rows``, total ``tokens``) and of one draft position (``rows``) per
+    quantised draft precision (a full-precision draft costs what a one-token verify of its rows does)."""
 
     verify: HingeCost
-    draft: HingeCost
+    drafts: dict[str, HingeCost]
     num_layers: int
 
     def verify_s(self, rows: int, tokens: int) -> float:
@@ -76,17 +77,19 @@ class StepCosts:
     def draft_s(self, policy: DraftPolicy, rows: int) -> float:
         """One draft position for ``rows`` rows of ``policy``: the kept share of its precision's forward."""
         kept = 1.0 - len(policy.skip) / (2 * self.num_layers)
-        full = self.verify_s(rows, rows) if policy.precision == "full" else self.draft(rows, rows)
+        full = self.verify_s(rows, rows) if policy.precision == "full" else self.drafts[policy.precision](rows, rows)
         return kept * full
 
     def describe(self) -> str:
-        return f"verify s = {self.verify.describe('tokens')}; int8 draft s = {self.draft.describe('rows')}"
+        drafts = "".join(f"; {p} draft s = {cost.describe('rows')}" for p, cost in self.drafts.items())
+        return f"verify s = {self.verify.describe('tokens')}{drafts}"
 
 
 @torch.inference_mode()
 def measure_step_costs(runner: ModelRunner, context: int = 128, rows: tuple[int, ...] = (1, 2, 4, 8, 16),
                        drafts: tuple[int, ...] = (0, 2, 4, 8), repeats: int = 2) -> StepCosts:
-    """Time packed verify forwards (rows x draft length) and int8 draft forwards at ``context`` cached tokens."""
+    """Time packed verify forwards (rows x draft length) and each quantised precision's draft forwards at
+    ``context`` cached tokens."""
     caches = [runner.new_cache(context + max(drafts) + 1) for _ in range(max(rows))]
     verify_rows, verify_tokens, verify_seconds = [], [], []
     for b in rows:
@@ -96,13 +99,15 @@ def measure_step_costs(runner: ModelRunner, context: int = 128, rows: tuple[int,
             verify_rows.append(b)
             verify_tokens.append(b * (k + 1))
             verify_seconds.append(median_ms(lambda segs=segs: runner.forward_packed(segs), repeats) / 1000)
-    policy = DraftPolicy(precision="int8" if runner.draft_lm_head is not None else "full")
-    draft_seconds = []
-    for b in rows:
-        segs = [Segment(torch.randint(10, 1000, (1,), device=runner.device), caches[i], context) for i in range(b)]
-        draft_seconds.append(median_ms(lambda segs=segs: runner.forward_packed(segs, policy), repeats) / 1000)
-    return StepCosts(HingeCost.fit(verify_rows, verify_tokens, verify_seconds),
-                     HingeCost.fit(list(rows), list(rows), draft_seconds, per_row=False), runner.num_layers)
+    drafts = {}
+    for precision in runner.draft_precisions[1:]:
+        policy, draft_seconds = DraftPolicy(precision=precision), []
+        for b in rows:
+            segs = [Segment(torch.randint(10, 1000, (1,), device=runner.device), caches[i], context) for i in range(b)]
+            draft_seconds.append(median_ms(lambda segs=segs, policy=policy: runner.forward_packed(segs, policy),
+                                           repeats) / 1000)
+        drafts[precision] = HingeCost.fit(list(rows), list(rows), draft_seconds, per_row=False)
+    return StepCosts(HingeCost.fit(verify_rows, verify_tokens, verify_seconds), drafts, runner.num_layers)
 
 
 class SpeculationPlanner:

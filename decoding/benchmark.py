@@ -70,9 +70,9 @@ def forward_latencies(engine: SpeculativeEngine, context: int = 256, rounds: int
         timers[f"verify_{k}"] = lambda tokens=tokens: runner.forward(tokens, cache, context, all_logits=True)
     drafts = {"draft_skip25": DraftPolicy(evenly_skipped(runner.num_layers, 0.25)),
               "draft_skip50": DraftPolicy(evenly_skipped(runner.num_layers, 0.5))}
-    if runner.draft_lm_head is not None:
-        drafts["draft_int8"] = DraftPolicy(precision="int8")
-        drafts["draft_int8_skip25"] = DraftPolicy(evenly_skipped(runner.num_layers, 0.25), precision="int8")
+    for precision in runner.draft_precisions[1:]:
+        drafts[f"draft_{precision}"] = DraftPolicy(precision=precision)
+        drafts[f"draft_{precision}_skip25"] = DraftPolicy(evenly_skipped(runner.num_layers, 0.25), precision=precision)
     for name, policy in drafts.items():
         timers[name] = lambda policy=policy: runner.forward(one, cache, context, policy=policy)
     return interleaved_median_ms(timers, rounds, repeats)
@@ -80,9 +80,13 @@ def forward_latencies(engine: SpeculativeEngine, context: int = 256, rounds: int
 
 def decode_throughput(engine: SpeculativeEngine, prompts: list[list[int]], policy: DraftPolicy,
                       max_new_tokens: int, hf_generate: bool = False) -> dict[str, Any]:
-    """Plain and speculative tokens/s over ``prompts`` (interleaved per prompt), plus transformers' generate."""
+    """Plain and speculative tokens/s over ``prompts`` (interleaved per prompt), plus transformers' generate.
+
+    ``tokens_per_s`` counts each request from its start (the prompt's prefill included, as a client sees
+    it); ``decode_tokens_per_s`` counts the time after prefill only, the part speculation changes."""
     params = SamplingParams(max_tokens=max_new_tokens, ignore_eos=True)
     totals = {"plain": [0, 0.0], "speculative": [0, 0.0], "transformers": [0, 0.0]}
+    decode_s = {"plain": 0.0, "speculative": 0.0}
     identical, accepted, steps = 0, 0, 0
     for ids in tqdm(prompts, desc="decoding", unit="prompt"):
         runs = {}
@@ -91,6 +95,7 @@ def decode_throughput(engine: SpeculativeEngine, prompts: list[list[int]], polic
             seq = engine.run(ids, params, pol)
             totals[name][0] += len(seq.generated)
             totals[name][1] += time.perf_counter() - t0
+            decode_s[name] += time.perf_counter() - t0 - seq.stats.prefill_s
             runs[name] = seq
         identical += runs["plain"].generated == runs["speculative"].generated
         accepted += runs["speculative"].stats.step_tokens
@@ -103,10 +108,13 @@ def decode_throughput(engine: SpeculativeEngine, prompts: list[list[int]], polic
             totals["transformers"][0] += max_new_tokens
             totals["transformers"][1] += time.perf_counter() - t0
     rates = {name: n / s for name, (n, s) in totals.items() if s > 0}
+    decode_rates = {name: totals[name][0] / s for name, s in decode_s.items()}
     return {
         "prompts": len(prompts), "max_new_tokens": max_new_tokens,
         "tokens_per_s": rates,
         "speedup_vs_plain": rates["speculative"] / rates["plain"],
+        "decode_tokens_per_s": decode_rates,
+        "decode_speedup_vs_plain": decode_rates["speculative"] / decode_rates["plain"],
         "plain_vs_transformers": rates["plain"] / rates["transformers"] if "transformers" in rates else None,
         "mean_accepted_tokens": accepted / steps if steps else 0.0,
         "identical_outputs": f"{identical}/{len(prompts)}",

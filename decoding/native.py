@@ -60,7 +60,7 @@ def _build() -> Any | None:
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     try:
         cpp_extension.load(name="knn_ssd_kernels", sources=[str(SOURCE)], build_directory=str(build_dir),
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"],
+                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"],
                            # at::parallel_for is OpenMP inline code: without -fopenmp it runs on one thread.
                            # The process's libgomp.so.1 is torch's own (same soname), so one thread pool.
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-DraftPrecision = Literal["full", "int8"]
-DRAFT_PRECISIONS: tuple[str, ...] = ("full", "int8")
+DraftPrecision = Literal["full", "int8", "int4"]
+DRAFT_PRECISIONS: tuple[str, ...] = ("full", "int8", "int4")
 MAX_DRAFT_LIMIT = 16  # KV buffers reserve this many positions beyond the committed length
 
 

@@ -2,14 +2,14 @@
 
 The runner reads the weights and norm modules of a loaded transformers model and
 runs its own forward (nanoGPT style) so that one call can skip any attention/MLP
-sub-layers, run the draft's linear layers on an int8 copy, and write KV entries at
+sub-layers, run the draft's linear layers on an int8 or int4 copy, and write KV entries at
 absolute positions. Verification and plain decoding always use the original weights.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 from . import native
 from .kv_cache import KVCache
-from .linear import Int8Linear, Linear
+from .linear import Int4Linear, Int8Linear, Linear
 from .policy import DraftPolicy, SkipSet
+
+DraftLinear = Int8Linear | Int4Linear
 
 NO_SKIP = SkipSet()
 
@@ -63,7 +65,7 @@ class _Layer:
     softcap: float | None
     window: int | None
     silu: bool  # the MLP activation is SiLU (the native kernel fuses it with the product)
-    draft: dict[str, Int8Linear] | None = None
+    drafts: dict[str, dict[str, DraftLinear]] = field(default_factory=dict)  # precision -> name -> copy
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class _LayerStack:
 
     norms: list[torch.Tensor]  # attention, MLP norm weights per layer
     weights: list[torch.Tensor]  # qkv, o, gate_up, down per layer
-    scales: list[torch.Tensor]  # int8 weights' per-channel scales; empty for float32
+    scales: list[torch.Tensor]  # int8 per-channel scales or int4 group scales and mins; empty at full precision
     biases: list[torch.Tensor | None]
     windows: list[int]  # 0: no sliding window
     q_heads: int
@@ -114,7 +116,7 @@ def _fuse(modules: list[torch.nn.Linear]) -> Linear:
 class ModelRunner:
     """Runs forward passes of one loaded model; stateless between calls (state lives in ``KVCache``)."""
 
-    def __init__(self, hf_model: Any, int8_draft: bool = True) -> None:
+    def __init__(self, hf_model: Any, int8_draft: bool = True, int4_draft: bool = True) -> None:
         self.model = hf_model
         config = hf_model.config
         self.config = config
@@ -142,11 +144,15 @@ class ModelRunner:
         self.lm_head = Linear(hf_model.lm_head.weight.detach(), getattr(hf_model.lm_head, "bias", None))
         with torch.no_grad():
             self.layers = [self._build_layer(layer) for layer in hf_model.model.layers]
+        # Quantised drafts share one int8 copy of the LM head: a 4-bit head lost too many top-1s
+        # (0.86 agreement on the default model, whose embedding is not stored in 4-bit groups).
         self.draft_lm_head: Int8Linear | None = None
-        self._full_stack = self._layer_stack(int8=False)
-        self._draft_stack: _LayerStack | None = None
+        self._full_stack = self._layer_stack(None)
+        self._draft_stacks: dict[str, _LayerStack | None] = {}
         if int8_draft:
             self.enable_int8_draft()
+        if int4_draft:
+            self.enable_int4_draft()
 
     def _build_layer(self, layer: Any) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -177,47 +183,69 @@ class ModelRunner:
     # ------------------------------------------------------------------ draft copies
     def enable_int8_draft(self) -> None:
         """Make the int8 weight-only copy used by ``precision="int8"`` drafts (once)."""
-        if self.draft_lm_head is not None:
+        self._enable_draft("int8", Int8Linear)
+
+    def enable_int4_draft(self) -> bool:
+        """Make the 4-bit copy used by ``precision="int4"`` drafts (once), where the native kernels run it
+        (CPU with AVX2, every layer's input width a multiple of 32). Returns whether the copy exists."""
+        layers = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if not native.cpu_kernels() or self.device.type != "cpu" or any(
+                lin.weight.shape[1] % Int4Linear.GROUP for lin in layers):
+            return False
+        self._enable_draft("int4", Int4Linear)
+        return True
+
+    def _enable_draft(self, precision: str, make: type[DraftLinear]) -> None:
+        if precision in self._draft_stacks:
             return
         with torch.no_grad():
             for layer in self.layers:
-                layer.draft = {name: Int8Linear(lin.weight, lin.bias)
-                               for name, lin in (("qkv", layer.qkv), ("o", layer.o),
-                                                 ("gate_up", layer.gate_up), ("down", layer.down))}
-            self.draft_lm_head = Int8Linear(self.lm_head.weight, self.lm_head.bias)
-        self._draft_stack = self._layer_stack(int8=True)
+                layer.drafts[precision] = {name: make(lin.weight, lin.bias)
+                                           for name, lin in (("qkv", layer.qkv), ("o", layer.o),
+                                                             ("gate_up", layer.gate_up), ("down", layer.down))}
+            if self.draft_lm_head is None:
+                self.draft_lm_head = Int8Linear(self.lm_head.weight, self.lm_head.bias)
+        self._draft_stacks[precision] = self._layer_stack(precision)
 
-    def _layer_stack(self, int8: bool) -> _LayerStack | None:
-        """The layers for the one-call native path of decode/verify steps (float32) or int8 drafts, where
-        the kernels run them all: plain pre-norm layers with SiLU MLPs and one norm epsilon, head count
-        and scaling (Llama, Qwen2, Mistral). Other layouts (Gemma's extra norms and softcaps, Qwen3's
-        head norms) keep the per-layer path."""
+    @property
+    def draft_precisions(self) -> tuple[str, ...]:
+        """The draft precisions this runner serves: ``full`` and each quantised copy it made."""
+        return ("full", *self._draft_stacks)
+
+    def _layer_stack(self, precision: str | None) -> _LayerStack | None:
+        """The layers for the one-call native path of full-model decode/verify steps (``precision`` None)
+        or quantised drafts, where the kernels run them all: plain pre-norm layers with SiLU MLPs and one
+        norm epsilon, head count and scaling (Llama, Qwen2, Mistral). Other layouts (Gemma's extra norms
+        and softcaps, Qwen3's head norms) keep the per-layer path."""
         layers = self.layers
         if self.kernels is None or any(layer.attn_out_norm or layer.mlp_out_norm or layer.q_norm or layer.softcap
-                                       or not layer.silu or (int8 and not layer.draft) for layer in layers):
+                                       or not layer.silu for layer in layers):
             return None
         norms = [norm for layer in layers for norm in (layer.attn_norm, layer.mlp_norm)]
         if len({n.eps for n in norms}) != 1 or len({(la.q_heads, la.scaling) for la in layers}) != 1:
             return None
         names = ("qkv", "o", "gate_up", "down")
-        linears = [layer.draft[name] if int8 else getattr(layer, name) for layer in layers for name in names]
+        linears = [layer.drafts[precision][name] if precision else getattr(layer, name)
+                   for layer in layers for name in names]
         if not all(lin.native for lin in linears):
             return None
         return _LayerStack(norms=[n.weight for n in norms],
-                           weights=[lin.qweight if int8 else lin.weight for lin in linears],
-                           scales=[lin.scale for lin in linears] if int8 else [], biases=[lin.bias for lin in linears],
-                           windows=[layer.window or 0 for layer in layers], q_heads=layers[0].q_heads,
-                           scaling=layers[0].scaling, eps=norms[0].eps)
+                           weights=[lin.qweight if precision else lin.weight for lin in linears],
+                           scales=[lin.scale for lin in linears] if precision else [],
+                           biases=[lin.bias for lin in linears], windows=[layer.window or 0 for layer in layers],
+                           q_heads=layers[0].q_heads, scaling=layers[0].scaling, eps=norms[0].eps)
 
     @property
     def kernel_summary(self) -> str:
         """Which kernels run the forwards, for the startup log."""
         if self.kernels is None:
             return "torch kernels"
-        roles = (("decode/verify steps", self._full_stack), ("int8 drafts", self._draft_stack))
+        roles = (("decode/verify steps", self._full_stack),
+                 *((f"{precision} drafts", stack) for precision, stack in self._draft_stacks.items()))
         stacked = [role for role, stack in roles if stack is not None]
         weights = " (bf16 weights on AVX512-BF16, float32 activations)" if self.dtype == torch.bfloat16 else ""
-        return f"native CPU kernels{weights}, " + (f"{' and '.join(stacked)} in one call for all layers" if stacked
+        listed = ", ".join(stacked[:-1]) + " and " + stacked[-1] if len(stacked) > 1 else "".join(stacked)
+        return f"native CPU kernels{weights}, " + (f"{listed} in one call for all layers" if stacked
                                                    else "one call per layer")
 
     @property
@@ -230,10 +258,15 @@ class ModelRunner:
 
     @property
     def int8_draft_bytes(self) -> int:
-        """Memory the int8 draft copy costs (0 when not made)."""
-        if self.draft_lm_head is None:
+        """Memory the int8 draft copy costs (0 when not made), its LM head included."""
+        return self.draft_bytes("int8")
+
+    def draft_bytes(self, precision: str) -> int:
+        """Memory the ``precision`` draft copy costs (0 when not made), the shared int8 LM head included."""
+        if precision not in self._draft_stacks:
             return 0
-        return self.draft_lm_head.nbytes + sum(q.nbytes for layer in self.layers for q in layer.draft.values())
+        layers = sum(q.nbytes for layer in self.layers for q in layer.drafts[precision].values())
+        return layers + self.draft_lm_head.nbytes
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, capacity, self.act_dtype, self.device)
@@ -259,9 +292,9 @@ class ModelRunner:
         changes an output.
         """
         skip = policy.skip if policy is not None else NO_SKIP
-        int8 = policy is not None and policy.precision == "int8"
-        if int8 and self.draft_lm_head is None:
-            raise ValueError("int8 draft requested but the runner was built without the int8 copy")
+        quantised = policy.precision if policy is not None and policy.precision != "full" else None
+        if quantised and quantised not in self._draft_stacks:
+            raise ValueError(f"{quantised} draft requested but the runner was built without the {quantised} copy")
         lengths = [seg.tokens.shape[0] for seg in segments]
         tokens = torch.cat([seg.tokens for seg in segments]) if len(segments) > 1 else segments[0].tokens
         if len(segments) == 1:
@@ -274,12 +307,12 @@ class ModelRunner:
         cos, sin = cos[:, None], sin[:, None]  # (T, 1, D): over heads
         h = self.embed(tokens).to(self.act_dtype)  # (T, H), all segments
         step = not any(seg.prefill for seg in segments)  # decode/verify/draft, not prefill: see Linear
-        stack = self._stack_for(int8, step)
+        stack = self._stack_for(quantised, step)
         if stack is not None:
             h = self._stacked_layers(stack, h, cos[:, 0], sin[:, 0], segments, lengths, skip)
         else:
             for index, layer in enumerate(self.layers):
-                lin = layer.draft if int8 else None
+                lin = layer.drafts[quantised] if quantised else None
                 if index not in skip.attention:
                     h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, segments, lengths, step)
                 if index not in skip.mlp:
@@ -290,7 +323,7 @@ class ModelRunner:
             rows.append(torch.arange(offset, offset + n) if seg.all_logits else torch.tensor([offset + n - 1]))
             offset += n
         h_out = h[torch.cat(rows)] if len(segments) > 1 or not segments[0].all_logits else h
-        logits = (self.draft_lm_head(h_out) if int8 else self.lm_head(h_out, step)).float()
+        logits = (self.draft_lm_head(h_out) if quantised else self.lm_head(h_out, step)).float()
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         outputs, offset, row = [], 0, 0
@@ -301,11 +334,11 @@ class ModelRunner:
             row += len(picked)
         return outputs
 
-    def _stack_for(self, int8: bool, step: bool) -> _LayerStack | None:
-        """The one-call layer stack for this forward, or None for the per-layer path: int8 drafts, and
+    def _stack_for(self, quantised: str | None, step: bool) -> _LayerStack | None:
+        """The one-call layer stack for this forward, or None for the per-layer path: quantised drafts, and
         full-precision steps where attention is native (never prefill)."""
-        if int8:
-            return self._draft_stack
+        if quantised:
+            return self._draft_stacks[quantised]
         if not step or not self._native_attention(self.layers[0]):
             return None
         return self._full_stack
@@ -323,7 +356,7 @@ class ModelRunner:
             [int(i in skip.mlp) for i in layers], cos, sin, [k for k, _ in buffers], [v for _, v in buffers],
             [seg.start for seg in segments], lengths, stack.q_heads, stack.scaling, stack.windows, stack.eps)
 
-    def _attention(self, layer: _Layer, lin: dict[str, Int8Linear] | None, index: int, x: torch.Tensor,
+    def _attention(self, layer: _Layer, lin: dict[str, DraftLinear] | None, index: int, x: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], lengths: list[int],
                    step: bool = False) -> torch.Tensor:
         T = x.shape[0]
@@ -370,7 +403,7 @@ class ModelRunner:
                                              [seg.start for seg in segments], lengths, layer.q_heads,
                                              layer.scaling, layer.window or 0)
 
-    def _mlp(self, layer: _Layer, lin: dict[str, Int8Linear] | None, x: torch.Tensor, step: bool) -> torch.Tensor:
+    def _mlp(self, layer: _Layer, lin: dict[str, DraftLinear] | None, x: torch.Tensor, step: bool) -> torch.Tensor:
         gate_up = lin["gate_up"](x) if lin else layer.gate_up(x, step)
         if self.kernels is not None and layer.silu:
             hidden = self.kernels.silu_mul(gate_up)

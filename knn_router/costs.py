@@ -57,7 +57,7 @@ class StepCosts:
 
 
 def measure_costs(runner: ModelRunner, context: int = 256, repeats: int = 5, rounds: int = 3) -> StepCosts:
-    """Time full forwards of 1..13 tokens and draft forwards (full and int8) at ``context`` cached tokens.
+    """Time full forwards of 1..13 tokens and draft forwards (each precision the runner serves) at ``context`` cached tokens.
 
     Every point is timed in ``rounds`` interleaved rounds and the median round kept, so
     a slow moment of the machine cannot distort one point alone; verify costs are
@@ -71,7 +71,7 @@ def measure_costs(runner: ModelRunner, context: int = 256, repeats: int = 5, rou
     for k in VERIFY_POINTS:
         tokens = torch.randint(10, 1000, (k,))
         timers[("verify", k)] = lambda tokens=tokens, k=k: runner.forward(tokens, cache, context, all_logits=k > 1)
-    precisions = ["full"] + (["int8"] if runner.draft_lm_head is not None else [])
+    precisions = runner.draft_precisions
     for precision in precisions:
         for name, skip in (("whole", SkipSet()), ("no_attention", SkipSet(attention=layers)),
                            ("no_mlp", SkipSet(mlp=layers))):

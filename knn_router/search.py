@@ -122,7 +122,7 @@ def search(runner: ModelRunner, seqs: list[Sequence], costs: StepCosts, budget: 
            progress=None) -> SearchResult:
     """Random search then local refinement over skip sets, for each available draft precision."""
     rng = random.Random(seed)
-    precisions = ["full"] + (["int8"] if runner.draft_lm_head is not None else [])
+    precisions = runner.draft_precisions
     evaluated: list[Candidate] = []
     seen: set = set()
 
@@ -135,8 +135,8 @@ def search(runner: ModelRunner, seqs: list[Sequence], costs: StepCosts, budget: 
         if progress is not None:
             progress.update(1)
 
-    if "int8" in precisions:
-        evaluate(SkipSet(), "int8")
+    for precision in precisions[1:]:  # each quantised copy with nothing skipped
+        evaluate(SkipSet(), precision)
     n_random = max(1, budget // 2)
     while len(evaluated) < n_random:
         precision = rng.choice(precisions)

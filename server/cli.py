@@ -31,8 +31,9 @@ def _add_log_level(p: argparse.ArgumentParser) -> None:
 def _skip_set_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-attention", default="", help="comma-separated attention layer indices the draft skips")
     p.add_argument("--skip-mlp", default="", help="comma-separated MLP layer indices the draft skips")
-    p.add_argument("--draft-precision", default="int8", choices=["full", "int8"],
-                   help="weights the draft runs on: the model's own (full) or the int8 copy")
+    p.add_argument("--draft-precision", default="int8", choices=["full", "int8", "int4"],
+                   help="weights the draft runs on: the model's own (full), the int8 copy, or the 4-bit copy "
+                        "(groups of 32, as GGUF's Q4 blocks; CPUs with the native kernels)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="stop drafting when the draft's top-1 probability falls below this (default: %(default)s)")
     p.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT,
@@ -81,19 +82,24 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     latencies = forward_latencies(engine)
     result = decode_throughput(engine, prompts, policy, args.max_new_tokens, hf_generate=not args.no_transformers)
     report = {"model": info.to_dict(), "int8_draft_bytes": runner.int8_draft_bytes,
+              "draft_bytes": {p: runner.draft_bytes(p) for p in runner.draft_precisions[1:]},
               "latency_ms": latencies, "throughput": result}
+    copies = ", ".join(f"{p} draft copy {runner.draft_bytes(p) / 2**20:.0f} MiB" for p in runner.draft_precisions[1:])
     print(f"model {info.name} ({info.architecture}, {info.num_layers} layers) on {info.device} {info.dtype}; "
-          f"int8 draft copy {runner.int8_draft_bytes / 2**20:.0f} MiB")
+          f"{copies or 'no quantised draft copy'}")
     print("forward latency (ms, median):")
     base = latencies["forward_1"]
     for name, ms in latencies.items():
         print(f"  {name:<20} {ms:8.2f}  ({ms / base:.2f}x a 1-token forward)")
     rates = result["tokens_per_s"]
-    print(f"decoding, {result['prompts']} Spec-Bench prompts x {result['max_new_tokens']} tokens:")
+    print(f"decoding, {result['prompts']} Spec-Bench prompts x {result['max_new_tokens']} tokens "
+          "(tokens/s from the request's start, prefill included; after prefill):")
     for name, rate in rates.items():
-        print(f"  {name:<20} {rate:8.2f} tokens/s")
-    print(f"  speculative / plain  {result['speedup_vs_plain']:.2f}x; mean accepted tokens "
-          f"{result['mean_accepted_tokens']:.2f}; identical outputs {result['identical_outputs']}")
+        after = result["decode_tokens_per_s"].get(name)
+        print(f"  {name:<20} {rate:8.2f} tokens/s" + (f"  {after:8.2f} after prefill" if after else ""))
+    print(f"  speculative / plain  {result['speedup_vs_plain']:.2f}x ({result['decode_speedup_vs_plain']:.2f}x after "
+          f"prefill); mean accepted tokens {result['mean_accepted_tokens']:.2f}; identical outputs "
+          f"{result['identical_outputs']}")
     if result["plain_vs_transformers"]:
         print(f"  plain / transformers generate  {result['plain_vs_transformers']:.2f}x")
     if args.json:

@@ -47,7 +47,7 @@ class SamplingFields(BaseModel):
     speculate: bool = True
     domain: str | None = None
     skip_layers: SkipLayers | None = None
-    draft_precision: Literal["full", "int8"] | None = None
+    draft_precision: Literal["full", "int8", "int4"] | None = None
 
     @field_validator("stop")
     @classmethod

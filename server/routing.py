@@ -19,11 +19,12 @@ class PolicyResolver:
     Without a router, speculative requests use ``fallback`` (the server's built-in policy).
     """
 
-    def __init__(self, router: Router | None, fallback: DraftPolicy, num_layers: int, int8_available: bool) -> None:
+    def __init__(self, router: Router | None, fallback: DraftPolicy, num_layers: int,
+                 precisions: tuple[str, ...] = ("full",)) -> None:
         self.router = router
         self.fallback = fallback
         self.num_layers = num_layers
-        self.int8_available = int8_available
+        self.precisions = precisions  # the draft precisions the runner serves
 
     def for_request(self, req: SamplingFields) -> Callable[[torch.Tensor], RouteDecision]:
         """Validate the request's fields now (400 on error) and return the per-embedding chooser."""
@@ -31,8 +32,9 @@ class PolicyResolver:
             return lambda _: RouteDecision(None, None, PLAIN)
         if req.skip_layers is not None:
             precision = req.draft_precision or "full"
-            if precision == "int8" and not self.int8_available:
-                raise APIError(400, "this server has no int8 draft copy", "draft_precision")
+            if precision not in self.precisions:
+                raise APIError(400, f"this server has no {precision} draft copy (it serves {', '.join(self.precisions)})",
+                               "draft_precision")
             try:
                 skip = SkipSet(req.skip_layers.attention, req.skip_layers.mlp).validate(self.num_layers)
             except ValueError as exc:

@@ -15,6 +15,7 @@ POLICIES = [
     DraftPolicy(SkipSet(attention=[], mlp=[1, 2, 3]), threshold=0.5),
     DraftPolicy(SkipSet(), precision="int8", threshold=0.0, max_draft=5),
     DraftPolicy(SkipSet(attention=[2]), precision="int8", threshold=0.2, max_draft=3),
+    DraftPolicy(SkipSet(mlp=[0]), precision="int4", threshold=0.0, max_draft=6),
 ]
 
 

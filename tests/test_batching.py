@@ -27,9 +27,10 @@ TEXTS = ["Translate to English: Guten Morgen, wie geht es dir heute?", "What is 
 POLICIES = [PLAIN, DraftPolicy(precision="int8"), DraftPolicy(SkipSet([3, 5, 7], [4, 9]), precision="full"),
             DraftPolicy(SkipSet([2], [20]), precision="int8", threshold=0.3, max_draft=6)]
 # verify cost grows steeply with tokens: speculation never pays in a batch -> cap 0
-EXPENSIVE_VERIFY = StepCosts(verify=HingeCost(0.04, 0.004, 0.05), draft=HingeCost(0.01, c=0.01), num_layers=30)
+EXPENSIVE_VERIFY = StepCosts(verify=HingeCost(0.04, 0.004, 0.05),
+                             drafts=dict.fromkeys(("int8", "int4"), HingeCost(0.01, c=0.01)), num_layers=30)
 # verify costs the same whatever the tokens and int8 drafts are nearly free: int8 rows draft fully -> uncapped
-FREE_VERIFY = StepCosts(verify=HingeCost(0.04), draft=HingeCost(0.0001), num_layers=30)
+FREE_VERIFY = StepCosts(verify=HingeCost(0.04), drafts=dict.fromkeys(("int8", "int4"), HingeCost(0.0001)), num_layers=30)
 
 
 def mixed_requests(tokenizer, long_prompt: bool = True) -> list[tuple[list[int], SamplingParams, DraftPolicy]]:
@@ -40,7 +41,7 @@ def mixed_requests(tokenizer, long_prompt: bool = True) -> list[tuple[list[int],
                          SamplingParams(max_tokens=12 + 3 * i, ignore_eos=i % 2 == 0, stop=stop), POLICIES[i % 4]))
     if long_prompt:  # longer than the token budget below: prefilled in chunks across steps
         requests.append((chat_ids(tokenizer, "Summarize this: " + "The river rose after the storm. " * 40),
-                         SamplingParams(max_tokens=10), POLICIES[1]))
+                         SamplingParams(max_tokens=10), DraftPolicy(precision="int4")))  # a 4-bit draft group
     return requests
 
 

@@ -45,23 +45,23 @@ PROMPTS = [
 SKIP_SETS = [SkipSet(attention=[5, 11], mlp=[20]), SkipSet(attention=[3, 8, 14, 22], mlp=[9, 17]),
              SkipSet(attention=[27], mlp=[2, 25, 28])]
 POLICIES = [DraftPolicy(skip, precision=precision, threshold=0.5, max_draft=8)
-            for skip, precision in itertools.product(SKIP_SETS, ("full", "int8"))]
+            for skip, precision in itertools.product(SKIP_SETS, ("full", "int8", "int4"))]
 
 
 def test_greedy_speculation_is_lossless_on_20_prompts(default_engine):
-    """Each prompt runs plain and with one of the six (skip set, precision) policies, in rotation."""
+    """Each prompt runs plain and with one of the nine (skip set, precision) policies, in rotation."""
     params = SamplingParams(max_tokens=64, ignore_eos=True)
     used = set()
     for i, text in enumerate(PROMPTS):
         ids = chat_ids(default_engine.tokenizer, text)
         plain = default_engine.run(ids, params, PLAIN).generated
         assert len(plain) == 64
-        policy = POLICIES[i % 6]
+        policy = POLICIES[i % len(POLICIES)]
         spec = default_engine.run(ids, params, policy)
         assert spec.generated == plain, f"prompt {i} diverged with {policy}"
         assert spec.stats.verify_steps < 64
         used.add(policy)
-    assert len(used) == 6
+    assert len(used) == len(POLICIES)
 
 
 @pytest.mark.skipif(native.bf16_kernels() is None, reason="bf16 kernels need an AVX512-BF16 CPU")
@@ -75,7 +75,8 @@ def test_bf16_greedy_speculation_is_exact_on_the_default_model():
     for i, text in enumerate(PROMPTS[::3]):
         ids = chat_ids(tokenizer, text)
         plain = engine.run(ids, params, PLAIN).generated
-        for policy in (POLICIES[i % 6], DraftPolicy(precision="int8", threshold=0.0, max_draft=12)):
+        for policy in (POLICIES[i % len(POLICIES)], DraftPolicy(precision="int8", threshold=0.0, max_draft=12),
+                       DraftPolicy(precision="int4", threshold=0.0, max_draft=12)):
             assert engine.run(ids, params, policy).generated == plain, f"prompt {i} diverged with {policy}"
 
 

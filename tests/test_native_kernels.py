@@ -9,7 +9,7 @@ from tiny_models import CONFIGS, tiny_model
 from transformers import AutoModelForCausalLM
 
 from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine, native
-from decoding.linear import Int8Linear
+from decoding.linear import Int4Linear, Int8Linear
 from decoding.runner import Segment
 
 KERNELS = native.cpu_kernels()
@@ -150,15 +150,15 @@ def test_one_call_layer_stack_matches_per_layer_path(family, dtype):
     """Decode/verify steps and drafts run all layers in one native call; logits and KV writes are
     bit-identical to the per-layer path, for packed sequences and with skipped sub-layers."""
     runner = ModelRunner(tiny_model(family).to(dtype))
-    assert runner._full_stack is not None and runner._draft_stack is not None
-    assert "decode/verify steps and int8 drafts in one call" in runner.kernel_summary
+    assert runner._full_stack is not None and None not in runner._draft_stacks.values()
+    assert "decode/verify steps, int8 drafts and int4 drafts in one call" in runner.kernel_summary
     caches = [runner.new_cache(64) for _ in range(2)]
     for cache, start in zip(caches, (30, 9)):
         runner.forward(torch.arange(3, 3 + start), cache, 0)
     segments = [Segment(torch.tensor([5, 6, 7]), caches[0], 30, all_logits=True),
                 Segment(torch.tensor([8]), caches[1], 9)]
     policies = [None, DraftPolicy(precision="int8"), DraftPolicy(SkipSet([1], [0, 3]), precision="int8"),
-                DraftPolicy(SkipSet([2], [1]))]
+                DraftPolicy(SkipSet([2], [1])), DraftPolicy(SkipSet([0], [2]), precision="int4")]
 
     def run(policy):
         logits = [out.logits for out in runner.forward_packed(segments, policy)]
@@ -166,10 +166,10 @@ def test_one_call_layer_stack_matches_per_layer_path(family, dtype):
 
     for policy in policies:
         stacked = run(policy)
-        stacks = runner._full_stack, runner._draft_stack
-        runner._full_stack = runner._draft_stack = None
+        stacks = runner._full_stack, dict(runner._draft_stacks)
+        runner._full_stack, runner._draft_stacks = None, dict.fromkeys(stacks[1])
         per_layer = run(policy)
-        runner._full_stack, runner._draft_stack = stacks
+        runner._full_stack, runner._draft_stacks = stacks
         assert all(torch.equal(a, b) for a, b in zip(stacked[0], per_layer[0])), policy
         assert all(torch.equal(a, b) for pair_a, pair_b in zip(stacked[1], per_layer[1])
                    for a, b in zip(pair_a, pair_b)), policy
@@ -186,7 +186,8 @@ def test_without_native_kernels_speculation_is_still_lossless(default_model, mon
     monkeypatch.setitem(native._state, "ops", None)
     runner = ModelRunner(tiny_model("llama"))
     assert runner.kernels is None
-    assert runner.layers[0].draft["qkv"]._native is None
+    assert runner.layers[0].drafts["int8"]["qkv"]._native is None
+    assert runner.draft_precisions == ("full", "int8")  # the 4-bit copy exists only on the native kernel
     engine = SpeculativeEngine(runner, default_model[1])
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     ids = list(range(5, 30))
@@ -198,6 +199,39 @@ def test_without_native_kernels_speculation_is_still_lossless(default_model, mon
 def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("KNN_SSD_NATIVE", "0")
     assert native._build() is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", [(37, 576), (9, 1536), (5, 32)])
+def test_int4_linear_matches_its_dequantised_weights_and_is_row_invariant(n, k):
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randn(n, k, generator=gen) * torch.linspace(0.01, 0.2, k)  # groups of different ranges
+    lin = Int4Linear(w, torch.randn(n, generator=gen))
+    dequantised = lin.dequantised()
+    step = lin.scale[0].float().repeat_interleave(Int4Linear.GROUP, dim=1)
+    assert ((dequantised - w).abs() <= step / 2 + 1e-3 * step + 1e-6).all()  # round to nearest on the group grid
+    again = Int4Linear(dequantised, lin.bias)  # weights already on a 4-bit grid (GGUF Q4) come back as they were
+    assert torch.equal(again.qweight, lin.qweight) and torch.equal(again.scale, lin.scale)
+    x = torch.randn(9, k, generator=gen) * torch.linspace(0.1, 8, k)
+    together = lin(x)
+    ref = F.linear(x.double(), dequantised.double(), lin.bias.double())
+    # int16 activations: error bounded by half a quantisation step per input times the weights' mass
+    bound = (x.abs().amax(dim=1, keepdim=True) / 32767 / 2) * dequantised.abs().sum(dim=1)
+    assert ((together - ref).abs() <= bound + 1e-4).all()
+    for rows in (1, 2, 3, 4, 5):
+        assert torch.equal(lin(x[:rows]), together[:rows])
+
+
+@needs_kernels
+def test_int4_copy_needs_input_widths_in_groups_of_32():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        Int4Linear(torch.randn(8, 48))
+    config = CONFIGS["llama"]()
+    config.hidden_size, config.head_dim = 48, 12
+    runner = ModelRunner(AutoModelForCausalLM.from_config(config).eval())
+    assert runner.draft_precisions == ("full", "int8")
+    with pytest.raises(ValueError, match="without the int4 copy"):
+        runner.forward(torch.tensor([3]), runner.new_cache(8), 0, policy=DraftPolicy(precision="int4"))
 
 
 @needs_kernels
@@ -221,7 +255,8 @@ def test_bf16_model_runs_native_and_speculation_is_exact(family, default_model):
     for ids in (list(range(5, 30)), list(range(300, 340, 3))):
         plain = engine.run(ids, params, PLAIN).generated
         for policy in (DraftPolicy(precision="int8", threshold=0.0), DraftPolicy(SkipSet([1], [2]), threshold=0.0),
-                       DraftPolicy(SkipSet([0, 3], [1]), precision="int8", threshold=0.0)):
+                       DraftPolicy(SkipSet([0, 3], [1]), precision="int8", threshold=0.0),
+                       DraftPolicy(precision="int4", threshold=0.0)):
             assert engine.run(ids, params, policy).generated == plain, policy
 
 

@@ -190,6 +190,118 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
+// int4_linear: the draft's 4-bit copy, y = x @ W.T + bias with W in groups of 32 inputs per output,
+// w = scale * q + min for q in 0..15 (the layout of GGUF's Q4_1 and Q4_K blocks, so weights that came
+// from such a file are held almost exactly). w packs group g of output n in 16 bytes, byte j holding
+// q[j] in its low nibble and q[j + 16] in its high one; scales is (2, N, G) float16: scales, then mins.
+// Input rows are quantised to int16 as for int8_linear; a group's dot product is exact in int32 (and
+// in float32: |sum| < 2^24), then scaled; the mins meet each row's group sums in the epilogue.
+constexpr int64_t kGroup = 32;
+
+template <int R, int C>
+void int4_block(const int16_t* x, const float* group_sums, const double* x_scale, int64_t K, const uint8_t* w,
+                const uint16_t* scales, const uint16_t* mins, const float* bias, float* y, int64_t ldy, int64_t n,
+                Cursor& cursor) {
+  const int64_t G = K / kGroup;
+  const __m256i low = _mm256_set1_epi16(0x0F);
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    cursor.tick(g * kGroup);
+    __m256i lo[C], hi[C];
+    __m256 scale[C];
+    for (int c = 0; c < C; ++c) {
+      const __m256i b = _mm256_cvtepu8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + ((n + c) * G + g) * (kGroup / 2))));
+      lo[c] = _mm256_and_si256(b, low);
+      hi[c] = _mm256_srli_epi16(b, 4);
+      scale[c] = _mm256_set1_ps(_cvtsh_ss(scales[(n + c) * G + g]));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int16_t* xg = x + r * K + g * kGroup;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 16));
+      for (int c = 0; c < C; ++c) {
+        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(lo[c], x0), _mm256_madd_epi16(hi[c], x1));
+        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale[c], acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      const uint16_t* mn = mins + (n + c) * G;
+      const float* sums = group_sums + r * G;
+      __m256 offset = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= G; g += 8)
+        offset = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g))),
+                                 _mm256_loadu_ps(sums + g), offset);
+      float out = horizontal_sum(_mm256_add_ps(acc[r][c], offset));
+      for (; g < G; ++g) out += _cvtsh_ss(mn[g]) * sums[g];
+      out = float(out * x_scale[r]);
+      y[r * ldy + n + c] = bias ? out + bias[n + c] : out;
+    }
+}
+
+template <int C>
+void int4_columns(const int16_t* x, const float* group_sums, const double* xs, int64_t M, int64_t K,
+                  const uint8_t* w, const uint16_t* scales, const uint16_t* mins, const float* bias, float* y,
+                  int64_t N, int64_t n, Cursor& cursor) {
+  const int64_t G = K / kGroup;
+  row_blocks(M, [&](auto R, int64_t m) {
+    int4_block<decltype(R)::value, C>(x + m * K, group_sums + m * G, xs + m, K, w, scales, mins, bias, y + m * N,
+                                      N, n, cursor);
+  });
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % kGroup == 0,
+              "int4_linear: x must be float32 (M, K) with K a multiple of 32");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / kGroup;
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) == K / 2,
+              "int4_linear: w must be contiguous uint8 (N, K / 2)");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 3 &&
+              scales.size(0) == 2 && scales.size(1) == N && scales.size(2) == G,
+              "int4_linear: scales must be contiguous float16 (2, N, K / 32)");
+  const float* bp = bias_data(bias, N, "int4_linear");
+  const at::Tensor xc = x.contiguous();
+  std::vector<int16_t> xq(M * K);
+  std::vector<double> xs(M);
+  std::vector<float> sums(M * G);
+  const float* xp = xc.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    xs[m] = quantise_row(xp + m * K, K, xq.data() + m * K);
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t total = 0;
+      for (int64_t k = 0; k < kGroup; ++k) total += xq[m * K + g * kGroup + k];
+      sums[m * G + g] = float(total);
+    }
+  }
+  at::Tensor y = at::empty({M, N}, xc.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const uint16_t* mp = sp + N * G;
+  float* yp = y.data_ptr<float>();
+  const int64_t passes = (M + 3) / 4;
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    // One prefetch burst of 4 groups (64 weight bytes per column) every 128 inputs.
+    Cursor cursor = Cursor::rows(wp, K / 2, n0, n1, 0);
+    cursor.burst_mask = 4 * kGroup - 1;
+    int64_t n = n0;
+    if (M == 1) {  // one row (a lone draft): four weight rows in flight
+      cursor.step = 4 * 64;
+      for (; n + 4 <= n1; n += 4) int4_columns<4>(xq.data(), sums.data(), xs.data(), M, K, wp, sp, mp, bp, yp, N, n, cursor);
+    }
+    cursor.step = std::max<int64_t>(16, 2 * 64 / passes);
+    for (; n + 2 <= n1; n += 2) int4_columns<2>(xq.data(), sums.data(), xs.data(), M, K, wp, sp, mp, bp, yp, N, n, cursor);
+    cursor.step = std::max<int64_t>(16, 64 / passes);
+    if (n < n1) int4_columns<1>(xq.data(), sums.data(), xs.data(), M, K, wp, sp, mp, bp, yp, N, n, cursor);
+  });
+  return y;
+}
+
 // linear_f32: y = x @ W.T + bias in float32 for the full model's decode and verify steps.
 // Every output element is one 8-lane FMA chain over K in order, a fixed horizontal sum,
 // the scalar tail, then the bias: the same arithmetic whatever the number of rows or the
@@ -624,8 +736,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // decoder_layers: a stack of decoder layers in one call, so the ~8 kernel calls per layer are
 // not each a trip through Python (pre-norm Llama-style layers: RMS norms, fused qkv, rotary
 // attention, SiLU-gated MLP). Serves decode/verify steps (float32 or bfloat16 weights: linear_f32
-// or linear_bf16, by the weight's dtype) and int8 drafts (int8 weights with per-channel scales;
-// `scales` empty means full precision). Per layer
+// or linear_bf16, by the weight's dtype) and quantised drafts (int8 weights with per-channel scales, or
+// int4_linear's packed uint8 weights with group scales and mins; `scales` empty means full precision). Per layer
 // i: norms[2i], norms[2i + 1] (attention, MLP); weights/scales/biases[4i + j] for j = qkv, o,
 // gate_up, down; KV buffers keys/values[i * S + s] for sequence s. Skipped sub-layers are the
 // identity. Returns the residual stream after the last layer; every kernel is the one the
@@ -646,7 +758,9 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
   at::Tensor h = hidden.contiguous().clone();
   const int64_t T = h.size(0);
   const auto linear = [&](const at::Tensor& x, int64_t i) {
-    if (!scales.empty()) return int8_linear(x, weights[i], scales[i], biases.get(i));
+    if (!scales.empty())
+      return weights[i].scalar_type() == at::kByte ? int4_linear(x, weights[i], scales[i], biases.get(i))
+                                                   : int8_linear(x, weights[i], scales[i], biases.get(i));
     return weights[i].scalar_type() == at::kBFloat16 ? linear_bf16(x, weights[i], biases.get(i))
                                                      : linear_f32(x, weights[i], biases.get(i));
   };
@@ -668,6 +782,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
 
 TORCH_LIBRARY(knn_ssd, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("bf16_supported", &bf16_supported);  // no tensor arguments: one kernel for every backend
@@ -681,6 +796,7 @@ TORCH_LIBRARY(knn_ssd, m) {
 }
 TORCH_LIBRARY_IMPL(knn_ssd, CPU, m) {
   m.impl("int8_linear", &int8_linear);
+  m.impl("int4_linear", &int4_linear);
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_bf16", &linear_bf16);
   m.impl("rms_norm", &rms_norm);
