@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -67,7 +69,26 @@ def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
         return None
 
 
-class Int8Linear:
+class DraftCopy:
+    """A draft-only low-precision copy of a linear layer: ``qweight``, ``scale`` and ``bias`` tensors."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+    _native: Any = None  # the engine's native kernel for this copy, if it runs it
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the copy holds."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.bias) if t is not None)
+
+    @property
+    def native(self) -> bool:
+        """Whether the engine's native kernel runs this layer."""
+        return self._native is not None
+
+
+class Int8Linear(DraftCopy):
     """Weight-only int8 copy (symmetric, per output channel) used only by the draft.
 
     On an AVX2 CPU the engine's own kernel (``native.cpu_kernels``) runs it on
@@ -86,16 +107,6 @@ class Int8Linear:
         self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
         self._use_kernel = self._native is None and _int8_kernel_works(self.qweight.device)
 
-    @property
-    def nbytes(self) -> int:
-        extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        return self.qweight.numel() + self.scale.numel() * self.scale.element_size() + extra
-
-    @property
-    def native(self) -> bool:
-        """Whether the engine's native int8 kernel runs this layer."""
-        return self._native is not None
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._native is not None:
             return self._native(x.float(), self.qweight, self.scale, self.bias).to(x.dtype)
@@ -109,7 +120,7 @@ class Int8Linear:
         return y.to(x.dtype)
 
 
-class Int4Linear:
+class Int4Linear(DraftCopy):
     """Weight-only 4-bit copy used only by the draft, on the engine's native CPU kernel (``int4_linear``).
 
     Groups of 32 inputs per output channel hold ``w = scale * q + min`` with q in 0..15 and float16
@@ -135,16 +146,6 @@ class Int4Linear:
         self.qweight = (q[..., :half] | (q[..., half:] << 4)).reshape(n, k // 2).contiguous()
         self.scale = torch.stack((scale, low)).contiguous()  # (2, N, K / 32): group scales, then mins
         self.bias = None if bias is None else bias.detach().float().contiguous()
-
-    @property
-    def nbytes(self) -> int:
-        extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        return self.qweight.numel() + self.scale.numel() * self.scale.element_size() + extra
-
-    @property
-    def native(self) -> bool:
-        """Always: this copy exists only where the native kernel runs it."""
-        return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._native(x.float(), self.qweight, self.scale, self.bias).to(x.dtype)

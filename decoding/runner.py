@@ -17,10 +17,8 @@ import torch.nn.functional as F
 
 from . import native
 from .kv_cache import KVCache
-from .linear import Int4Linear, Int8Linear, Linear
+from .linear import DraftCopy, Int4Linear, Int8Linear, Linear
 from .policy import DraftPolicy, SkipSet
-
-DraftLinear = Int8Linear | Int4Linear
 
 NO_SKIP = SkipSet()
 
@@ -65,7 +63,7 @@ class _Layer:
     softcap: float | None
     window: int | None
     silu: bool  # the MLP activation is SiLU (the native kernel fuses it with the product)
-    drafts: dict[str, dict[str, DraftLinear]] = field(default_factory=dict)  # precision -> name -> copy
+    drafts: dict[str, dict[str, DraftCopy]] = field(default_factory=dict)  # precision -> name -> copy
 
 
 @dataclass(frozen=True)
@@ -195,7 +193,7 @@ class ModelRunner:
         self._enable_draft("int4", Int4Linear)
         return True
 
-    def _enable_draft(self, precision: str, make: type[DraftLinear]) -> None:
+    def _enable_draft(self, precision: str, make: type[DraftCopy]) -> None:
         if precision in self._draft_stacks:
             return
         with torch.no_grad():
@@ -356,7 +354,7 @@ class ModelRunner:
             [int(i in skip.mlp) for i in layers], cos, sin, [k for k, _ in buffers], [v for _, v in buffers],
             [seg.start for seg in segments], lengths, stack.q_heads, stack.scaling, stack.windows, stack.eps)
 
-    def _attention(self, layer: _Layer, lin: dict[str, DraftLinear] | None, index: int, x: torch.Tensor,
+    def _attention(self, layer: _Layer, lin: dict[str, DraftCopy] | None, index: int, x: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], lengths: list[int],
                    step: bool = False) -> torch.Tensor:
         T = x.shape[0]
@@ -403,7 +401,7 @@ class ModelRunner:
                                              [seg.start for seg in segments], lengths, layer.q_heads,
                                              layer.scaling, layer.window or 0)
 
-    def _mlp(self, layer: _Layer, lin: dict[str, DraftLinear] | None, x: torch.Tensor, step: bool) -> torch.Tensor:
+    def _mlp(self, layer: _Layer, lin: dict[str, DraftCopy] | None, x: torch.Tensor, step: bool) -> torch.Tensor:
         gate_up = lin["gate_up"](x) if lin else layer.gate_up(x, step)
         if self.kernels is not None and layer.silu:
             hidden = self.kernels.silu_mul(gate_up)

@@ -9,7 +9,9 @@ import pytest
 from conftest import chat_ids
 from openai import AsyncOpenAI, OpenAI
 
-from decoding import PLAIN, SamplingParams
+from decoding import PLAIN, SamplingParams, native
+from server.protocol import APIError, CompletionRequest
+from server.routing import PolicyResolver
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +119,20 @@ def test_speculation_controls(client, default_engine):
     assert (ext["skip_attention"], ext["skip_mlp"], ext["draft_precision"]) == ([3, 9], [20], "int8")
     assert ext["draft_tokens"] > 0
     assert explicit.choices[0].text == plain.choices[0].text
+    if native.cpu_kernels() is not None:  # the 4-bit copy lives on the native kernels
+        four_bit = client.completions.create(model="default", prompt=prompt, max_tokens=16, temperature=0,
+                                             extra_body={"skip_layers": {"attention": [], "mlp": [5]},
+                                                         "draft_precision": "int4"})
+        assert four_bit.model_extra["knn_ssd"]["draft_precision"] == "int4"
+        assert four_bit.choices[0].text == plain.choices[0].text
+
+
+def test_a_draft_copy_the_server_lacks_is_a_400():
+    resolver = PolicyResolver(None, PLAIN, 30, ("full", "int8"))
+    request = CompletionRequest(model="default", prompt="x", skip_layers={"attention": [1]}, draft_precision="int4")
+    with pytest.raises(APIError) as err:
+        resolver.for_request(request)
+    assert err.value.status == 400 and err.value.param == "draft_precision" and "full, int8" in err.value.message
 
 
 def test_stop_strings(client):
