@@ -1,5 +1,5 @@
 // AVX2 kernels (and AVX512-BF16 ones for bfloat16 models) for the engine's forward on CPU; activations
-// are float32 throughout. int8_linear serves the draft only (it may
+// are float32 throughout. int8_linear and int4_linear serve the draft only (they may
 // approximate: verification runs the original weights); rms_norm and silu_mul serve every
 // forward, cached_attention drafts and the full model's decode/verify steps, and
 // decoder_layers chains them over all layers in one call. Each computes a row (token) on its
