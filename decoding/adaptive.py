@@ -100,7 +100,7 @@ def measure_step_costs(runner: ModelRunner, context: int = 128, rows: tuple[int,
             verify_tokens.append(b * (k + 1))
             verify_seconds.append(median_ms(lambda segs=segs: runner.forward_packed(segs), repeats) / 1000)
     drafts = {}
-    for precision in runner.draft_precisions[1:]:
+    for precision in runner.quantised_precisions:
         policy, draft_seconds = DraftPolicy(precision=precision), []
         for b in rows:
             segs = [Segment(torch.randint(10, 1000, (1,), device=runner.device), caches[i], context) for i in range(b)]

@@ -70,7 +70,7 @@ def forward_latencies(engine: SpeculativeEngine, context: int = 256, rounds: int
         timers[f"verify_{k}"] = lambda tokens=tokens: runner.forward(tokens, cache, context, all_logits=True)
     drafts = {"draft_skip25": DraftPolicy(evenly_skipped(runner.num_layers, 0.25)),
               "draft_skip50": DraftPolicy(evenly_skipped(runner.num_layers, 0.5))}
-    for precision in runner.draft_precisions[1:]:
+    for precision in runner.quantised_precisions:
         drafts[f"draft_{precision}"] = DraftPolicy(precision=precision)
         drafts[f"draft_{precision}_skip25"] = DraftPolicy(evenly_skipped(runner.num_layers, 0.25), precision=precision)
     for name, policy in drafts.items():
@@ -94,8 +94,9 @@ def decode_throughput(engine: SpeculativeEngine, prompts: list[list[int]], polic
             t0 = time.perf_counter()
             seq = engine.run(ids, params, pol)
             totals[name][0] += len(seq.generated)
-            totals[name][1] += time.perf_counter() - t0
-            decode_s[name] += time.perf_counter() - t0 - seq.stats.prefill_s
+            elapsed = time.perf_counter() - t0
+            totals[name][1] += elapsed
+            decode_s[name] += elapsed - seq.stats.prefill_s
             runs[name] = seq
         identical += runs["plain"].generated == runs["speculative"].generated
         accepted += runs["speculative"].stats.step_tokens

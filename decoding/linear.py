@@ -131,11 +131,15 @@ class Int4Linear(DraftCopy):
 
     GROUP = 32
 
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` can have this copy: on CPU with the native kernels, input width a multiple of 32."""
+        return weight.device.type == "cpu" and weight.shape[1] % cls.GROUP == 0 and native.cpu_kernels() is not None
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        kernels = native.cpu_kernels() if weight.device.type == "cpu" else None
-        if kernels is None or weight.shape[1] % self.GROUP:
+        if not self.supports(weight):
             raise ValueError("an int4 draft copy needs the native CPU kernels and input widths that are multiples of 32")
-        self._native = kernels.int4_linear
+        self._native = native.cpu_kernels().int4_linear
         n, k = weight.shape
         w = weight.detach().float().view(n, k // self.GROUP, self.GROUP)
         low, high = w.amin(dim=2), w.amax(dim=2)

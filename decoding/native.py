@@ -1,6 +1,6 @@
 """The engine's own C++ CPU kernels, built once per torch version with torch's extension builder.
 
-The draft's int8 linears run on them (they may approximate: verification never
+The draft's int8 and int4 linears run on them (they may approximate: verification never
 uses them), and so do the linears, norms and attention of decode/verify steps
 (exact and batch-invariant, like every full-model kernel the engine uses), one
 call for all layers where the layer layout allows. Models held in bfloat16 run on
@@ -28,8 +28,8 @@ _state: dict[str, Any] = {}
 
 
 def cpu_kernels() -> Any | None:
-    """``torch.ops.knn_ssd`` (``int8_linear``, ``linear_f32``, ``linear_bf16``, ``rms_norm``, ``cached_attention``,
-    ``silu_mul``, ``decoder_layers``), or None."""
+    """``torch.ops.knn_ssd`` (``int8_linear``, ``int4_linear``, ``linear_f32``, ``linear_bf16``, ``rms_norm``,
+    ``cached_attention``, ``silu_mul``, ``decoder_layers``), or None."""
     with _lock:
         if "ops" not in _state:
             _state["ops"] = _build()

@@ -187,8 +187,7 @@ class ModelRunner:
         """Make the 4-bit copy used by ``precision="int4"`` drafts (once), where the native kernels run it
         (CPU with AVX2, every layer's input width a multiple of 32). Returns whether the copy exists."""
         layers = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        if not native.cpu_kernels() or self.device.type != "cpu" or any(
-                lin.weight.shape[1] % Int4Linear.GROUP for lin in layers):
+        if not all(Int4Linear.supports(lin.weight) for lin in layers):
             return False
         self._enable_draft("int4", Int4Linear)
         return True
@@ -206,9 +205,20 @@ class ModelRunner:
         self._draft_stacks[precision] = self._layer_stack(precision)
 
     @property
+    def quantised_precisions(self) -> tuple[str, ...]:
+        """The quantised draft copies this runner made (``int8``, ``int4``)."""
+        return tuple(self._draft_stacks)
+
+    @property
     def draft_precisions(self) -> tuple[str, ...]:
-        """The draft precisions this runner serves: ``full`` and each quantised copy it made."""
-        return ("full", *self._draft_stacks)
+        """The draft precisions this runner serves: ``full`` and each quantised copy."""
+        return ("full", *self.quantised_precisions)
+
+    @property
+    def draft_copies_summary(self) -> str:
+        """The quantised draft copies and their memory, for logs and reports."""
+        copies = [f"{p} draft copy {self.draft_bytes(p) / 2**20:.0f} MiB" for p in self.quantised_precisions]
+        return ", ".join(copies) or "no quantised draft copy"
 
     def _layer_stack(self, precision: str | None) -> _LayerStack | None:
         """The layers for the one-call native path of full-model decode/verify steps (``precision`` None)

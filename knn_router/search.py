@@ -135,7 +135,7 @@ def search(runner: ModelRunner, seqs: list[Sequence], costs: StepCosts, budget: 
         if progress is not None:
             progress.update(1)
 
-    for precision in precisions[1:]:  # each quantised copy with nothing skipped
+    for precision in runner.quantised_precisions:  # each quantised copy with nothing skipped
         evaluate(SkipSet(), precision)
     n_random = max(1, budget // 2)
     while len(evaluated) < n_random:

@@ -82,11 +82,10 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     latencies = forward_latencies(engine)
     result = decode_throughput(engine, prompts, policy, args.max_new_tokens, hf_generate=not args.no_transformers)
     report = {"model": info.to_dict(), "int8_draft_bytes": runner.int8_draft_bytes,
-              "draft_bytes": {p: runner.draft_bytes(p) for p in runner.draft_precisions[1:]},
+              "draft_bytes": {p: runner.draft_bytes(p) for p in runner.quantised_precisions},
               "latency_ms": latencies, "throughput": result}
-    copies = ", ".join(f"{p} draft copy {runner.draft_bytes(p) / 2**20:.0f} MiB" for p in runner.draft_precisions[1:])
     print(f"model {info.name} ({info.architecture}, {info.num_layers} layers) on {info.device} {info.dtype}; "
-          f"{copies or 'no quantised draft copy'}")
+          f"{runner.draft_copies_summary}")
     print("forward latency (ms, median):")
     base = latencies["forward_1"]
     for name, ms in latencies.items():

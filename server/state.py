@@ -102,9 +102,8 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
     engine = SpeculativeEngine(runner, tokenizer, max_context=max_len, prefix_cache=prefix_cache)
     log.info("model %s: %s, %d layers, hidden %d, %.0fM parameters, fingerprint %s", info.name, info.architecture,
              info.num_layers, info.hidden_size, info.parameters / 1e6, info.fingerprint)
-    copies = ", ".join(f"{p} draft copy {runner.draft_bytes(p) / 2**20:.0f} MiB" for p in runner.draft_precisions[1:])
     log.info("device %s, dtype %s, context %d tokens, %s (loaded in %.1fs); %s", info.device, info.dtype, max_len,
-             copies or "no quantised draft copy", time.perf_counter() - t0, runner.kernel_summary)
+             runner.draft_copies_summary, time.perf_counter() - t0, runner.kernel_summary)
     if runner.device.type == "cpu" and runner.dtype == torch.float32 and native.bf16_kernels() is not None:
         log.info("this CPU runs bf16 weights natively (AVX512-BF16): --dtype bfloat16 halves the weight bytes "
                  "per token and keeps speculation exact")

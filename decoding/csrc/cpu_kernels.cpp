@@ -292,10 +292,12 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     int64_t n = n0;
     if (M == 1) {  // one row (a lone draft): four weight rows in flight
       cursor.step = 4 * 64;
-      for (; n + 4 <= n1; n += 4) int4_columns<4>(xq.data(), sums.data(), xs.data(), M, K, wp, sp, mp, bp, yp, N, n, cursor);
+      for (; n + 4 <= n1; n += 4) int4_columns<4>(xq.data(), sums.data(), xs.data(), M, K, wp, sp, mp, bp, yp, N, n,
+                                                  cursor);
     }
     cursor.step = std::max<int64_t>(16, 2 * 64 / passes);
-    for (; n + 2 <= n1; n += 2) int4_columns<2>(xq.data(), sums.data(), xs.data(), M, K, wp, sp, mp, bp, yp, N, n, cursor);
+    for (; n + 2 <= n1; n += 2) int4_columns<2>(xq.data(), sums.data(), xs.data(), M, K, wp, sp, mp, bp, yp, N, n,
+                                                cursor);
     cursor.step = std::max<int64_t>(16, 64 / passes);
     if (n < n1) int4_columns<1>(xq.data(), sums.data(), xs.data(), M, K, wp, sp, mp, bp, yp, N, n, cursor);
   });
