@@ -130,11 +130,11 @@ def test_linear_bf16_matches_torch_and_is_row_invariant(n, k):
     the rounded values, and the same bits for a row whatever rows come with it."""
     gen = torch.Generator().manual_seed(n)
     w, bias = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(n, generator=gen)
-    x = torch.randn(9, k, generator=gen) * 4
+    x = torch.randn(13, k, generator=gen) * 4  # 13 rows: three blocks of at most 6
     together = KERNELS.linear_bf16(x, w, bias)
     ref = F.linear(x.bfloat16().double(), w.double(), bias.double()).float()
     torch.testing.assert_close(together, ref, rtol=1e-5, atol=2e-4)
-    for rows in (1, 2, 3, 4, 5, 8):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 12):
         assert torch.equal(KERNELS.linear_bf16(x[:rows], w, bias), together[:rows])
     assert torch.equal(KERNELS.linear_bf16(x[7:8], w, None) + bias, together[7:8])
     long = torch.randn(700, k, generator=gen)  # prefill-sized: row chunks, same arithmetic
