@@ -299,7 +299,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   // Columns n..n+C-1 of every row, on the VNNI blocks where the CPU has them.
   const auto run = [&](auto columns_of, int64_t n, Cursor& cursor) {
     constexpr int C = decltype(columns_of)::value;
-    (vnni ? columns_vnni<C> : columns<C>)(xq.data(), xs.data(), M, K, wp, sp, bp, yp, N, n, cursor);
+    if (vnni)
+      columns_vnni<C>(xq.data(), xs.data(), M, K, wp, sp, bp, yp, N, n, cursor);
+    else
+      columns<C>(xq.data(), xs.data(), M, K, wp, sp, bp, yp, N, n, cursor);
   };
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     Cursor cursor = Cursor::rows(wp, K, n0, n1, 0);
