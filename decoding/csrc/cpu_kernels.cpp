@@ -108,6 +108,23 @@ inline const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t N, 
   return bias->data_ptr<float>();
 }
 
+// The outputs of an int8 block from its exact sums over the first K16 inputs: the last K % 16 inputs
+// in scalar integers, then the row and column scales and the bias.
+template <int R, int C>
+inline void int8_outputs(const double (&total)[R][C], const int16_t* x, const double* x_scale, int64_t K,
+                         int64_t K16, const int8_t* w, const float* scale, const float* bias, float* y, int64_t ldy,
+                         int64_t n) {
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      const int8_t* wr = w + (n + c) * K;
+      int64_t tail = 0;
+      for (int64_t k = K16; k < K; ++k) tail += int32_t(x[r * K + k]) * int32_t(wr[k]);
+      const float out = float((total[r][c] + double(tail)) * x_scale[r]) * scale[n + c];
+      y[r * ldy + n + c] = bias ? out + bias[n + c] : out;
+    }
+  }
+}
+
 // Columns n..n+C-1 of input rows 0..R-1: R x C dot products sharing each load, in exact
 // int32 (flushed to double every kFlush inputs), so results never depend on the blocking.
 template <int R, int C>
@@ -133,15 +150,7 @@ void dot_block(const int16_t* x, const double* x_scale, int64_t K, const int8_t*
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) total[r][c] += horizontal_sum(acc[r][c]);
   }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) {
-      const int8_t* wr = w + (n + c) * K;
-      int64_t tail = 0;
-      for (int64_t k = K16; k < K; ++k) tail += int32_t(x[r * K + k]) * int32_t(wr[k]);
-      const float out = float((total[r][c] + double(tail)) * x_scale[r]) * scale[n + c];
-      y[r * ldy + n + c] = bias ? out + bias[n + c] : out;
-    }
-  }
+  int8_outputs<R, C>(total, x, x_scale, K, K16, w, scale, bias, y, ldy, n);
 }
 
 // Passes over a block of weight rows that row_blocks<MaxR> makes for M input rows.
@@ -255,15 +264,7 @@ void dot_block_vnni(const int16_t* x, const double* x_scale, int64_t K, const in
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) total[r][c] += int32_t(sum[r][c]);
   }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) {
-      const int8_t* wr = w + (n + c) * K;
-      int64_t tail = 0;
-      for (int64_t k = K16; k < K; ++k) tail += int32_t(x[r * K + k]) * int32_t(wr[k]);
-      const float out = float((total[r][c] + double(tail)) * x_scale[r]) * scale[n + c];
-      y[r * ldy + n + c] = bias ? out + bias[n + c] : out;
-    }
-  }
+  int8_outputs<R, C>(total, x, x_scale, K, K16, w, scale, bias, y, ldy, n);
 }
 
 template <int C>
