@@ -683,40 +683,55 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 
-// Dot products of q with 8 consecutive key rows (row length D, a multiple of 8): one
-// accumulator per key, then a fixed hadd tree, so each score depends only on q and its key.
-inline void dot8(const float* q, const float* k, int64_t D, float* out) {
-  __m256 acc[8];
-  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+// Scores of H query heads (rows of q, length D, a multiple of 8) against 4 consecutive key rows: one
+// accumulator per (head, key), each key row loaded once for all H heads, then a fixed hadd tree, so
+// each score depends only on its query and key.
+template <int H>
+inline void dot4_heads(const float* q, int64_t D, const float* k, float* out) {
+  __m256 acc[H][4];
+  for (int h = 0; h < H; ++h)
+    for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + d);
-    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * D + d), acc[j]);
+    __m256 qv[H];
+    for (int h = 0; h < H; ++h) qv[h] = _mm256_loadu_ps(q + h * D + d);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 kv = _mm256_loadu_ps(k + j * D + d);
+      for (int h = 0; h < H; ++h) acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
+    }
   }
-  const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-  const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
-                                      _mm256_permute2f128_ps(h0123, h4567, 0x31)));
+  for (int h = 0; h < H; ++h) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[h][0], acc[h][1]), _mm256_hadd_ps(acc[h][2], acc[h][3]));
+    _mm_storeu_ps(out + 4 * h, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+  }
 }
 
-// scores[j] = scaling * q . k_j for keys first..last; the last partial block of 8 keys is
-// computed from a zero-padded copy, the same arithmetic as a full block.
-inline void key_scores(const float* q, const float* keys, int64_t D, int64_t first, int64_t last, float scaling,
-                       float* scores, float* pad) {
+// scores[g * stride + j] = scaling * q_g . k_j for the `groups` query heads sharing these keys and keys
+// first..last, three heads at a time (12 accumulators fill AVX2's registers); the last partial block
+// of 4 keys is computed from a zero-padded copy, the same arithmetic as a full block.
+inline void key_scores(const float* q, int64_t groups, const float* keys, int64_t D, int64_t first, int64_t last,
+                       float scaling, float* scores, int64_t stride, float* pad) {
   if (D % 8) {
-    for (int64_t j = first; j <= last; ++j) scores[j] = dot(q, keys + j * D, D) * scaling;
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t j = first; j <= last; ++j) scores[g * stride + j] = dot(q + g * D, keys + j * D, D) * scaling;
     return;
   }
-  float block[8];
-  for (int64_t j = first; j <= last; j += 8) {
-    const int64_t n = std::min<int64_t>(8, last + 1 - j);
-    const float* k = keys + j * D;
-    if (n < 8) {
-      std::fill(pad, pad + 8 * D, 0.f);
-      std::copy(k, k + n * D, pad);
-      k = pad;
+  float block[12];
+  for (int64_t g0 = 0; g0 < groups; g0 += 3) {
+    const int64_t heads = std::min<int64_t>(3, groups - g0);
+    for (int64_t j = first; j <= last; j += 4) {
+      const int64_t n = std::min<int64_t>(4, last + 1 - j);
+      const float* k = keys + j * D;
+      if (n < 4) {
+        std::fill(pad, pad + 4 * D, 0.f);
+        std::copy(k, k + n * D, pad);
+        k = pad;
+      }
+      if (heads == 3) dot4_heads<3>(q + g0 * D, D, k, block);
+      else if (heads == 2) dot4_heads<2>(q + g0 * D, D, k, block);
+      else dot4_heads<1>(q + g0 * D, D, k, block);
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t i = 0; i < n; ++i) scores[(g0 + h) * stride + j + i] = block[4 * h + i] * scaling;
     }
-    dot8(q, k, D, block);
-    for (int64_t i = 0; i < n; ++i) scores[j + i] = block[i] * scaling;
   }
 }
 
@@ -793,6 +808,47 @@ inline void mix_values(const float* p, int64_t first, int64_t last, const float*
   for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
+// mix_values for H heads sharing the value rows, over dims [d0, d0 + 32): each value row chunk is
+// loaded once for all H heads; per element the same products and additions in the same order.
+template <int H>
+inline void mix_heads32(const float* p, int64_t stride, int64_t first, int64_t last, const float* v, int64_t D,
+                        int64_t d0, const float* inv, float* out) {
+  __m256 acc[H][4];
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < 4; ++i) acc[h][i] = _mm256_setzero_ps();
+  for (int64_t j = first; j <= last; ++j) {
+    __m256 vv[4];
+    for (int i = 0; i < 4; ++i) vv[i] = _mm256_loadu_ps(v + j * D + d0 + 8 * i);
+    for (int h = 0; h < H; ++h) {
+      const __m256 pj = _mm256_set1_ps(p[h * stride + j]);
+      for (int i = 0; i < 4; ++i) acc[h][i] = _mm256_add_ps(acc[h][i], _mm256_mul_ps(pj, vv[i]));
+    }
+  }
+  for (int h = 0; h < H; ++h) {
+    const __m256 vinv = _mm256_set1_ps(inv[h]);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + h * D + d0 + 8 * i, _mm256_mul_ps(acc[h][i], vinv));
+  }
+}
+
+// Attention outputs of the `groups` query heads sharing these values (weights p[g * stride + j], 1/sums
+// inv[g]) into out[g * D ...]: three heads at a time over 32-dim chunks where D allows, else head by head.
+inline void mix_group_values(const float* p, int64_t groups, int64_t stride, int64_t first, int64_t last,
+                             const float* v, int64_t D, const float* inv, float* out) {
+  if (D % 32) {
+    for (int64_t g = 0; g < groups; ++g) mix_values(p + g * stride, first, last, v, D, inv[g], out + g * D);
+    return;
+  }
+  for (int64_t g0 = 0; g0 < groups; g0 += 3) {
+    const int64_t heads = std::min<int64_t>(3, groups - g0);
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const float* pg = p + g0 * stride;
+      if (heads == 3) mix_heads32<3>(pg, stride, first, last, v, D, d0, inv + g0, out + g0 * D);
+      else if (heads == 2) mix_heads32<2>(pg, stride, first, last, v, D, d0, inv + g0, out + g0 * D);
+      else mix_heads32<1>(pg, stride, first, last, v, D, d0, inv + g0, out + g0 * D);
+    }
+  }
+}
+
 // Rotary embedding of one head vector (HF's rotate_half convention).
 inline void rotate(const float* x, const float* cos, const float* sin, float* out, int64_t D) {
   const int64_t half = D / 2;
@@ -867,12 +923,10 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       for (int64_t g = 0; g < groups; ++g)
         rotate(xp + (r * width + kvh * groups + g) * D, cp + r * D, sp + r * D, q.data() + g * D, D);
-      for (int64_t g = 0; g < groups; ++g)
-        key_scores(q.data() + g * D, kp, D, first, last, float(scaling), scores.data() + g * longest, pad.data());
+      key_scores(q.data(), groups, kp, D, first, last, float(scaling), scores.data(), longest, pad.data());
       float inv[64];
       for (int64_t g = 0; g < groups; ++g) inv[g] = softmax_weights(scores.data() + g * longest, first, last);
-      for (int64_t g = 0; g < groups; ++g)
-        mix_values(scores.data() + g * longest, first, last, vp, D, inv[g], yp + (r * Hq + kvh * groups + g) * D);
+      mix_group_values(scores.data(), groups, longest, first, last, vp, D, inv, yp + (r * Hq + kvh * groups) * D);
     }
   });
   return y;
