@@ -157,11 +157,12 @@ void dot_block(const int16_t* x, const double* x_scale, int64_t K, const int8_t*
 template <int MaxR>
 constexpr int64_t row_passes(int64_t M) { return (M + MaxR - 1) / MaxR; }
 
-template <int R, int MaxR, typename F>
-inline void call_rows(int64_t rows, int64_t m, F& f) {
-  if constexpr (R <= MaxR) {
-    if (rows == R) return f(std::integral_constant<int, R>{}, m);
-    call_rows<R + 1, MaxR>(rows, m, f);
+// Calls f(std::integral_constant<int, count>{}) for a runtime count in N..Max: templates by count.
+template <int N, int Max, typename F>
+inline void with_count(int64_t count, F&& f) {
+  if constexpr (N <= Max) {
+    if (count == N) return f(std::integral_constant<int, N>{});
+    with_count<N + 1, Max>(count, f);
   }
 }
 
@@ -174,7 +175,7 @@ inline void row_blocks(int64_t M, F&& f) {
   const int64_t passes = row_passes<MaxR>(M);
   for (int64_t p = 0, m = 0; p < passes; ++p) {
     const int64_t rows = (M - m) / (passes - p);
-    call_rows<1, MaxR>(rows, m, f);
+    with_count<1, MaxR>(rows, [&](auto R) { f(R, m); });
     m += rows;
   }
 }
@@ -726,9 +727,7 @@ inline void key_scores(const float* q, int64_t groups, const float* keys, int64_
         std::copy(k, k + n * D, pad);
         k = pad;
       }
-      if (heads == 3) dot4_heads<3>(q + g0 * D, D, k, block);
-      else if (heads == 2) dot4_heads<2>(q + g0 * D, D, k, block);
-      else dot4_heads<1>(q + g0 * D, D, k, block);
+      with_count<1, 3>(heads, [&](auto H) { dot4_heads<decltype(H)::value>(q + g0 * D, D, k, block); });
       for (int64_t h = 0; h < heads; ++h)
         for (int64_t i = 0; i < n; ++i) scores[(g0 + h) * stride + j + i] = block[4 * h + i] * scaling;
     }
@@ -779,8 +778,9 @@ inline float softmax_weights(float* scores, int64_t first, int64_t last) {
 }
 
 
-// out = inv * sum_j p[j] * v[j] over rows j in [first, last] of v (row length D), accumulated in
-// registers when D is a multiple of 8 up to 128 (head sizes 16..128), else in memory.
+// out = inv * sum_j p[j] * v[j] over rows j in [first, last] of v (row length D), for head sizes that
+// are not multiples of 32 (mix_group_values takes those): accumulated in registers for D = 16, else
+// in memory.
 template <int DV>
 inline void mix_values_fixed(const float* p, int64_t first, int64_t last, const float* v, float inv, float* out) {
   __m256 acc[DV];
@@ -797,10 +797,7 @@ inline void mix_values_fixed(const float* p, int64_t first, int64_t last, const 
 inline void mix_values(const float* p, int64_t first, int64_t last, const float* v, int64_t D, float inv, float* out) {
   switch (D) {
     case 16: return mix_values_fixed<2>(p, first, last, v, inv, out);
-    case 32: return mix_values_fixed<4>(p, first, last, v, inv, out);
-    case 64: return mix_values_fixed<8>(p, first, last, v, inv, out);
-    case 128: return mix_values_fixed<16>(p, first, last, v, inv, out);
-    default: break;
+    default: break;  // multiples of 32 go to mix_group_values' shared-load path
   }
   std::fill(out, out + D, 0.f);
   for (int64_t j = first; j <= last; ++j)
@@ -841,10 +838,9 @@ inline void mix_group_values(const float* p, int64_t groups, int64_t stride, int
   for (int64_t g0 = 0; g0 < groups; g0 += 3) {
     const int64_t heads = std::min<int64_t>(3, groups - g0);
     for (int64_t d0 = 0; d0 < D; d0 += 32) {
-      const float* pg = p + g0 * stride;
-      if (heads == 3) mix_heads32<3>(pg, stride, first, last, v, D, d0, inv + g0, out + g0 * D);
-      else if (heads == 2) mix_heads32<2>(pg, stride, first, last, v, D, d0, inv + g0, out + g0 * D);
-      else mix_heads32<1>(pg, stride, first, last, v, D, d0, inv + g0, out + g0 * D);
+      with_count<1, 3>(heads, [&](auto H) {
+        mix_heads32<decltype(H)::value>(p + g0 * stride, stride, first, last, v, D, d0, inv + g0, out + g0 * D);
+      });
     }
   }
 }
