@@ -26,15 +26,20 @@ class Linear:
         self.weight = weight
         self.bias = None if bias is None else bias.detach()
         self._step_kernel = None
-        # bf16 weights on an AVX512-BF16 CPU: the native kernel runs every forward (prefill too) on
-        # float32 activations; no oneDNN copy of the weights is kept.
+        # The weight in the layout the step kernel reads: the weight itself for linear_f32; for bf16
+        # weights on an AVX512-BF16 CPU linear_bf16's packed copy, and that kernel runs every forward
+        # (prefill too) on float32 activations, with no oneDNN copy.
+        self.kernel_weight = weight
         self._every_forward = False
         if weight.device.type == "cpu" and weight.is_contiguous():
             if weight.dtype == torch.float32 and (kernels := native.cpu_kernels()) is not None:
                 self._step_kernel = kernels.linear_f32
             elif weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0 and (
                     kernels := native.bf16_kernels()) is not None:
-                self._step_kernel, self._every_forward = kernels.linear_bf16, True
+                self.kernel_weight = kernels.pack_bf16(weight)
+                out_features = weight.shape[0]
+                self._step_kernel = lambda x, w, b: kernels.linear_bf16(x, w, b, out_features)
+                self._every_forward = True
                 self.bias = None if bias is None else self.bias.float()
         self.packed = None if self._every_forward else _pack(weight, self.PACK_ROWS)
 
@@ -43,13 +48,19 @@ class Linear:
         """Whether decode/verify steps run the engine's native kernel."""
         return self._step_kernel is not None
 
+    @property
+    def kernel_bytes(self) -> int:
+        """Memory of the kernel's own copy of the weights (bf16's packed layout), 0 where it reads ``weight``."""
+        w = self.kernel_weight
+        return 0 if w is self.weight else w.numel() * w.element_size()
+
     def __call__(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
         """``step``: a decode/verify forward. On an AVX2 CPU those run the native kernel (1.4x
         oneDNN's speed for one row here, ~1.1x for 2-16 rows, also batch-invariant); prefill
         keeps oneDNN, faster for long chunks. The choice is by role, never by row count.
         bf16 weights on an AVX512-BF16 CPU run the native kernel for every forward."""
         if (step or self._every_forward) and self._step_kernel is not None and x.dtype == torch.float32:
-            return self._step_kernel(x, self.weight, self.bias)
+            return self._step_kernel(x, self.kernel_weight, self.bias)
         if x.dtype != self.weight.dtype:  # float32 activations of a bf16 model, in a layer the kernel cannot run
             return self(x.to(self.weight.dtype), step).to(x.dtype)
         if self.packed is None:

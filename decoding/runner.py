@@ -238,7 +238,7 @@ class ModelRunner:
         if not all(lin.native for lin in linears):
             return None
         return _LayerStack(norms=[n.weight for n in norms],
-                           weights=[lin.qweight if precision else lin.weight for lin in linears],
+                           weights=[lin.qweight if precision else lin.kernel_weight for lin in linears],
                            scales=[lin.scale for lin in linears] if precision else [],
                            biases=[lin.bias for lin in linears], windows=[layer.window or 0 for layer in layers],
                            q_heads=layers[0].q_heads, scaling=layers[0].scaling, eps=norms[0].eps)
@@ -251,7 +251,10 @@ class ModelRunner:
         roles = (("decode/verify steps", self._full_stack),
                  *((f"{precision} drafts", stack) for precision, stack in self._draft_stacks.items()))
         stacked = [role for role, stack in roles if stack is not None]
-        weights = " (bf16 weights on AVX512-BF16, float32 activations)" if self.dtype == torch.bfloat16 else ""
+        packed = sum(lin.kernel_bytes for lin in [self.lm_head, *(lin for la in self.layers
+                                                               for lin in (la.qkv, la.o, la.gate_up, la.down))])
+        weights = (f" (bf16 weights on AVX512-BF16 in a packed copy of {packed / 2**20:.0f} MiB, float32 activations)"
+                   if packed else "")
         listed = ", ".join(stacked[:-1]) + " and " + stacked[-1] if len(stacked) > 1 else "".join(stacked)
         return f"native CPU kernels{weights}, " + (f"{listed} in one call for all layers" if stacked
                                                    else "one call per layer")

@@ -124,23 +124,30 @@ def test_cached_attention_is_batch_and_length_invariant():
 
 
 @needs_bf16
-@pytest.mark.parametrize("n,k", [(37, 576), (70, 96), (9, 1536), (5, 32)])
+@pytest.mark.parametrize("n,k", [(37, 576), (70, 96), (9, 1536), (5, 32), (128, 64)])
 def test_linear_bf16_matches_torch_and_is_row_invariant(n, k):
-    """bf16 weights times float32 inputs rounded to bf16, summed in float32: close to the float64 product of
-    the rounded values, and the same bits for a row whatever rows come with it."""
+    """bf16 weights (packed by pack_bf16) times float32 inputs rounded to bf16, summed in float32: close to
+    the float64 product of the rounded values, and the same bits for a row whatever rows come with it."""
     gen = torch.Generator().manual_seed(n)
     w, bias = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(n, generator=gen)
+    packed = KERNELS.pack_bf16(w)
+    assert packed.shape == ((n + 63) // 64, k // 2, 64, 2)
     x = torch.randn(13, k, generator=gen) * 4  # 13 rows: three blocks of at most 6
-    together = KERNELS.linear_bf16(x, w, bias)
-    ref = F.linear(x.bfloat16().double(), w.double(), bias.double()).float()
-    torch.testing.assert_close(together, ref, rtol=1e-5, atol=2e-4)
+    together = KERNELS.linear_bf16(x, packed, bias, n)
+    ref = F.linear(x.bfloat16().double(), w.double(), bias.double())
+    # one float32 chain per output over k / 2 input pairs: error within k float32 roundings of the magnitudes
+    bound = k * 2**-24 * (x.bfloat16().double().abs() @ w.double().abs().T) + 1e-6
+    assert ((together.double() - ref).abs() <= bound).all()
     for rows in (1, 2, 3, 4, 5, 6, 7, 8, 12):
-        assert torch.equal(KERNELS.linear_bf16(x[:rows], w, bias), together[:rows])
-    assert torch.equal(KERNELS.linear_bf16(x[7:8], w, None) + bias, together[7:8])
+        assert torch.equal(KERNELS.linear_bf16(x[:rows], packed, bias, n), together[:rows])
+    assert torch.equal(KERNELS.linear_bf16(x[7:8], packed, None, n) + bias, together[7:8])
     long = torch.randn(700, k, generator=gen)  # prefill-sized: row chunks, same arithmetic
-    assert torch.equal(KERNELS.linear_bf16(long, w, bias)[650:659], KERNELS.linear_bf16(long[650:659], w, bias))
+    assert torch.equal(KERNELS.linear_bf16(long, packed, bias, n)[650:659],
+                       KERNELS.linear_bf16(long[650:659], packed, bias, n))
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        KERNELS.linear_bf16(torch.randn(2, k + 1), torch.randn(n, k + 1).bfloat16(), None)
+        KERNELS.pack_bf16(torch.randn(n, k + 1).bfloat16())
+    with pytest.raises(RuntimeError, match="pack_bf16's layout"):
+        KERNELS.linear_bf16(x, packed, bias, n + 64)
 
 
 @needs_kernels

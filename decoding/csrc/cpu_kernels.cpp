@@ -513,12 +513,18 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optio
 
 // linear_bf16: y = x @ W.T + bias for models held in bfloat16, on CPUs with AVX512-BF16 (this
 // section is compiled for them; callers check bf16_supported()). x stays float32 between layers
-// and is rounded to bfloat16 per element (nearest even) on entry; VDPBF16PS multiplies pairs of
-// bf16 values and adds them to 16 float32 lanes, one chain per output over K in order, then a
-// fixed reduction and the bias: the same arithmetic whatever the rows or the blocking, so a
-// k-token verify reproduces the 1-token results bit for bit, as linear_f32 does for float32.
+// and is rounded to bfloat16 per element (nearest even) on entry. The weights are packed once
+// (pack_bf16) in groups of 64 output columns: for each pair of inputs, the group's 64 columns'
+// two values side by side, so one 512-bit load holds 16 columns' pair and VDPBF16PS adds a
+// broadcast input pair times it to 16 outputs at once (an outer product: no reduction across
+// lanes at the end, where the former dot-product layout spent a third of its time at K = 576).
+// Each output is one float32 chain over the input pairs in order, then the bias: the same
+// arithmetic whatever the rows or the blocking, so a k-token verify reproduces the 1-token
+// results bit for bit, as linear_f32 does for float32.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+constexpr int64_t kGroupCols = 64;  // output columns per packed group: 4 x 16 lanes
 
 // Rows of x (float32, M x K, K a multiple of 32) to bfloat16, rounding to nearest even.
 void to_bf16_rows(const float* x, int64_t M, int64_t K, uint16_t* out) {
@@ -528,120 +534,90 @@ void to_bf16_rows(const float* x, int64_t M, int64_t K, uint16_t* out) {
   }
 }
 
-// The 16 lanes' sum in a fixed order: the high half onto the low one, then the 8-lane sum.
-inline float horizontal_sum(__m512 v) {
-  return horizontal_sum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
-}
-
-// horizontal_sum of 16 vectors at once (lane t of the result: the sum of v[t]) by halving transposes,
-// with exactly its additions (each 512-bit half onto the other, then each 128-bit half, then lanes
-// (0 + 1) + (2 + 3)), so the same bits, in a third of the instructions: a prefill block's 24 sums
-// cost about what its 18 multiply steps over K = 576 did.
-inline __m512 sums_of16(const __m512* v) {
-  __m512 a[8], b[4];
-  for (int i = 0; i < 8; ++i)  // a[i] = [v[2i] lo + hi | v[2i+1] lo + hi] (256-bit halves)
-    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)  // b[i] = [v[4i] | v[4i+1] | v[4i+2] | v[4i+3]], 128-bit halves added
-    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
-  // lanes (0 + 1) and (2 + 3) of every 4, then their sum
-  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(b[0], b[1], 0x88), _mm512_shuffle_ps(b[0], b[1], 0xDD));
-  const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(b[2], b[3], 0x88), _mm512_shuffle_ps(b[2], b[3], 0xDD));
-  const __m512 g = _mm512_add_ps(_mm512_shuffle_ps(e, f, 0x88), _mm512_shuffle_ps(e, f, 0xDD));
-  // g lane 4j + t holds v[j + 4t]
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), g);
-}
-
-// Input rows per block: 6 x 4 accumulators fill AVX-512's 32 registers, so a 12-token verify passes
-// over each block of weight rows twice instead of three times (measured here, all the default
-// model's linears, cold, medians of 12 interleaved rounds against blocks of 4: 12 rows 18.2 -> 15.7
-// ms, 1 and 8 rows unchanged).
+// Input rows per block: 6 rows x 4 accumulators, the group's 4 weight vectors and a broadcast input
+// fill 29 of AVX-512's 32 registers.
 constexpr int kBf16Rows = 6;
 
-// Columns n..n+C-1 of bf16 input rows 0..R-1. (K is a multiple of 32: a masked tail block made GCC
-// keep the accumulators in memory, 3x slower.)
-template <int R, int C>
-void bf16_block(const uint16_t* x, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t ldy, int64_t n,
-                Cursor& cursor) {
-  __m512 acc[R][C];
+// Output columns n..n+63 (one packed group `wg`, of K2 input pairs) of input rows 0..R-1, given as
+// bf16 pairs; columns from N on are padding and not stored.
+template <int R>
+void bf16_group(const int32_t* x, int64_t K2, const uint16_t* wg, const float* bias, float* y, int64_t ldy,
+                int64_t n, int64_t N, Cursor& cursor) {
+  __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    cursor.tick(k);
-    __m512i wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_si512(w + (n + c) * K + k);
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    cursor.tick(kp);
+    __m512bh wv[4];
+    for (int c = 0; c < 4; ++c) wv[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wg + kp * 2 * kGroupCols + 32 * c));
     for (int r = 0; r < R; ++r) {
-      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + r * K + k));
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, reinterpret_cast<__m512bh>(wv[c]));
+      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(x[r * K2 + kp]));
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
     }
   }
-  // The block's sums, 16 accumulators at a time where there are 8 or more (sums_of16), else one by one.
-  constexpr int A = R * C;
-  alignas(64) float out[A];
-  const __m512* flat = &acc[0][0];
-  int i = 0;
-  for (; i + 8 <= A; i += 16) {
-    __m512 group[16];
-    for (int j = 0; j < 16; ++j) group[j] = i + j < A ? flat[i + j] : _mm512_setzero_ps();
-    alignas(64) float sums[16];
-    _mm512_store_ps(sums, sums_of16(group));
-    for (int j = 0; j < 16 && i + j < A; ++j) out[i + j] = sums[j];
+  for (int c = 0; c < 4 && n + 16 * c < N; ++c) {
+    const int64_t col = n + 16 * c;
+    const __mmask16 mask = N - col >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - col)) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(y + r * ldy + col, mask, bias ? _mm512_add_ps(acc[r][c], b) : acc[r][c]);
   }
-  for (; i < A; ++i) out[i] = horizontal_sum(flat[i]);
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) y[r * ldy + n + c] = bias ? out[r * C + c] + bias[n + c] : out[r * C + c];
 }
 
-template <int C>
-void bf16_columns(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t N,
-                  int64_t n, Cursor& cursor) {
-  row_blocks<kBf16Rows>(M, [&](auto R, int64_t m) {
-    bf16_block<decltype(R)::value, C>(x + m * K, K, w, bias, y + m * N, N, n, cursor);
-  });
-}
-
-// Output columns [n0, n1) of M rows: one thread's share of a row chunk.
+// Groups [g0, g1) of M rows: one thread's share of a row chunk. Every row block of a group reads
+// it, so the first streams it from memory and the others from L2; with more than one block the
+// prefetch cursor runs a whole group ahead (measured here, default model's linears, cold: 32 rows
+// 27.3 -> 26.1 ms, 8 rows 13.9 -> 11.5 ms against the usual 16 KB lead).
 void bf16_range(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t N,
-                int64_t n0, int64_t n1) {
-  const int64_t passes = row_passes<kBf16Rows>(M), burst = M > 4 ? 2 : 1;
-  Cursor cursor = Cursor::rows(w, K * 2, n0, n1, 0);
-  cursor.burst_mask = 32 * burst - 1;
+                int64_t g0, int64_t g1) {
+  const int64_t K2 = K / 2, group = K * kGroupCols, passes = row_passes<kBf16Rows>(M);
+  Cursor cursor = Cursor::rows(w, group * 2, g0, g1, std::max<int64_t>(64, 2 * 2 * kGroupCols * 2 / passes));
+  if (passes > 1) cursor.at += group * 2;
+  cursor.burst_mask = 1;  // a tick every two input pairs: two 256-byte rows of the group per block
   cursor.to_l2 = true;
-  int64_t n = n0;
-  if (M == 1) {  // one row: more weight rows in flight per block
-    cursor.step = 8 * 64;
-    for (; n + 8 <= n1; n += 8) bf16_block<1, 8>(x, K, w, bias, y, N, n, cursor);
-  }
-  cursor.step = burst * std::max<int64_t>(16, 4 * 64 / passes);
-  for (; n + 4 <= n1; n += 4) bf16_columns<4>(x, M, K, w, bias, y, N, n, cursor);
-  cursor.step = burst * std::max<int64_t>(16, 64 / passes);
-  for (; n < n1; ++n) bf16_columns<1>(x, M, K, w, bias, y, N, n, cursor);
+  const auto* xp = reinterpret_cast<const int32_t*>(x);
+  for (int64_t g = g0; g < g1; ++g)
+    row_blocks<kBf16Rows>(M, [&](auto R, int64_t m) {
+      bf16_group<decltype(R)::value>(xp + m * K2, K2, w + g * group, bias, y + m * N, N, g * kGroupCols, N, cursor);
+    });
 }
 #pragma GCC pop_options
 
 bool bf16_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
 
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+// pack_bf16: bfloat16 weights (N, K) in linear_bf16's layout, (ceil(N / 64), K / 2, 64, 2), zero-padded to
+// whole groups of 64 output columns.
+at::Tensor pack_bf16(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(1) % 32 == 0,
+              "pack_bf16: w must be bfloat16 (N, K) with K a multiple of 32");
+  const int64_t N = w.size(0), K = w.size(1), G = (N + kGroupCols - 1) / kGroupCols;
+  at::Tensor padded = at::zeros({G * kGroupCols, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
+  return padded.view({G, kGroupCols, K / 2, 2}).transpose(1, 2).contiguous();
+}
+
+// x (M, K) float32 times weights packed by pack_bf16 from (n, K), plus the float32 bias: (M, n) float32.
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t n) {
   TORCH_CHECK(bf16_supported(), "linear_bf16: this CPU has no AVX512-BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % 32 == 0,
               "linear_bf16: x must be float32 (M, K) with K a multiple of 32");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1),
-              "linear_bf16: w must be contiguous bfloat16 (N, K)");
-  const float* bp = bias_data(bias, w.size(0), "linear_bf16");
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(1) * 2 == x.size(1) &&
+                  w.size(2) == kGroupCols && w.size(3) == 2 && n > 0 && (n + kGroupCols - 1) / kGroupCols == w.size(0),
+              "linear_bf16: w must be pack_bf16's layout of (n, K) bfloat16 weights");
+  const float* bp = bias_data(bias, n, "linear_bf16");
   const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
+  const int64_t M = xc.size(0), K = xc.size(1), G = w.size(0);
   std::vector<uint16_t> xb(M * K);
   to_bf16_rows(xc.data_ptr<float>(), M, K, xb.data());
-  at::Tensor y = at::empty({M, N}, xc.options());
+  at::Tensor y = at::empty({M, n}, xc.options());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
   // Long inputs (prefill) in chunks of rows whose bf16 copy stays in L2 while the weights pass once per chunk.
   const int64_t chunk = std::max<int64_t>(16, (512 * 1024 / (K * 2)) & ~int64_t(3));
   for (int64_t m0 = 0; m0 < M; m0 += chunk) {
     const int64_t rows = std::min(chunk, M - m0);
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-      bf16_range(xb.data() + m0 * K, rows, K, wp, bp, yp + m0 * N, N, n0, n1);
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+      bf16_range(xb.data() + m0 * K, rows, K, wp, bp, yp + m0 * n, n, g0, g1);
     });
   }
   return y;
@@ -978,24 +954,29 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
               static_cast<int64_t>(keys.size()) == L * S && static_cast<int64_t>(values.size()) == L * S,
               "decoder_layers: 2 norms, 4 linears, one window and S KV buffers per layer");
   at::Tensor h = hidden.contiguous().clone();
-  const int64_t T = h.size(0);
-  const auto linear = [&](const at::Tensor& x, int64_t i) {
+  const int64_t T = h.size(0), H = h.size(1);
+  // n: the output width, which bf16 weights (packed in whole groups of columns) do not tell
+  const auto linear = [&](const at::Tensor& x, int64_t i, int64_t n) {
     if (!scales.empty())
       return weights[i].scalar_type() == at::kByte ? int4_linear(x, weights[i], scales[i], biases.get(i))
                                                    : int8_linear(x, weights[i], scales[i], biases.get(i));
-    return weights[i].scalar_type() == at::kBFloat16 ? linear_bf16(x, weights[i], biases.get(i))
+    return weights[i].scalar_type() == at::kBFloat16 ? linear_bf16(x, weights[i], biases.get(i), n)
                                                      : linear_f32(x, weights[i], biases.get(i));
   };
   for (int64_t i = 0; i < L; ++i) {
     if (!skip_attention[i]) {
-      const at::Tensor qkv = linear(rms_norm(h, norms[2 * i], eps), 4 * i);
-      const int64_t D = keys[i * S].size(2), width = qkv.size(1) / D;
+      const int64_t D = keys[i * S].size(2), width = q_heads + 2 * keys[i * S].size(0);
+      const at::Tensor qkv = linear(rms_norm(h, norms[2 * i], eps), 4 * i, width * D);
       const at::Tensor y = cached_attention(qkv.view({T, width, D}), cos, sin, keys.slice(i * S, S),
                                             values.slice(i * S, S), starts, lengths, q_heads, scaling,
                                             windows[i]);
-      h.add_(linear(y, 4 * i + 1));
+      h.add_(linear(y, 4 * i + 1, H));
     }
-    if (!skip_mlp[i]) h.add_(linear(silu_mul(linear(rms_norm(h, norms[2 * i + 1], eps), 4 * i + 2)), 4 * i + 3));
+    if (!skip_mlp[i]) {
+      const at::Tensor& down = weights[4 * i + 3];
+      const int64_t inner = down.dim() == 4 ? down.size(1) * 2 : down.size(1);  // bf16 layout: pairs of inputs
+      h.add_(linear(silu_mul(linear(rms_norm(h, norms[2 * i + 1], eps), 4 * i + 2, 2 * inner)), 4 * i + 3, H));
+    }
   }
   return h;
 }
@@ -1006,7 +987,8 @@ TORCH_LIBRARY(knn_ssd, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("pack_bf16(Tensor w) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor");
   m.def("bf16_supported", &bf16_supported);  // no tensor arguments: one kernel for every backend
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("cached_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!)[] keys, Tensor(b!)[] values, int[] starts, "
@@ -1020,6 +1002,7 @@ TORCH_LIBRARY_IMPL(knn_ssd, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
   m.impl("linear_f32", &linear_f32);
+  m.impl("pack_bf16", &pack_bf16);
   m.impl("linear_bf16", &linear_bf16);
   m.impl("rms_norm", &rms_norm);
   m.impl("cached_attention", &cached_attention);
