@@ -74,9 +74,10 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _attention_case(seed: int, t: int, start: int, hq: int = 6, hkv: int = 2, d: int = 16, cap: int = 40):
+def _attention_case(seed: int, t: int, start: int, hq: int = 6, hkv: int = 2, d: int = 16, cap: int = 40,
+                    kv_dtype: torch.dtype = torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    keys, values = torch.randn(hkv, cap, d, generator=gen), torch.randn(hkv, cap, d, generator=gen)
+    keys, values = (torch.randn(hkv, cap, d, generator=gen).to(kv_dtype) for _ in range(2))
     qkv = torch.randn(t, hq + 2 * hkv, d, generator=gen)
     angles = torch.rand(t, d // 2, generator=gen) * 6
     cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
@@ -84,32 +85,42 @@ def _attention_case(seed: int, t: int, start: int, hq: int = 6, hkv: int = 2, d:
 
 
 @needs_kernels
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])  # bf16: the KV cache of bf16 models
 @pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("d", [16, 12])  # 12: a head size off the 8-wide vector path
-def test_cached_attention_matches_sdpa(window, d):
+@pytest.mark.parametrize("d", [16, 12, 64])  # 12: a head size off the 8-wide vector path; 64: 32-wide chunks
+def test_cached_attention_matches_sdpa(window, d, kv_dtype):
     hq, hkv, start, t = 6, 2, 11, 3
-    keys, values, qkv, cos, sin = _attention_case(2, t, start, d=d)
+    keys, values, qkv, cos, sin = _attention_case(2, t, start, d=d, kv_dtype=kv_dtype)
     old_keys, old_values = keys.clone(), values.clone()
     out = KERNELS.cached_attention(qkv, cos, sin, [keys], [values], [start], [t], hq, 0.25, window)
 
     q = _rotary(qkv[:, :hq], cos[:, None], sin[:, None])
     ref_keys, ref_values = old_keys.clone(), old_values.clone()
+    # rotary bit-identical to torch's (no fused multiply-add), then rounded as torch rounds to the buffers' dtype
     ref_keys[:, start:start + t] = _rotary(qkv[:, hq:hq + hkv], cos[:, None], sin[:, None]).transpose(0, 1)
     ref_values[:, start:start + t] = qkv[:, hq + hkv:].transpose(0, 1)
-    assert torch.equal(keys, ref_keys)  # rotary bit-identical to torch's (no fused multiply-add)
+    assert torch.equal(keys, ref_keys)
     assert torch.equal(values, ref_values)
     qpos, kpos = torch.arange(start, start + t)[:, None], torch.arange(start + t)[None]
     mask = (kpos <= qpos) & ((kpos > qpos - window) if window else True)
-    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], ref_keys[None, :, :start + t],
-                                         ref_values[None, :, :start + t], attn_mask=mask, scale=0.25,
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], ref_keys[None, :, :start + t].float(),
+                                         ref_values[None, :, :start + t].float(), attn_mask=mask, scale=0.25,
                                          enable_gqa=True)[0].transpose(0, 1).reshape(t, -1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
-def test_cached_attention_is_batch_and_length_invariant():
+def test_cached_attention_rejects_mixed_kv_dtypes():
+    keys, values, qkv, cos, sin = _attention_case(2, 1, 3)
+    with pytest.raises(RuntimeError, match="all of one type"):
+        KERNELS.cached_attention(qkv, cos, sin, [keys], [values.bfloat16()], [3], [1], 6, 0.25, 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_cached_attention_is_batch_and_length_invariant(kv_dtype):
     """A token's output is the same alone, among a verify step's tokens, or packed with other sequences."""
-    cases = [_attention_case(seed, t, start) for seed, t, start in ((3, 4, 7), (4, 1, 20), (5, 2, 0))]
+    cases = [_attention_case(seed, t, start, kv_dtype=kv_dtype) for seed, t, start in ((3, 4, 7), (4, 1, 20), (5, 2, 0))]
     packed_buffers = [(k.clone(), v.clone()) for k, v, *_ in cases]
     packed = KERNELS.cached_attention(torch.cat([c[2] for c in cases]), torch.cat([c[3] for c in cases]),
                                       torch.cat([c[4] for c in cases]), [k for k, _ in packed_buffers],
@@ -256,7 +267,7 @@ def test_bf16_model_runs_native_and_speculation_is_exact(family, default_model):
     rounds like one-token steps, so greedy speculation gives exactly plain decoding's tokens (no near-ties)."""
     runner = ModelRunner(tiny_model(family).to(torch.bfloat16))
     assert runner.kernels is not None and runner.act_dtype == torch.float32 and runner.batch_invariant
-    assert runner.new_cache(8).keys.dtype == torch.float32
+    assert runner.new_cache(8).keys.dtype == torch.bfloat16  # the native attention writes bf16 KV entries
     engine = SpeculativeEngine(runner, default_model[1])
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     for ids in (list(range(5, 30)), list(range(300, 340, 3))):

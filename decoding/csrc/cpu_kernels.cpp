@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -647,15 +648,39 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// KV entries are float32, or bfloat16 (as uint16_t bits) for models held in bfloat16: half the bytes
+// that a batch of decode rows streams per step. Either way they are read as float32 lanes.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+// Stores a float32 KV entry: as is, or rounded to bfloat16 (nearest even; NaN stays NaN) as torch rounds.
+inline void store_entry(float v, float* out) { *out = v; }
+inline void store_entry(float v, uint16_t* out) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  *out = (bits & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t((bits >> 16) | 0x40)
+                                              : uint16_t((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
   }
   float out = horizontal_sum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) out += a[i] * b[i];
+  for (; i < n; ++i) out += a[i] * to_float(b[i]);
   return out;
 }
 
@@ -663,8 +688,8 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // Scores of H query heads (rows of q, length D, a multiple of 8) against 4 consecutive key rows: one
 // accumulator per (head, key), each key row loaded once for all H heads, then a fixed hadd tree, so
 // each score depends only on its query and key.
-template <int H>
-inline void dot4_heads(const float* q, int64_t D, const float* k, float* out) {
+template <int H, typename T>
+inline void dot4_heads(const float* q, int64_t D, const T* k, float* out) {
   __m256 acc[H][4];
   for (int h = 0; h < H; ++h)
     for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
@@ -672,7 +697,7 @@ inline void dot4_heads(const float* q, int64_t D, const float* k, float* out) {
     __m256 qv[H];
     for (int h = 0; h < H; ++h) qv[h] = _mm256_loadu_ps(q + h * D + d);
     for (int j = 0; j < 4; ++j) {
-      const __m256 kv = _mm256_loadu_ps(k + j * D + d);
+      const __m256 kv = load8(k + j * D + d);
       for (int h = 0; h < H; ++h) acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
     }
   }
@@ -685,8 +710,9 @@ inline void dot4_heads(const float* q, int64_t D, const float* k, float* out) {
 // scores[g * stride + j] = scaling * q_g . k_j for the `groups` query heads sharing these keys and keys
 // first..last, three heads at a time (12 accumulators fill AVX2's registers); the last partial block
 // of 4 keys is computed from a zero-padded copy, the same arithmetic as a full block.
-inline void key_scores(const float* q, int64_t groups, const float* keys, int64_t D, int64_t first, int64_t last,
-                       float scaling, float* scores, int64_t stride, float* pad) {
+template <typename T>
+inline void key_scores(const float* q, int64_t groups, const T* keys, int64_t D, int64_t first, int64_t last,
+                       float scaling, float* scores, int64_t stride, T* pad) {
   if (D % 8) {
     for (int64_t g = 0; g < groups; ++g)
       for (int64_t j = first; j <= last; ++j) scores[g * stride + j] = dot(q + g * D, keys + j * D, D) * scaling;
@@ -697,13 +723,13 @@ inline void key_scores(const float* q, int64_t groups, const float* keys, int64_
     const int64_t heads = std::min<int64_t>(3, groups - g0);
     for (int64_t j = first; j <= last; j += 4) {
       const int64_t n = std::min<int64_t>(4, last + 1 - j);
-      const float* k = keys + j * D;
+      const T* k = keys + j * D;
       if (n < 4) {
-        std::fill(pad, pad + 4 * D, 0.f);
+        std::fill(pad, pad + 4 * D, T(0));
         std::copy(k, k + n * D, pad);
         k = pad;
       }
-      with_count<1, 3>(heads, [&](auto H) { dot4_heads<decltype(H)::value>(q + g0 * D, D, k, block); });
+      with_count<1, 3>(heads, [&](auto H) { dot4_heads<decltype(H)::value, T>(q + g0 * D, D, k, block); });
       for (int64_t h = 0; h < heads; ++h)
         for (int64_t i = 0; i < n; ++i) scores[(g0 + h) * stride + j + i] = block[4 * h + i] * scaling;
     }
@@ -757,41 +783,42 @@ inline float softmax_weights(float* scores, int64_t first, int64_t last) {
 // out = inv * sum_j p[j] * v[j] over rows j in [first, last] of v (row length D), for head sizes that
 // are not multiples of 32 (mix_group_values takes those): accumulated in registers for D = 16, else
 // in memory.
-template <int DV>
-inline void mix_values_fixed(const float* p, int64_t first, int64_t last, const float* v, float inv, float* out) {
+template <int DV, typename T>
+inline void mix_values_fixed(const float* p, int64_t first, int64_t last, const T* v, float inv, float* out) {
   __m256 acc[DV];
   for (int i = 0; i < DV; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t j = first; j <= last; ++j) {
     const __m256 pj = _mm256_set1_ps(p[j]);
-    const float* vr = v + j * DV * 8;
-    for (int i = 0; i < DV; ++i) acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(pj, _mm256_loadu_ps(vr + 8 * i)));
+    const T* vr = v + j * DV * 8;
+    for (int i = 0; i < DV; ++i) acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(pj, load8(vr + 8 * i)));
   }
   const __m256 vinv = _mm256_set1_ps(inv);
   for (int i = 0; i < DV; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], vinv));
 }
 
-inline void mix_values(const float* p, int64_t first, int64_t last, const float* v, int64_t D, float inv, float* out) {
+template <typename T>
+inline void mix_values(const float* p, int64_t first, int64_t last, const T* v, int64_t D, float inv, float* out) {
   switch (D) {
-    case 16: return mix_values_fixed<2>(p, first, last, v, inv, out);
+    case 16: return mix_values_fixed<2, T>(p, first, last, v, inv, out);
     default: break;  // multiples of 32 go to mix_group_values' shared-load path
   }
   std::fill(out, out + D, 0.f);
   for (int64_t j = first; j <= last; ++j)
-    for (int64_t d = 0; d < D; ++d) out[d] += p[j] * v[j * D + d];
+    for (int64_t d = 0; d < D; ++d) out[d] += p[j] * to_float(v[j * D + d]);
   for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
 // mix_values for H heads sharing the value rows, over dims [d0, d0 + 32): each value row chunk is
 // loaded once for all H heads; per element the same products and additions in the same order.
-template <int H>
-inline void mix_heads32(const float* p, int64_t stride, int64_t first, int64_t last, const float* v, int64_t D,
+template <int H, typename T>
+inline void mix_heads32(const float* p, int64_t stride, int64_t first, int64_t last, const T* v, int64_t D,
                         int64_t d0, const float* inv, float* out) {
   __m256 acc[H][4];
   for (int h = 0; h < H; ++h)
     for (int i = 0; i < 4; ++i) acc[h][i] = _mm256_setzero_ps();
   for (int64_t j = first; j <= last; ++j) {
     __m256 vv[4];
-    for (int i = 0; i < 4; ++i) vv[i] = _mm256_loadu_ps(v + j * D + d0 + 8 * i);
+    for (int i = 0; i < 4; ++i) vv[i] = load8(v + j * D + d0 + 8 * i);
     for (int h = 0; h < H; ++h) {
       const __m256 pj = _mm256_set1_ps(p[h * stride + j]);
       for (int i = 0; i < 4; ++i) acc[h][i] = _mm256_add_ps(acc[h][i], _mm256_mul_ps(pj, vv[i]));
@@ -805,8 +832,9 @@ inline void mix_heads32(const float* p, int64_t stride, int64_t first, int64_t l
 
 // Attention outputs of the `groups` query heads sharing these values (weights p[g * stride + j], 1/sums
 // inv[g]) into out[g * D ...]: three heads at a time over 32-dim chunks where D allows, else head by head.
+template <typename T>
 inline void mix_group_values(const float* p, int64_t groups, int64_t stride, int64_t first, int64_t last,
-                             const float* v, int64_t D, const float* inv, float* out) {
+                             const T* v, int64_t D, const float* inv, float* out) {
   if (D % 32) {
     for (int64_t g = 0; g < groups; ++g) mix_values(p + g * stride, first, last, v, D, inv[g], out + g * D);
     return;
@@ -815,7 +843,7 @@ inline void mix_group_values(const float* p, int64_t groups, int64_t stride, int
     const int64_t heads = std::min<int64_t>(3, groups - g0);
     for (int64_t d0 = 0; d0 < D; d0 += 32) {
       with_count<1, 3>(heads, [&](auto H) {
-        mix_heads32<decltype(H)::value>(p + g0 * stride, stride, first, last, v, D, d0, inv + g0, out + g0 * D);
+        mix_heads32<decltype(H)::value, T>(p + g0 * stride, stride, first, last, v, D, d0, inv + g0, out + g0 * D);
       });
     }
   }
@@ -835,6 +863,59 @@ inline void rotate(const float* x, const float* cos, const float* sin, float* ou
 // Every (token, head) is computed alone in a fixed order, so a sequence's result does not
 // depend on the others or on how many tokens it brings (batch invariance). Built with
 // -ffp-contract=off, the rotary is bit-identical to torch's mul/add formulation.
+// The attention of cached_attention once its arguments are checked, for KV entries of type T.
+template <typename T>
+void attend(const float* xp, const float* cp, const float* sp, int64_t T_rows, int64_t width, int64_t D, int64_t Hq,
+            int64_t Hkv, at::TensorList keys, at::TensorList values, const std::vector<int64_t>& row_seq,
+            const std::vector<int64_t>& row_pos, double scaling, int64_t window, float* yp) {
+  const auto entries = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
+  for (int64_t r = 0; r < T_rows; ++r) {
+    T* kp = entries(keys[row_seq[r]]);
+    T* vp = entries(values[row_seq[r]]);
+    const int64_t cap = keys[row_seq[r]].size(1);
+    std::vector<float> rotated(D);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t at = (h * cap + row_pos[r]) * D;
+      const float* v = xp + (r * width + Hq + Hkv + h) * D;
+      rotate(xp + (r * width + Hq + h) * D, cp + r * D, sp + r * D, rotated.data(), D);
+      for (int64_t d = 0; d < D; ++d) {
+        store_entry(rotated[d], kp + at + d);
+        store_entry(v[d], vp + at + d);
+      }
+    }
+  }
+  const int64_t groups = Hq / Hkv;
+  int64_t longest = 1;
+  for (int64_t r = 0; r < T_rows; ++r) longest = std::max(longest, row_pos[r] + 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (longest * D * groups));
+  // One unit = one token's query heads sharing one KV head: each key/value row is read once for all of them.
+  // Units run head-major, so a thread takes consecutive tokens of one KV head while its rows are in cache.
+  at::parallel_for(0, T_rows * Hkv, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> q(groups * D), scores(groups * longest);
+    std::vector<T> pad(8 * D);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r = b % T_rows, kvh = b / T_rows, last = row_pos[r];
+      const int64_t cap = keys[row_seq[r]].size(1);
+      const T* kp = entries(keys[row_seq[r]]) + kvh * cap * D;
+      const T* vp = entries(values[row_seq[r]]) + kvh * cap * D;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+      for (int64_t g = 0; g < groups; ++g)
+        rotate(xp + (r * width + kvh * groups + g) * D, cp + r * D, sp + r * D, q.data() + g * D, D);
+      key_scores(q.data(), groups, kp, D, first, last, float(scaling), scores.data(), longest, pad.data());
+      float inv[64];
+      for (int64_t g = 0; g < groups; ++g) inv[g] = softmax_weights(scores.data() + g * longest, first, last);
+      mix_group_values(scores.data(), groups, longest, first, last, vp, D, inv, yp + (r * Hq + kvh * groups) * D);
+    }
+  });
+}
+
+// cached_attention: the attention block between the qkv and output projections for the
+// packed new tokens of several sequences: rotary on queries and keys, each sequence's
+// keys/values written into its layer buffers (Hkv, capacity, D; float32, or bfloat16 for bf16
+// models) at start..start+n-1, then causal (optionally sliding-window) attention of token t over
+// positions [0, start + t]. Every (token, head) is computed alone in a fixed order, so a sequence's
+// result does not depend on the others or on how many tokens it brings (batch invariance). Built with
+// -ffp-contract=off, the rotary is bit-identical to torch's mul/add formulation.
 at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                             at::TensorList keys, at::TensorList values, at::IntArrayRef starts,
                             at::IntArrayRef lengths, int64_t q_heads, double scaling, int64_t window) {
@@ -846,16 +927,18 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   const int64_t T = x.size(0), D = x.size(2), Hq = q_heads;
   TORCH_CHECK(S > 0 && keys[0].dim() == 3 && keys[0].size(2) == D, "cached_attention: buffers must be (Hkv, capacity, D)");
   const int64_t Hkv = keys[0].size(0), width = Hq + 2 * Hkv;
+  const auto kv_type = keys[0].scalar_type();
   TORCH_CHECK(x.size(1) == width && c.size(0) == T && c.size(1) == D && sn.sizes() == c.sizes(),
               "cached_attention: qkv (T, Hq + 2 Hkv, D) and cos/sin (T, D) expected");
   std::vector<int64_t> row_seq(T), row_pos(T);
   int64_t row = 0;
   for (int64_t s = 0; s < S; ++s) {
     const at::Tensor& k = keys[s];
-    TORCH_CHECK(k.is_contiguous() && values[s].is_contiguous() && k.scalar_type() == at::kFloat &&
-                values[s].scalar_type() == at::kFloat && k.sizes() == values[s].sizes() && k.size(0) == Hkv &&
-                k.size(2) == D && starts[s] >= 0 && starts[s] + lengths[s] <= k.size(1),
-                "cached_attention: contiguous float32 buffers with room for every new token");
+    TORCH_CHECK(k.is_contiguous() && values[s].is_contiguous() && k.scalar_type() == kv_type &&
+                values[s].scalar_type() == kv_type && (kv_type == at::kFloat || kv_type == at::kBFloat16) &&
+                k.sizes() == values[s].sizes() && k.size(0) == Hkv && k.size(2) == D && starts[s] >= 0 &&
+                starts[s] + lengths[s] <= k.size(1),
+                "cached_attention: contiguous float32 or bfloat16 buffers, all of one type, with room for every new token");
     for (int64_t t = 0; t < lengths[s]; ++t, ++row) {
       TORCH_CHECK(row < T, "cached_attention: lengths add up to more than qkv's rows");
       row_seq[row] = s;
@@ -863,44 +946,14 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
     }
   }
   TORCH_CHECK(row == T, "cached_attention: lengths must add up to qkv's rows");
-  const float* xp = x.data_ptr<float>();
-  const float* cp = c.data_ptr<float>();
-  const float* sp = sn.data_ptr<float>();
-  for (int64_t r = 0; r < T; ++r) {
-    float* kp = keys[row_seq[r]].data_ptr<float>();
-    float* vp = values[row_seq[r]].data_ptr<float>();
-    const int64_t cap = keys[row_seq[r]].size(1);
-    for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t at = (h * cap + row_pos[r]) * D;
-      rotate(xp + (r * width + Hq + h) * D, cp + r * D, sp + r * D, kp + at, D);
-      std::copy(xp + (r * width + Hq + Hkv + h) * D, xp + (r * width + Hq + Hkv + h + 1) * D, vp + at);
-    }
-  }
+  TORCH_CHECK(Hq % Hkv == 0 && Hq / Hkv <= 64, "cached_attention: query heads must be 1..64 times the KV heads");
   at::Tensor y = at::empty({T, Hq * D}, x.options());
-  float* yp = y.data_ptr<float>();
-  const int64_t groups = Hq / Hkv;
-  TORCH_CHECK(groups * Hkv == Hq && groups <= 64, "cached_attention: query heads must be 1..64 times the KV heads");
-  int64_t longest = 1;
-  for (int64_t r = 0; r < T; ++r) longest = std::max(longest, row_pos[r] + 1);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (longest * D * groups));
-  // One unit = one token's query heads sharing one KV head: each key/value row is read once for all of them.
-  // Units run head-major, so a thread takes consecutive tokens of one KV head while its rows are in cache.
-  at::parallel_for(0, T * Hkv, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> q(groups * D), scores(groups * longest), pad(8 * D);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r = b % T, kvh = b / T, last = row_pos[r];
-      const int64_t cap = keys[row_seq[r]].size(1);
-      const float* kp = keys[row_seq[r]].data_ptr<float>() + kvh * cap * D;
-      const float* vp = values[row_seq[r]].data_ptr<float>() + kvh * cap * D;
-      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-      for (int64_t g = 0; g < groups; ++g)
-        rotate(xp + (r * width + kvh * groups + g) * D, cp + r * D, sp + r * D, q.data() + g * D, D);
-      key_scores(q.data(), groups, kp, D, first, last, float(scaling), scores.data(), longest, pad.data());
-      float inv[64];
-      for (int64_t g = 0; g < groups; ++g) inv[g] = softmax_weights(scores.data() + g * longest, first, last);
-      mix_group_values(scores.data(), groups, longest, first, last, vp, D, inv, yp + (r * Hq + kvh * groups) * D);
-    }
-  });
+  if (kv_type == at::kBFloat16)
+    attend<uint16_t>(x.data_ptr<float>(), c.data_ptr<float>(), sn.data_ptr<float>(), T, width, D, Hq, Hkv, keys,
+                     values, row_seq, row_pos, scaling, window, y.data_ptr<float>());
+  else
+    attend<float>(x.data_ptr<float>(), c.data_ptr<float>(), sn.data_ptr<float>(), T, width, D, Hq, Hkv, keys, values,
+                  row_seq, row_pos, scaling, window, y.data_ptr<float>());
   return y;
 }
 
