@@ -685,11 +685,11 @@ inline float dot(const float* a, const T* b, int64_t n) {
 }
 
 
-// Scores of H query heads (rows of q, length D, a multiple of 8) against 4 consecutive key rows: one
-// accumulator per (head, key), each key row loaded once for all H heads, then a fixed hadd tree, so
-// each score depends only on its query and key.
+// Scaled scores of H query heads (rows of q, length D, a multiple of 8) against 4 consecutive key rows,
+// into out[h * stride + 0..3]: one accumulator per (head, key), each key row loaded once for all H
+// heads, then a fixed hadd tree and the scaling, so each score depends only on its query and key.
 template <int H, typename T>
-inline void dot4_heads(const float* q, int64_t D, const T* k, float* out) {
+inline void dot4_heads(const float* q, int64_t D, const T* k, float scaling, float* out, int64_t stride) {
   __m256 acc[H][4];
   for (int h = 0; h < H; ++h)
     for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
@@ -701,9 +701,10 @@ inline void dot4_heads(const float* q, int64_t D, const T* k, float* out) {
       for (int h = 0; h < H; ++h) acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
     }
   }
+  const __m128 scale = _mm_set1_ps(scaling);
   for (int h = 0; h < H; ++h) {
     const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[h][0], acc[h][1]), _mm256_hadd_ps(acc[h][2], acc[h][3]));
-    _mm_storeu_ps(out + 4 * h, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+    _mm_storeu_ps(out + h * stride, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), scale));
   }
 }
 
@@ -721,17 +722,18 @@ inline void key_scores(const float* q, int64_t groups, const T* keys, int64_t D,
   float block[12];
   for (int64_t g0 = 0; g0 < groups; g0 += 3) {
     const int64_t heads = std::min<int64_t>(3, groups - g0);
-    for (int64_t j = first; j <= last; j += 4) {
-      const int64_t n = std::min<int64_t>(4, last + 1 - j);
-      const T* k = keys + j * D;
-      if (n < 4) {
-        std::fill(pad, pad + 4 * D, T(0));
-        std::copy(k, k + n * D, pad);
-        k = pad;
-      }
-      with_count<1, 3>(heads, [&](auto H) { dot4_heads<decltype(H)::value, T>(q + g0 * D, D, k, block); });
+    int64_t j = first;
+    for (; j + 4 <= last + 1; j += 4)
+      with_count<1, 3>(heads, [&](auto H) {
+        dot4_heads<decltype(H)::value, T>(q + g0 * D, D, keys + j * D, scaling, scores + g0 * stride + j, stride);
+      });
+    if (j <= last) {
+      const int64_t n = last + 1 - j;
+      std::fill(pad, pad + 4 * D, T(0));
+      std::copy(keys + j * D, keys + (j + n) * D, pad);
+      with_count<1, 3>(heads, [&](auto H) { dot4_heads<decltype(H)::value, T>(q + g0 * D, D, pad, scaling, block, 4); });
       for (int64_t h = 0; h < heads; ++h)
-        for (int64_t i = 0; i < n; ++i) scores[(g0 + h) * stride + j + i] = block[4 * h + i] * scaling;
+        for (int64_t i = 0; i < n; ++i) scores[(g0 + h) * stride + j + i] = block[4 * h + i];
     }
   }
 }
@@ -756,8 +758,14 @@ inline __m256 exp8(__m256 x) {
 
 // In-place exp(scores - max) over [first, last]; returns 1 / their sum.
 inline float softmax_weights(float* scores, int64_t first, int64_t last) {
+  __m256 vmax = _mm256_set1_ps(-INFINITY);  // a maximum is exact in any order
+  int64_t i = first;
+  for (; i + 8 <= last + 1; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(scores + i));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, vmax);
   float mx = -INFINITY;
-  for (int64_t j = first; j <= last; ++j) mx = std::max(mx, scores[j]);
+  for (float v : lanes) mx = std::max(mx, v);
+  for (; i <= last; ++i) mx = std::max(mx, scores[i]);
   const __m256 vmx = _mm256_set1_ps(mx);
   __m256 vsum = _mm256_setzero_ps();
   int64_t j = first;
@@ -830,8 +838,53 @@ inline void mix_heads32(const float* p, int64_t stride, int64_t first, int64_t l
   }
 }
 
+// mix_heads32 on AVX-512 registers, over dims [d0, d0 + 16 * W): each element gets the same products
+// and additions in the same order (the arithmetic is per lane), so the same bits in half the
+// instructions.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+template <int H, int W, typename T>
+void mix_heads_wide(const float* p, int64_t stride, int64_t first, int64_t last, const T* v, int64_t D, int64_t d0,
+                    const float* inv, float* out) {
+  __m512 acc[H][W];
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < W; ++i) acc[h][i] = _mm512_setzero_ps();
+  for (int64_t j = first; j <= last; ++j) {
+    __m512 vv[W];
+    for (int i = 0; i < W; ++i) vv[i] = load16(v + j * D + d0 + 16 * i);
+    for (int h = 0; h < H; ++h) {
+      const __m512 pj = _mm512_set1_ps(p[h * stride + j]);
+      for (int i = 0; i < W; ++i) acc[h][i] = _mm512_add_ps(acc[h][i], _mm512_mul_ps(pj, vv[i]));
+    }
+  }
+  for (int h = 0; h < H; ++h) {
+    const __m512 vinv = _mm512_set1_ps(inv[h]);
+    for (int i = 0; i < W; ++i) _mm512_storeu_ps(out + h * D + d0 + 16 * i, _mm512_mul_ps(acc[h][i], vinv));
+  }
+}
+
+// The value mix of up to three heads over a whole head of D dims (a multiple of 32), 64 dims at a time.
+template <int H, typename T>
+void mix_heads_512(const float* p, int64_t stride, int64_t first, int64_t last, const T* v, int64_t D,
+                   const float* inv, float* out) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) mix_heads_wide<H, 4, T>(p, stride, first, last, v, D, d0, inv, out);
+  if (d0 < D) mix_heads_wide<H, 2, T>(p, stride, first, last, v, D, d0, inv, out);
+}
+#pragma GCC pop_options
+
+bool avx512_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+const bool kAvx512 = avx512_supported();
+
 // Attention outputs of the `groups` query heads sharing these values (weights p[g * stride + j], 1/sums
-// inv[g]) into out[g * D ...]: three heads at a time over 32-dim chunks where D allows, else head by head.
+// inv[g]) into out[g * D ...]: three heads at a time over 32-dim chunks where D allows (on AVX-512
+// registers where the CPU has them: the same bits), else head by head.
 template <typename T>
 inline void mix_group_values(const float* p, int64_t groups, int64_t stride, int64_t first, int64_t last,
                              const T* v, int64_t D, const float* inv, float* out) {
@@ -841,11 +894,12 @@ inline void mix_group_values(const float* p, int64_t groups, int64_t stride, int
   }
   for (int64_t g0 = 0; g0 < groups; g0 += 3) {
     const int64_t heads = std::min<int64_t>(3, groups - g0);
-    for (int64_t d0 = 0; d0 < D; d0 += 32) {
-      with_count<1, 3>(heads, [&](auto H) {
-        mix_heads32<decltype(H)::value, T>(p + g0 * stride, stride, first, last, v, D, d0, inv + g0, out + g0 * D);
-      });
-    }
+    with_count<1, 3>(heads, [&](auto H) {
+      constexpr int kH = decltype(H)::value;
+      if (kAvx512) return mix_heads_512<kH, T>(p + g0 * stride, stride, first, last, v, D, inv + g0, out + g0 * D);
+      for (int64_t d0 = 0; d0 < D; d0 += 32)
+        mix_heads32<kH, T>(p + g0 * stride, stride, first, last, v, D, d0, inv + g0, out + g0 * D);
+    });
   }
 }
 
@@ -889,12 +943,15 @@ void attend(const float* xp, const float* cp, const float* sp, int64_t T_rows, i
   for (int64_t r = 0; r < T_rows; ++r) longest = std::max(longest, row_pos[r] + 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (longest * D * groups));
   // One unit = one token's query heads sharing one KV head: each key/value row is read once for all of them.
-  // Units run head-major, so a thread takes consecutive tokens of one KV head while its rows are in cache.
+  // Units run head-major, so a thread takes tokens of one KV head while its rows are in cache, and
+  // within a head from both ends in turn (first, last, second, second to last, ...): a causal prefill's
+  // later tokens attend to more keys, and the threads' equal shares of units then cost about the same
+  // (in order, two threads split 5 : 7 over three KV heads).
   at::parallel_for(0, T_rows * Hkv, grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> q(groups * D), scores(groups * longest);
     std::vector<T> pad(8 * D);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r = b % T_rows, kvh = b / T_rows, last = row_pos[r];
+      const int64_t i = b % T_rows, kvh = b / T_rows, r = i % 2 ? T_rows - 1 - i / 2 : i / 2, last = row_pos[r];
       const int64_t cap = keys[row_seq[r]].size(1);
       const T* kp = entries(keys[row_seq[r]]) + kvh * cap * D;
       const T* vp = entries(values[row_seq[r]]) + kvh * cap * D;
