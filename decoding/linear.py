@@ -1,4 +1,4 @@
-"""Linear layers for the engine: full precision (oneDNN-packed or native on CPU) and the draft's int8 and int4 copies."""
+"""Linear layers for the engine: full precision (native kernels on CPU, else oneDNN or torch) and the draft's int8 and int4 copies."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from . import native
 class Linear:
     """``y = x @ W.T + b`` over a 2-D input.
 
-    On CPU a float32 weight is pre-packed for oneDNN: measured here it streams weights
-    about twice as fast as the BLAS path for 1-12 rows, and each output row is
-    bit-identical whether it is computed alone or among other rows (batch
-    invariance), so a k-token verify reproduces the 1-token logits exactly in
-    the linear layers. A single row runs as two identical rows, oneDNN's fast case.
+    On CPU with the engine's kernels (``native``), float32 weights (and bf16 ones where the CPU has
+    AVX512-BF16) run ``linear_f32`` / ``linear_bf16`` for every forward on float32 activations, over
+    a copy of the weights packed once for them. Each output row is bit-identical whether it is
+    computed alone or among other rows, in a prefill chunk or a verify step (batch invariance), so
+    a k-token verify reproduces the 1-token logits exactly. Without the kernels a float32 weight is
+    pre-packed for oneDNN (a single row runs as two identical rows, oneDNN's fast case).
     """
 
     PACK_ROWS = 2
@@ -25,44 +26,39 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
         self.bias = None if bias is None else bias.detach()
-        self._step_kernel = None
-        # The weight in the layout the step kernel reads: the weight itself for linear_f32; for bf16
-        # weights on an AVX512-BF16 CPU linear_bf16's packed copy, and that kernel runs every forward
-        # (prefill too) on float32 activations, with no oneDNN copy.
-        self.kernel_weight = weight
-        self._every_forward = False
+        self._kernel = None
+        self.kernel_weight = weight  # the weights in the layout the kernel reads
+        kernels = None
         if weight.device.type == "cpu" and weight.is_contiguous():
-            if weight.dtype == torch.float32 and (kernels := native.cpu_kernels()) is not None:
-                self._step_kernel = kernels.linear_f32
-            elif weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0 and (
-                    kernels := native.bf16_kernels()) is not None:
-                self.kernel_weight = kernels.pack_bf16(weight)
-                out_features = weight.shape[0]
-                self._step_kernel = lambda x, w, b: kernels.linear_bf16(x, w, b, out_features)
-                self._every_forward = True
-                self.bias = None if bias is None else self.bias.float()
-        self.packed = None if self._every_forward else _pack(weight, self.PACK_ROWS)
+            if weight.dtype == torch.float32:
+                kernels = native.cpu_kernels()
+            elif weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0:
+                kernels = native.bf16_kernels()
+        if kernels is not None:
+            pack, linear = ((kernels.pack_f32, kernels.linear_f32) if weight.dtype == torch.float32
+                            else (kernels.pack_bf16, kernels.linear_bf16))
+            self.kernel_weight = pack(weight)
+            out_features = weight.shape[0]
+            self._kernel = lambda x, w, b: linear(x, w, b, out_features)
+            self.bias = None if bias is None else self.bias.float()
+        self.packed = None if self._kernel is not None else _pack(weight, self.PACK_ROWS)
 
     @property
     def native(self) -> bool:
-        """Whether decode/verify steps run the engine's native kernel."""
-        return self._step_kernel is not None
+        """Whether the engine's native kernel runs this layer."""
+        return self._kernel is not None
 
     @property
     def kernel_bytes(self) -> int:
-        """Memory of the kernel's own copy of the weights (bf16's packed layout), 0 where it reads ``weight``."""
+        """Memory of the kernel's packed copy of the weights, 0 where there is none."""
         w = self.kernel_weight
         return 0 if w is self.weight else w.numel() * w.element_size()
 
-    def __call__(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
-        """``step``: a decode/verify forward. On an AVX2 CPU those run the native kernel (1.4x
-        oneDNN's speed for one row here, ~1.1x for 2-16 rows, also batch-invariant); prefill
-        keeps oneDNN, faster for long chunks. The choice is by role, never by row count.
-        bf16 weights on an AVX512-BF16 CPU run the native kernel for every forward."""
-        if (step or self._every_forward) and self._step_kernel is not None and x.dtype == torch.float32:
-            return self._step_kernel(x, self.kernel_weight, self.bias)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is not None and x.dtype == torch.float32:
+            return self._kernel(x, self.kernel_weight, self.bias)
         if x.dtype != self.weight.dtype:  # float32 activations of a bf16 model, in a layer the kernel cannot run
-            return self(x.to(self.weight.dtype), step).to(x.dtype)
+            return self(x.to(self.weight.dtype)).to(x.dtype)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         if x.shape[0] == 1:

@@ -248,13 +248,13 @@ class ModelRunner:
         """Which kernels run the forwards, for the startup log."""
         if self.kernels is None:
             return "torch kernels"
-        roles = (("decode/verify steps", self._full_stack),
+        roles = (("full-model forwards", self._full_stack),
                  *((f"{precision} drafts", stack) for precision, stack in self._draft_stacks.items()))
         stacked = [role for role, stack in roles if stack is not None]
         packed = sum(lin.kernel_bytes for lin in [self.lm_head, *(lin for la in self.layers
                                                                for lin in (la.qkv, la.o, la.gate_up, la.down))])
-        weights = (f" (bf16 weights on AVX512-BF16 in a packed copy of {packed / 2**20:.0f} MiB, float32 activations)"
-                   if packed else "")
+        weights = " (bf16 weights on AVX512-BF16, float32 activations)" if self.dtype == torch.bfloat16 else ""
+        weights += f" over a packed copy of the weights ({packed / 2**20:.0f} MiB)" if packed else ""
         listed = ", ".join(stacked[:-1]) + " and " + stacked[-1] if len(stacked) > 1 else "".join(stacked)
         return f"native CPU kernels{weights}, " + (f"{listed} in one call for all layers" if stacked
                                                    else "one call per layer")
@@ -326,24 +326,23 @@ class ModelRunner:
             cos, sin = self.cos[positions], self.sin[positions]
         cos, sin = cos[:, None], sin[:, None]  # (T, 1, D): over heads
         h = self.embed(tokens).to(self.act_dtype)  # (T, H), all segments
-        step = not any(seg.prefill for seg in segments)  # decode/verify/draft, not prefill: see Linear
-        stack = self._stack_for(quantised, step)
+        stack = self._stack_for(quantised)
         if stack is not None:
             h = self._stacked_layers(stack, h, cos[:, 0], sin[:, 0], segments, lengths, skip)
         else:
             for index, layer in enumerate(self.layers):
                 lin = layer.drafts[quantised] if quantised else None
                 if index not in skip.attention:
-                    h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, segments, lengths, step)
+                    h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, segments, lengths)
                 if index not in skip.mlp:
-                    h = h + self._mlp(layer, lin, layer.mlp_norm(h), step)
+                    h = h + self._mlp(layer, lin, layer.mlp_norm(h))
         h = self.final_norm(h)
         rows, offset = [], 0
         for seg, n in zip(segments, lengths):
             rows.append(torch.arange(offset, offset + n) if seg.all_logits else torch.tensor([offset + n - 1]))
             offset += n
         h_out = h[torch.cat(rows)] if len(segments) > 1 or not segments[0].all_logits else h
-        logits = (self.draft_lm_head(h_out) if quantised else self.lm_head(h_out, step)).float()
+        logits = (self.draft_lm_head(h_out) if quantised else self.lm_head(h_out)).float()
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         outputs, offset, row = [], 0, 0
@@ -354,13 +353,11 @@ class ModelRunner:
             row += len(picked)
         return outputs
 
-    def _stack_for(self, quantised: str | None, step: bool) -> _LayerStack | None:
-        """The one-call layer stack for this forward, or None for the per-layer path: quantised drafts, and
-        full-precision steps where attention is native (never prefill)."""
+    def _stack_for(self, quantised: str | None) -> _LayerStack | None:
+        """The one-call layer stack for this forward (quantised drafts; full-precision forwards, prefill
+        included, where the kernels run every layer), or None for the per-layer path."""
         if quantised:
             return self._draft_stacks[quantised]
-        if not step or not self._native_attention(self.layers[0]):
-            return None
         return self._full_stack
 
     def _stacked_layers(self, stack: _LayerStack, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -377,15 +374,14 @@ class ModelRunner:
             [seg.start for seg in segments], lengths, stack.q_heads, stack.scaling, stack.windows, stack.eps)
 
     def _attention(self, layer: _Layer, lin: dict[str, DraftCopy] | None, index: int, x: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], lengths: list[int],
-                   step: bool = False) -> torch.Tensor:
+                   cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], lengths: list[int]) -> torch.Tensor:
         T = x.shape[0]
-        qkv = (lin["qkv"](x) if lin else layer.qkv(x, step)).view(T, layer.q_heads + 2 * layer.kv_heads, self.head_dim)
+        qkv = (lin["qkv"](x) if lin else layer.qkv(x)).view(T, layer.q_heads + 2 * layer.kv_heads, self.head_dim)
         if self._native_attention(layer):
             y = self._cached_attention(layer, index, qkv, cos[:, 0], sin[:, 0], segments, lengths)
         else:
             y = self._sdpa_attention(layer, index, qkv, cos, sin, segments, lengths)
-        y = lin["o"](y) if lin else layer.o(y, step)
+        y = lin["o"](y) if lin else layer.o(y)
         if layer.attn_out_norm is not None:
             y = layer.attn_out_norm(y)
         return y
@@ -423,14 +419,14 @@ class ModelRunner:
                                              [seg.start for seg in segments], lengths, layer.q_heads,
                                              layer.scaling, layer.window or 0)
 
-    def _mlp(self, layer: _Layer, lin: dict[str, DraftCopy] | None, x: torch.Tensor, step: bool) -> torch.Tensor:
-        gate_up = lin["gate_up"](x) if lin else layer.gate_up(x, step)
+    def _mlp(self, layer: _Layer, lin: dict[str, DraftCopy] | None, x: torch.Tensor) -> torch.Tensor:
+        gate_up = lin["gate_up"](x) if lin else layer.gate_up(x)
         if self.kernels is not None and layer.silu:
             hidden = self.kernels.silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = layer.act(gate) * up
-        y = lin["down"](hidden) if lin else layer.down(hidden, step)
+        y = lin["down"](hidden) if lin else layer.down(hidden)
         if layer.mlp_out_norm is not None:
             y = layer.mlp_out_norm(y)
         return y

@@ -438,124 +438,65 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
-// linear_f32: y = x @ W.T + bias in float32 for the full model's decode and verify steps.
-// Every output element is one 8-lane FMA chain over K in order, a fixed horizontal sum,
-// the scalar tail, then the bias: the same arithmetic whatever the number of rows or the
-// blocking, so a k-token verify reproduces the 1-token results bit for bit. Blocks of 4
-// rows x 3 columns keep 12 chains in flight; each thread streams its own weight rows once,
-// with a prefetch cursor ahead of it (measured here: an 8-row verify 45 -> 31 ms over all
-// layers, 12 rows 51 -> 42 ms, the 1-token step unchanged).
-template <int R, int C>
-void f32_block(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy, int64_t n,
-               Cursor& cursor) {
-  const int64_t K8 = K & ~int64_t(7);
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K8; k += 8) {
-    cursor.tick(k);
-    __m256 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + (n + c) * K + k);
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + r * K + k);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
-    }
+// Full-precision linears (linear_f32, linear_bf16) read a copy of the weights packed once at load
+// (pack_f32, pack_bf16) in groups of 64 output columns: for each input (bf16: each pair of inputs),
+// the group's 64 columns side by side, so one vector load holds 16 columns and a broadcast input
+// times it adds to 16 outputs at once (an outer product: no reduction across lanes at the end, where
+// the former dot-product layout spent a third of its time at K = 576). Each output is one chain of
+// multiply-adds over the inputs in order, then the bias: the same arithmetic whatever the rows,
+// the blocking or the vector width (AVX2 and AVX-512 give the same bits), so a k-token verify
+// reproduces the 1-token results bit for bit and a prompt's entries do not depend on its chunks.
+constexpr int64_t kGroupCols = 64;  // output columns per packed group
+constexpr int64_t kGroupStepBytes = 256;  // bytes of a group per input step (64 floats, or 64 bf16 pairs)
+
+bool avx512_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+const bool kAvx512 = avx512_supported();
+
+// (rows, K) weights of `type` zero-padded to whole groups and packed as (groups, K / P, 64, P) for inputs taken
+// P at a time (float32: 1, bfloat16: 2), squeezed to (groups, K, 64) for P = 1.
+at::Tensor pack_groups(const at::Tensor& w, int64_t P) {
+  const int64_t N = w.size(0), K = w.size(1), G = (N + kGroupCols - 1) / kGroupCols;
+  at::Tensor padded = at::zeros({G * kGroupCols, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
+  const at::Tensor packed = padded.view({G, kGroupCols, K / P, P}).transpose(1, 2).contiguous();
+  return P == 1 ? packed.view({G, K, kGroupCols}) : packed;
+}
+
+// Runs group(R, m, g, cursor) for every group g of weights `w` and every row block m..m+R-1 of M rows:
+// rows in chunks of `chunk` (their inputs stay in L2 while the weights pass once per chunk), each
+// chunk's groups split between the threads. The first row block of a group streams it from memory and
+// the others read it from L2; with more than one block the prefetch cursor runs a whole group ahead
+// (measured here, bf16, the default model's linears, cold: 32 rows 27.3 -> 26.1 ms, 8 rows 13.9 ->
+// 11.5 ms against the usual 16 KB lead).
+template <int MaxR, typename Group>
+void over_groups(int64_t M, int64_t G, int64_t K_steps, int64_t chunk, const void* w, Group&& group) {
+  const int64_t group_bytes = K_steps * kGroupStepBytes;
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t rows = std::min(chunk, M - m0), passes = row_passes<MaxR>(rows);
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+      Cursor cursor = Cursor::rows(w, group_bytes, g0, g1, std::max<int64_t>(64, 2 * kGroupStepBytes / passes));
+      if (passes > 1) cursor.at += group_bytes;
+      cursor.burst_mask = 1;  // a tick every two input steps
+      cursor.to_l2 = true;
+      for (int64_t g = g0; g < g1; ++g)
+        row_blocks<MaxR>(rows, [&](auto R, int64_t m) { group(R, m0 + m, g, cursor); });
+    });
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      float out = horizontal_sum(acc[r][c]);
-      const float* wr = w + (n + c) * K;
-      for (int64_t k = K8; k < K; ++k) out += x[r * K + k] * wr[k];
-      y[r * ldy + n + c] = bias ? out + bias[n + c] : out;
-    }
 }
 
-template <int C>
-void f32_columns(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, int64_t N,
-                 int64_t n, Cursor& cursor) {
-  row_blocks<4>(M, [&](auto R, int64_t m) {
-    f32_block<decltype(R)::value, C>(x + m * K, K, w, bias, y + m * N, N, n, cursor);
-  });
-}
+// Rows of a chunk whose inputs (row_bytes each) stay in L2.
+inline int64_t l2_rows(int64_t row_bytes) { return std::max<int64_t>(16, (512 * 1024 / row_bytes) & ~int64_t(3)); }
 
-at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "linear_f32: x must be float32 (M, K)");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(1) == x.size(1),
-              "linear_f32: w must be contiguous float32 (N, K)");
-  const float* bp = bias_data(bias, w.size(0), "linear_f32");
-  const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
-  at::Tensor y = at::empty({M, N}, xc.options());
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t passes = row_passes<4>(M);
-  // Above 4 rows (compute-bound), one prefetch burst per 32 inputs instead of a cursor trip per 8:
-  // 0.91-1.00x (about 0.95x on average) the time of 12 rows in seven A/B runs here (all layers'
-  // linears, cold weights), 0.93-1.00x at 8; at 2-4 rows (memory-bound) bursts were 3-7% slower,
-  // so those keep the steady stream. Prefetching only; the arithmetic is the same.
-  const int64_t burst = M > 4 ? 4 : 1;
-  at::parallel_for(0, N, 48, [&](int64_t n0, int64_t n1) {
-    Cursor cursor = Cursor::rows(wp, K * 4, n0, n1, 0);
-    cursor.burst_mask = 8 * burst - 1;
-    cursor.to_l2 = true;
-    int64_t n = n0;
-    if (M == 1) {  // one row: more weight rows in flight per block (the arithmetic is the same)
-      cursor.step = 8 * 32;
-      for (; n + 8 <= n1; n += 8) f32_block<1, 8>(xp, K, wp, bp, yp, N, n, cursor);
-    }
-    cursor.step = burst * std::max<int64_t>(16, 3 * 32 / passes);
-    for (; n + 3 <= n1; n += 3) f32_columns<3>(xp, M, K, wp, bp, yp, N, n, cursor);
-    cursor.step = burst * std::max<int64_t>(16, 32 / passes);
-    for (; n < n1; ++n) f32_columns<1>(xp, M, K, wp, bp, yp, N, n, cursor);
-  });
-  return y;
-}
-
-// linear_bf16: y = x @ W.T + bias for models held in bfloat16, on CPUs with AVX512-BF16 (this
-// section is compiled for them; callers check bf16_supported()). x stays float32 between layers
-// and is rounded to bfloat16 per element (nearest even) on entry. The weights are packed once
-// (pack_bf16) in groups of 64 output columns: for each pair of inputs, the group's 64 columns'
-// two values side by side, so one 512-bit load holds 16 columns' pair and VDPBF16PS adds a
-// broadcast input pair times it to 16 outputs at once (an outer product: no reduction across
-// lanes at the end, where the former dot-product layout spent a third of its time at K = 576).
-// Each output is one float32 chain over the input pairs in order, then the bias: the same
-// arithmetic whatever the rows or the blocking, so a k-token verify reproduces the 1-token
-// results bit for bit, as linear_f32 does for float32.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
-constexpr int64_t kGroupCols = 64;  // output columns per packed group: 4 x 16 lanes
+// Input rows per AVX-512 block: 6 rows x 4 accumulators, the group's 4 weight vectors and a broadcast
+// input fill 29 of the 32 registers.
+constexpr int kGroupRows512 = 6;
 
-// Rows of x (float32, M x K, K a multiple of 32) to bfloat16, rounding to nearest even.
-void to_bf16_rows(const float* x, int64_t M, int64_t K, uint16_t* out) {
-  for (int64_t i = 0; i < M * K; i += 32) {
-    const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
-    _mm512_storeu_si512(out + i, reinterpret_cast<__m512i>(pair));
-  }
-}
-
-// Input rows per block: 6 rows x 4 accumulators, the group's 4 weight vectors and a broadcast input
-// fill 29 of AVX-512's 32 registers.
-constexpr int kBf16Rows = 6;
-
-// Output columns n..n+63 (one packed group `wg`, of K2 input pairs) of input rows 0..R-1, given as
-// bf16 pairs; columns from N on are padding and not stored.
+// Stores R rows x 64 columns of accumulators (+ bias) at columns n.. of y; columns from N on are padding.
 template <int R>
-void bf16_group(const int32_t* x, int64_t K2, const uint16_t* wg, const float* bias, float* y, int64_t ldy,
-                int64_t n, int64_t N, Cursor& cursor) {
-  __m512 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t kp = 0; kp < K2; ++kp) {
-    cursor.tick(kp);
-    __m512bh wv[4];
-    for (int c = 0; c < 4; ++c) wv[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wg + kp * 2 * kGroupCols + 32 * c));
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(x[r * K2 + kp]));
-      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
-    }
-  }
+inline void store_group(const __m512 (&acc)[R][4], const float* bias, float* y, int64_t ldy, int64_t n, int64_t N) {
   for (int c = 0; c < 4 && n + 16 * c < N; ++c) {
     const int64_t col = n + 16 * c;
     const __mmask16 mask = N - col >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - col)) - 1);
@@ -565,62 +506,154 @@ void bf16_group(const int32_t* x, int64_t K2, const uint16_t* wg, const float* b
   }
 }
 
-// Groups [g0, g1) of M rows: one thread's share of a row chunk. Every row block of a group reads
-// it, so the first streams it from memory and the others from L2; with more than one block the
-// prefetch cursor runs a whole group ahead (measured here, default model's linears, cold: 32 rows
-// 27.3 -> 26.1 ms, 8 rows 13.9 -> 11.5 ms against the usual 16 KB lead).
-void bf16_range(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const float* bias, float* y, int64_t N,
-                int64_t g0, int64_t g1) {
-  const int64_t K2 = K / 2, group = K * kGroupCols, passes = row_passes<kBf16Rows>(M);
-  Cursor cursor = Cursor::rows(w, group * 2, g0, g1, std::max<int64_t>(64, 2 * 2 * kGroupCols * 2 / passes));
-  if (passes > 1) cursor.at += group * 2;
-  cursor.burst_mask = 1;  // a tick every two input pairs: two 256-byte rows of the group per block
-  cursor.to_l2 = true;
-  const auto* xp = reinterpret_cast<const int32_t*>(x);
-  for (int64_t g = g0; g < g1; ++g)
-    row_blocks<kBf16Rows>(M, [&](auto R, int64_t m) {
-      bf16_group<decltype(R)::value>(xp + m * K2, K2, w + g * group, bias, y + m * N, N, g * kGroupCols, N, cursor);
-    });
+// float32: R input rows (K each) x one packed group `wg` (K rows of 64 floats) on AVX-512.
+template <int R>
+void f32_group512(const float* x, int64_t K, const float* wg, const float* bias, float* y, int64_t ldy, int64_t n,
+                  int64_t N, Cursor& cursor) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    cursor.tick(k);
+    __m512 wv[4];
+    for (int c = 0; c < 4; ++c) wv[c] = _mm512_loadu_ps(wg + k * kGroupCols + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * K + k]);
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  store_group<R>(acc, bias, y, ldy, n, N);
+}
+
+// bfloat16: R input rows given as K2 bf16 pairs each x one packed group `wg` (K2 rows of 64 column pairs):
+// VDPBF16PS adds a broadcast input pair times 16 columns' pairs to 16 outputs.
+template <int R>
+void bf16_group(const int32_t* x, int64_t K2, const uint16_t* wg, const float* bias, float* y, int64_t ldy,
+                int64_t n, int64_t N, Cursor& cursor) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    cursor.tick(kp);
+    __m512bh wv[4];
+    for (int c = 0; c < 4; ++c)
+      wv[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wg + kp * 2 * kGroupCols + 32 * c));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(x[r * K2 + kp]));
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
+    }
+  }
+  store_group<R>(acc, bias, y, ldy, n, N);
+}
+
+// Rows of x (float32, M x K, K a multiple of 32) to bfloat16, rounding to nearest even.
+void to_bf16_rows(const float* x, int64_t M, int64_t K, uint16_t* out) {
+  for (int64_t i = 0; i < M * K; i += 32) {
+    const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
+    _mm512_storeu_si512(out + i, reinterpret_cast<__m512i>(pair));
+  }
 }
 #pragma GCC pop_options
 
+// Input rows per AVX2 block: 3 rows x 4 accumulators for half a group (32 columns) at a time.
+constexpr int kGroupRows256 = 3;
+
+// float32 on AVX2: f32_group512's arithmetic (one FMA chain per output, in order) on 8-lane registers,
+// over the group's two halves of 32 columns in turn.
+template <int R>
+void f32_group256(const float* x, int64_t K, const float* wg, const float* bias, float* y, int64_t ldy, int64_t n,
+                  int64_t N, Cursor& cursor) {
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      if (half == 0) cursor.tick(k);
+      const float* wk = wg + k * kGroupCols + 32 * half;
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_set1_ps(x[r * K + k]);
+        for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wk + 8 * c), acc[r][c]);
+      }
+    }
+    for (int c = 0; c < 4; ++c) {
+      const int64_t col = n + 32 * half + 8 * c, count = std::min<int64_t>(8, N - col);
+      if (count <= 0) break;
+      alignas(32) float out[8];
+      for (int r = 0; r < R; ++r) {
+        _mm256_store_ps(out, acc[r][c]);
+        for (int64_t i = 0; i < count; ++i) y[r * ldy + col + i] = bias ? out[i] + bias[col + i] : out[i];
+      }
+    }
+  }
+}
+
+// Checks x (M, K) float32 and weights packed by pack_f32 / pack_bf16 (P inputs per step) from (n, K).
+void check_packed(const at::Tensor& x, const at::Tensor& w, int64_t n, at::ScalarType type, int64_t P,
+                  const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % (P == 1 ? 1 : 32) == 0, op,
+              ": x must be float32 (M, K)", P == 1 ? "" : " with K a multiple of 32");
+  const bool layout = w.dim() == (P == 1 ? 3 : 4) && w.scalar_type() == type && w.is_contiguous() &&
+                      w.size(1) * P == x.size(1) && w.size(2) == kGroupCols && (P == 1 || w.size(3) == P) &&
+                      n > 0 && (n + kGroupCols - 1) / kGroupCols == w.size(0);
+  TORCH_CHECK(layout, op, ": w must be ", P == 1 ? "pack_f32" : "pack_bf16", "'s layout of (n, K) weights");
+}
+
+// pack_f32: float32 weights (N, K) in linear_f32's layout, (ceil(N / 64), K, 64), zero-padded.
+at::Tensor pack_f32(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_f32: w must be float32 (N, K)");
+  return pack_groups(w, 1);
+}
+
+// linear_f32: x (M, K) float32 times weights packed by pack_f32 from (n, K), plus the bias: (M, n).
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t n) {
+  check_packed(x, w, n, at::kFloat, 1, "linear_f32");
+  const float* bp = bias_data(bias, n, "linear_f32");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), G = w.size(0);
+  at::Tensor y = at::empty({M, n}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t chunk = l2_rows(K * 4);
+  const auto group = [&](auto R, int64_t m, int64_t g, Cursor& cursor) {
+    constexpr int kR = decltype(R)::value;
+    if constexpr (kR <= kGroupRows256)
+      if (!kAvx512) return f32_group256<kR>(xp + m * K, K, wp + g * K * kGroupCols, bp, yp + m * n, n, g * kGroupCols, n, cursor);
+    f32_group512<kR>(xp + m * K, K, wp + g * K * kGroupCols, bp, yp + m * n, n, g * kGroupCols, n, cursor);
+  };
+  if (kAvx512) over_groups<kGroupRows512>(M, G, K, chunk, wp, group);
+  else over_groups<kGroupRows256>(M, G, K, chunk, wp, group);
+  return y;
+}
+
+// linear_bf16: the same for models held in bfloat16 on CPUs with AVX512-BF16 (callers check
+// bf16_supported()): x stays float32 between layers and is rounded to bfloat16 per element (nearest
+// even) on entry; VDPBF16PS sums each pair of products into the output's float32 chain.
 bool bf16_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
 
-// pack_bf16: bfloat16 weights (N, K) in linear_bf16's layout, (ceil(N / 64), K / 2, 64, 2), zero-padded to
-// whole groups of 64 output columns.
+// pack_bf16: bfloat16 weights (N, K) in linear_bf16's layout, (ceil(N / 64), K / 2, 64, 2), zero-padded.
 at::Tensor pack_bf16(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(1) % 32 == 0,
               "pack_bf16: w must be bfloat16 (N, K) with K a multiple of 32");
-  const int64_t N = w.size(0), K = w.size(1), G = (N + kGroupCols - 1) / kGroupCols;
-  at::Tensor padded = at::zeros({G * kGroupCols, K}, w.options());
-  padded.narrow(0, 0, N).copy_(w);
-  return padded.view({G, kGroupCols, K / 2, 2}).transpose(1, 2).contiguous();
+  return pack_groups(w, 2);
 }
 
-// x (M, K) float32 times weights packed by pack_bf16 from (n, K), plus the float32 bias: (M, n) float32.
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t n) {
   TORCH_CHECK(bf16_supported(), "linear_bf16: this CPU has no AVX512-BF16");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % 32 == 0,
-              "linear_bf16: x must be float32 (M, K) with K a multiple of 32");
-  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(1) * 2 == x.size(1) &&
-                  w.size(2) == kGroupCols && w.size(3) == 2 && n > 0 && (n + kGroupCols - 1) / kGroupCols == w.size(0),
-              "linear_bf16: w must be pack_bf16's layout of (n, K) bfloat16 weights");
+  check_packed(x, w, n, at::kBFloat16, 2, "linear_bf16");
   const float* bp = bias_data(bias, n, "linear_bf16");
   const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), G = w.size(0);
+  const int64_t M = xc.size(0), K = xc.size(1), G = w.size(0), K2 = K / 2;
   std::vector<uint16_t> xb(M * K);
   to_bf16_rows(xc.data_ptr<float>(), M, K, xb.data());
   at::Tensor y = at::empty({M, n}, xc.options());
+  const auto* xp = reinterpret_cast<const int32_t*>(xb.data());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  // Long inputs (prefill) in chunks of rows whose bf16 copy stays in L2 while the weights pass once per chunk.
-  const int64_t chunk = std::max<int64_t>(16, (512 * 1024 / (K * 2)) & ~int64_t(3));
-  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-    const int64_t rows = std::min(chunk, M - m0);
-    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-      bf16_range(xb.data() + m0 * K, rows, K, wp, bp, yp + m0 * n, n, g0, g1);
-    });
-  }
+  over_groups<kGroupRows512>(M, G, K2, l2_rows(K * 2), wp, [&](auto R, int64_t m, int64_t g, Cursor& cursor) {
+    bf16_group<decltype(R)::value>(xp + m * K2, K2, wp + g * K * kGroupCols, bp, yp + m * n, n, g * kGroupCols, n,
+                                   cursor);
+  });
   return y;
 }
 
@@ -879,9 +912,6 @@ void mix_heads_512(const float* p, int64_t stride, int64_t first, int64_t last, 
 }
 #pragma GCC pop_options
 
-bool avx512_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
-const bool kAvx512 = avx512_supported();
-
 // Attention outputs of the `groups` query heads sharing these values (weights p[g * stride + j], 1/sums
 // inv[g]) into out[g * D ...]: three heads at a time over 32-dim chunks where D allows (on AVX-512
 // registers where the CPU has them: the same bits), else head by head.
@@ -1071,7 +1101,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
       return weights[i].scalar_type() == at::kByte ? int4_linear(x, weights[i], scales[i], biases.get(i))
                                                    : int8_linear(x, weights[i], scales[i], biases.get(i));
     return weights[i].scalar_type() == at::kBFloat16 ? linear_bf16(x, weights[i], biases.get(i), n)
-                                                     : linear_f32(x, weights[i], biases.get(i));
+                                                     : linear_f32(x, weights[i], biases.get(i), n);
   };
   for (int64_t i = 0; i < L; ++i) {
     if (!skip_attention[i]) {
@@ -1084,7 +1114,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
     }
     if (!skip_mlp[i]) {
       const at::Tensor& down = weights[4 * i + 3];
-      const int64_t inner = down.dim() == 4 ? down.size(1) * 2 : down.size(1);  // bf16 layout: pairs of inputs
+      const int64_t inner = down.dim() == 4 ? down.size(1) * 2 : down.size(1);  // bf16's packed layout: input pairs
       h.add_(linear(silu_mul(linear(rms_norm(h, norms[2 * i + 1], eps), 4 * i + 2, 2 * inner)), 4 * i + 3, H));
     }
   }
@@ -1096,7 +1126,8 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
 TORCH_LIBRARY(knn_ssd, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
-  m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("pack_f32(Tensor w) -> Tensor");
+  m.def("linear_f32(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor");
   m.def("pack_bf16(Tensor w) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor");
   m.def("bf16_supported", &bf16_supported);  // no tensor arguments: one kernel for every backend
@@ -1111,6 +1142,7 @@ TORCH_LIBRARY(knn_ssd, m) {
 TORCH_LIBRARY_IMPL(knn_ssd, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("pack_f32", &pack_f32);
   m.impl("linear_f32", &linear_f32);
   m.impl("pack_bf16", &pack_bf16);
   m.impl("linear_bf16", &linear_bf16);
