@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,6 +73,22 @@ def test_linear_f32_matches_torch_and_is_row_invariant(n, k):
                        KERNELS.linear_f32(long[650:659], packed, bias, n))
     with pytest.raises(RuntimeError, match="pack_f32's layout"):
         KERNELS.linear_f32(x, packed, bias, n + 64)
+
+
+@needs_kernels
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
+def test_avx2_and_avx512_variants_give_the_same_bits(tmp_path):
+    """The kernels with an AVX-512 variant (linear_f32, int8 drafts of 3+ rows, the attention's value mix)
+    give the AVX2 variant's bits, so output never depends on the CPU's vector width."""
+    script = Path(__file__).with_name("isa_outputs.py")
+    runs = {}
+    for name, avx512 in (("avx512", "1"), ("avx2", "0")):
+        env = {**os.environ, "KNN_SSD_AVX512": avx512, "PYTHONPATH": str(script.parent.parent)}
+        subprocess.run([sys.executable, str(script), str(tmp_path / name)], env=env, check=True, timeout=300)
+        runs[name] = torch.load(tmp_path / name)
+    assert runs["avx512"].keys() == runs["avx2"].keys()
+    for key, value in runs["avx512"].items():
+        assert torch.equal(value, runs["avx2"][key]), key
 
 
 @needs_kernels
