@@ -251,8 +251,7 @@ class ModelRunner:
         roles = (("full-model forwards", self._full_stack),
                  *((f"{precision} drafts", stack) for precision, stack in self._draft_stacks.items()))
         stacked = [role for role, stack in roles if stack is not None]
-        packed = sum(lin.kernel_bytes for lin in [self.lm_head, *(lin for la in self.layers
-                                                               for lin in (la.qkv, la.o, la.gate_up, la.down))])
+        packed = sum(lin.kernel_bytes for lin in self._full_linears)
         weights = " (bf16 weights on AVX512-BF16, float32 activations)" if self.dtype == torch.bfloat16 else ""
         weights += f" over a packed copy of the weights ({packed / 2**20:.0f} MiB)" if packed else ""
         listed = ", ".join(stacked[:-1]) + " and " + stacked[-1] if len(stacked) > 1 else "".join(stacked)
@@ -264,8 +263,12 @@ class ModelRunner:
         """Whether every full-model forward runs the native kernels, whose results for a position never
         depend on the tokens computed with it: then a k-token verify gives the one-token logits exactly,
         in bfloat16 as in float32."""
-        linears = [self.lm_head] + [lin for la in self.layers for lin in (la.qkv, la.o, la.gate_up, la.down)]
-        return all(lin.native for lin in linears) and all(self._native_attention(la) for la in self.layers)
+        return all(lin.native for lin in self._full_linears) and all(self._native_attention(la) for la in self.layers)
+
+    @property
+    def _full_linears(self) -> list[Linear]:
+        """The full model's linear layers: every layer's four, then the LM head."""
+        return [lin for la in self.layers for lin in (la.qkv, la.o, la.gate_up, la.down)] + [self.lm_head]
 
     @property
     def int8_draft_bytes(self) -> int:

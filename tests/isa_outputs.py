@@ -12,12 +12,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from decoding import ModelRunner, native
-from decoding.runner import Segment
 
 
 def outputs() -> dict[str, torch.Tensor]:
     """linear_f32 over 1-13 and 300 rows, int8_linear over 8 rows, and a model with 64-wide heads
-    (the attention's 32-wide value chunks) through prefill, a 5-token verify and an int8 draft."""
+    (the attention's 32-wide value chunks) through prefill and a 5-token verify, and its KV entries."""
     kernels = native.cpu_kernels()
     gen = torch.Generator().manual_seed(0)
     w, x = torch.randn(200, 96, generator=gen), torch.randn(300, 96, generator=gen)

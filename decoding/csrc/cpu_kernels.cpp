@@ -190,15 +190,6 @@ inline void row_blocks(int64_t M, F&& f) {
   }
 }
 
-// Columns n..n+C-1 of all M input rows.
-template <int C>
-void columns(const int16_t* x, const double* xs, int64_t M, int64_t K, const int8_t* w, const float* scale,
-             const float* bias, float* y, int64_t N, int64_t n, Cursor& cursor) {
-  row_blocks<4>(M, [&](auto R, int64_t m) {
-    dot_block<decltype(R)::value, C>(x + m * K, xs + m, K, w, scale, bias, y + m * N, N, n, cursor);
-  });
-}
-
 // int8_linear on CPUs with AVX512-VNNI (and BW): VPDPWSSD multiplies 32 int16 pairs and adds them to
 // int32 lanes in one instruction, where AVX2 needs VPMADDWD + VPADDD for 16. Integer sums are exact,
 // so these blocks give the same bits as the AVX2 ones; they take fewer instructions, which is what
@@ -279,14 +270,6 @@ void dot_block_vnni(const int16_t* x, const double* x_scale, int64_t K, const in
   }
   int8_outputs<R, C>(total, x, x_scale, K, K16, w, scale, bias, y, ldy, n);
 }
-
-template <int C>
-void columns_vnni(const int16_t* x, const double* xs, int64_t M, int64_t K, const int8_t* w, const float* scale,
-                  const float* bias, float* y, int64_t N, int64_t n, Cursor& cursor) {
-  row_blocks<4>(M, [&](auto R, int64_t m) {
-    dot_block_vnni<decltype(R)::value, C>(x + m * K, xs + m, K, w, scale, bias, y + m * N, N, n, cursor);
-  });
-}
 #pragma GCC pop_options
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
@@ -310,13 +293,17 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t passes = row_passes<4>(M);
   static const bool has_vnni = vnni_supported();
   const bool vnni = has_vnni && M > 2;  // 1-2 rows are bound by memory: 1.03-1.13x the AVX2 time there
-  // Columns n..n+C-1 of every row, on the VNNI blocks where the CPU has them.
+  // Columns n..n+C-1 of every row block, on the VNNI blocks where the CPU has them.
   const auto run = [&](auto columns_of, int64_t n, Cursor& cursor) {
     constexpr int C = decltype(columns_of)::value;
-    if (vnni)
-      columns_vnni<C>(xq.data(), xs.data(), M, K, wp, sp, bp, yp, N, n, cursor);
-    else
-      columns<C>(xq.data(), xs.data(), M, K, wp, sp, bp, yp, N, n, cursor);
+    row_blocks<4>(M, [&](auto R, int64_t m) {
+      constexpr int kR = decltype(R)::value;
+      const int16_t* xr = xq.data() + m * K;
+      if (vnni)  // direct calls: through a function pointer the 1-row LM head was ~10% slower
+        dot_block_vnni<kR, C>(xr, xs.data() + m, K, wp, sp, bp, yp + m * N, N, n, cursor);
+      else
+        dot_block<kR, C>(xr, xs.data() + m, K, wp, sp, bp, yp + m * N, N, n, cursor);
+    });
   };
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     Cursor cursor = Cursor::rows(wp, K, n0, n1, 0);
@@ -465,8 +452,8 @@ bool avx512_supported() {
 }
 const bool kAvx512 = avx512_supported();
 
-// (rows, K) weights of `type` zero-padded to whole groups and packed as (groups, K / P, 64, P) for inputs taken
-// P at a time (float32: 1, bfloat16: 2), squeezed to (groups, K, 64) for P = 1.
+// (rows, K) weights zero-padded to whole groups and packed as (groups, K / P, kGroupCols, P) for inputs taken
+// P at a time (float32: 1, bfloat16: 2), squeezed to (groups, K, kGroupCols) for P = 1.
 at::Tensor pack_groups(const at::Tensor& w, int64_t P) {
   const int64_t N = w.size(0), K = w.size(1), G = (N + kGroupCols - 1) / kGroupCols;
   at::Tensor padded = at::zeros({G * kGroupCols, K}, w.options());
@@ -965,11 +952,11 @@ void attend(const float* xp, const float* cp, const float* sp, int64_t T_rows, i
             int64_t Hkv, at::TensorList keys, at::TensorList values, const std::vector<int64_t>& row_seq,
             const std::vector<int64_t>& row_pos, double scaling, int64_t window, float* yp) {
   const auto entries = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
+  std::vector<float> rotated(D);
   for (int64_t r = 0; r < T_rows; ++r) {
     T* kp = entries(keys[row_seq[r]]);
     T* vp = entries(values[row_seq[r]]);
     const int64_t cap = keys[row_seq[r]].size(1);
-    std::vector<float> rotated(D);
     for (int64_t h = 0; h < Hkv; ++h) {
       const int64_t at = (h * cap + row_pos[r]) * D;
       const float* v = xp + (r * width + Hq + Hkv + h) * D;
