@@ -145,6 +145,7 @@ class ModelRunner:
         # Quantised drafts share one int8 copy of the LM head: a 4-bit head lost too many top-1s
         # (0.86 agreement on the default model, whose embedding is not stored in 4-bit groups).
         self.draft_lm_head: Int8Linear | None = None
+        self._into_huge_pages([lin for lin in self._full_linears if lin.kernel_bytes], "kernel_weight")
         self._full_stack = self._layer_stack(None)
         self._draft_stacks: dict[str, _LayerStack | None] = {}
         if int8_draft:
@@ -200,9 +201,20 @@ class ModelRunner:
                 layer.drafts[precision] = {name: make(lin.weight, lin.bias)
                                            for name, lin in (("qkv", layer.qkv), ("o", layer.o),
                                                              ("gate_up", layer.gate_up), ("down", layer.down))}
+            copies = [copy for layer in self.layers for copy in layer.drafts[precision].values() if copy.native]
             if self.draft_lm_head is None:
                 self.draft_lm_head = Int8Linear(self.lm_head.weight, self.lm_head.bias)
+                copies += [self.draft_lm_head] if self.draft_lm_head.native else []
+        self._into_huge_pages(copies, "qweight")
         self._draft_stacks[precision] = self._layer_stack(precision)
+
+    def _into_huge_pages(self, holders: list[Any], attribute: str) -> None:
+        """Move the ``attribute`` weights of ``holders`` (what the native kernels stream every step) into one
+        block of 2 MiB pages (``huge_pages`` in the kernels: a 12-token verify ~0.95x the time)."""
+        if self.kernels is not None and holders:
+            moved = self.kernels.huge_pages([getattr(holder, attribute) for holder in holders])
+            for holder, weight in zip(holders, moved):
+                setattr(holder, attribute, weight)
 
     @property
     def quantised_precisions(self) -> tuple[str, ...]:

@@ -100,6 +100,26 @@ def test_rms_norm_and_silu_mul_match_torch():
     torch.testing.assert_close(KERNELS.silu_mul(g), F.silu(g[:, :100]) * g[:, 100:], rtol=1e-5, atol=1e-6)
 
 
+@needs_kernels
+def test_huge_pages_copies_tensors_into_one_block():
+    ts = [torch.randn(3, 5), torch.arange(7, dtype=torch.int8), torch.randn(600, 1024).to(torch.bfloat16),
+          torch.randn(4, 6).t()]  # odd sizes, several dtypes, a non-contiguous input
+    out = KERNELS.huge_pages(ts)
+    for t, o in zip(ts, out):
+        assert o.dtype == t.dtype and o.shape == t.shape and o.is_contiguous() and torch.equal(o, t)
+    assert len({o.untyped_storage().data_ptr() for o in out}) == 1  # one block
+    out[0].zero_()
+    assert all(torch.equal(o, t) for t, o in zip(ts[1:], out[1:]))  # no overlap
+
+
+@needs_kernels
+def test_runner_weights_live_in_one_block(default_engine):
+    runner = default_engine.runner
+    blocks = {lin.kernel_weight.untyped_storage().data_ptr() for lin in runner._full_linears}
+    drafts = {q.qweight.untyped_storage().data_ptr() for layer in runner.layers for q in layer.drafts["int8"].values()}
+    assert len(blocks) == 1 and len(drafts) == 1
+
+
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -656,6 +657,37 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   return y;
 }
 
+// huge_pages: contiguous copies of CPU tensors side by side in one block of 2 MiB pages, for the weights
+// every step streams from memory. With 4 KiB pages each 4 KiB of the stream costs a TLB miss and its page
+// walk, which stalls a core that is also busy computing: measured here (default model, fp32, interleaved
+// in one process), a 12-token verify 0.94-0.95x the time, a 1-token step unchanged. One block, so no
+// tensor's tail falls outside whole pages (half of the default model's packed copy did, one tensor at a
+// time). The madvise is advice: the kernel may still give 4 KiB pages.
+std::vector<at::Tensor> huge_pages(at::TensorList ts) {
+  constexpr int64_t kHugePage = int64_t(2) << 20, kAlign = 64;
+  const auto padded = [](int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; };
+  int64_t total = 0;
+  for (const at::Tensor& t : ts) {
+    TORCH_CHECK(t.device().is_cpu(), "huge_pages: CPU tensors are expected");
+    total += padded(t.numel() * t.element_size());
+  }
+  void* p = nullptr;
+  TORCH_CHECK(posix_memalign(&p, kHugePage, std::max<int64_t>(total, kAlign)) == 0, "huge_pages: cannot allocate ",
+              total, " bytes");
+#ifdef MADV_HUGEPAGE
+  madvise(p, total & ~(kHugePage - 1), MADV_HUGEPAGE);
+#endif
+  const at::Tensor block = at::from_blob(p, {total}, [](void* q) { std::free(q); }, at::TensorOptions(at::kByte));
+  std::vector<at::Tensor> out;
+  int64_t offset = 0;
+  for (const at::Tensor& t : ts) {
+    const int64_t bytes = t.numel() * t.element_size();
+    out.push_back(block.narrow(0, offset, bytes).view(t.scalar_type()).view(t.sizes()).copy_(t));
+    offset += padded(bytes);
+  }
+  return out;
+}
+
 // rms_norm: y = x / sqrt(mean(x^2) + eps) * w per row of a float32 (M, K) input, in one
 // pass instead of torch's eight small ops (~55 us -> ~2 us per call for K = 576 here).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -1125,6 +1157,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
 TORCH_LIBRARY(knn_ssd, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("huge_pages(Tensor[] ts) -> Tensor[]");
   m.def("pack_f32(Tensor w) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor");
   m.def("pack_bf16(Tensor w) -> Tensor");
@@ -1141,6 +1174,7 @@ TORCH_LIBRARY(knn_ssd, m) {
 TORCH_LIBRARY_IMPL(knn_ssd, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("huge_pages", &huge_pages);
   m.impl("pack_f32", &pack_f32);
   m.impl("linear_f32", &linear_f32);
   m.impl("pack_bf16", &pack_bf16);
