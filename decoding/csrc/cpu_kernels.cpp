@@ -689,7 +689,26 @@ std::vector<at::Tensor> huge_pages(at::TensorList ts) {
 }
 
 // rms_norm: y = x / sqrt(mean(x^2) + eps) * w per row of a float32 (M, K) input, in one
-// pass instead of torch's eight small ops (~55 us -> ~2 us per call for K = 576 here).
+// pass instead of torch's eight small ops (~55 us -> ~2 us per call for K = 576 here). The squares
+// add up in double precision, four lanes times four accumulators (then a fixed tree), so a row's
+// result depends only on that row: 12 verify rows 0.35 -> ~0.05 ms per forward of the default model
+// against one scalar chain.
+inline double sum_squares(const float* x, int64_t K) {
+  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16)
+    for (int i = 0; i < 4; ++i) {
+      const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(x + k + 4 * i));
+      acc[i] = _mm256_fmadd_pd(v, v, acc[i]);
+    }
+  const __m256d sum = _mm256_add_pd(_mm256_add_pd(acc[0], acc[1]), _mm256_add_pd(acc[2], acc[3]));
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, sum);
+  double total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; k < K; ++k) total += double(x[k]) * x[k];
+  return total;
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "rms_norm: x must be float32 (M, K)");
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(1),
@@ -703,9 +722,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {  // rows are independent: batch-invariant
     for (int64_t m = m0; m < m1; ++m) {
       const float* xr = xp + m * K;
-      double ss = 0.0;
-      for (int64_t k = 0; k < K; ++k) ss += double(xr[k]) * xr[k];
-      const float inv = static_cast<float>(1.0 / std::sqrt(ss / double(K) + eps));
+      const float inv = static_cast<float>(1.0 / std::sqrt(sum_squares(xr, K) / double(K) + eps));
       for (int64_t k = 0; k < K; ++k) yp[m * K + k] = xr[k] * inv * wp[k];
     }
   });
@@ -1085,18 +1102,23 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   const float* gp = g.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const __m256 one = _mm256_set1_ps(1.f), top = _mm256_set1_ps(88.f);
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
+  // Work in blocks of 256 outputs of a row (each element computed alone: any split gives the same bits),
+  // split between threads from 32 blocks on: a 12-row verify's 18K outputs, not a 1-token step's 1.5K.
+  constexpr int64_t kBlock = 256;
+  const int64_t blocks = (I + kBlock - 1) / kBlock;
+  at::parallel_for(0, M * blocks, 32, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t m = u / blocks, end = std::min(I, (u % blocks + 1) * kBlock);
       const float* gate = gp + m * 2 * I;
       const float* up = gate + I;
       float* out = yp + m * I;
-      int64_t i = 0;
-      for (; i + 8 <= I; i += 8) {
+      int64_t i = (u % blocks) * kBlock;
+      for (; i + 8 <= end; i += 8) {
         const __m256 a = _mm256_loadu_ps(gate + i);
         const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), top));
         _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
       }
-      for (; i < I; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      for (; i < end; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
     }
   });
   return y;
