@@ -43,6 +43,16 @@ def bf16_kernels() -> Any | None:
     return ops if ops is not None and ops.bf16_supported() else None
 
 
+def transparent_huge_pages() -> str:
+    """The OS's transparent huge page mode (``always``, ``madvise``, ``never``), or ``unknown``: under
+    ``never`` the weights ``huge_pages`` places stay in 4 KiB pages."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "unknown"
+
+
 def _build() -> Any | None:
     if os.environ.get("KNN_SSD_NATIVE", "1").lower() in ("0", "false", "no", "off"):
         log.info("native CPU kernels disabled by KNN_SSD_NATIVE")
