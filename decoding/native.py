@@ -29,8 +29,8 @@ _state: dict[str, Any] = {}
 
 def cpu_kernels() -> Any | None:
     """``torch.ops.knn_ssd`` (``int8_linear``, ``int4_linear``, ``linear_f32``, ``linear_bf16``, ``rms_norm``,
-    ``cached_attention``, ``silu_mul``, ``decoder_layers``, ``huge_pages``: a copy of a tensor in 2 MiB
-    pages, for weights every step streams), or None."""
+    ``cached_attention``, ``silu_mul``, ``decoder_layers``, ``huge_pages``: copies of tensors in one block
+    of 2 MiB pages, for weights every step streams), or None."""
     with _lock:
         if "ops" not in _state:
             _state["ops"] = _build()

@@ -660,7 +660,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
 // huge_pages: contiguous copies of CPU tensors side by side in one block of 2 MiB pages, for the weights
 // every step streams from memory. With 4 KiB pages each 4 KiB of the stream costs a TLB miss and its page
 // walk, which stalls a core that is also busy computing: measured here (default model, fp32, interleaved
-// in one process), a 12-token verify 0.94-0.95x the time, a 1-token step unchanged. One block, so no
+// in one process, against the same copies in 4 KiB pages), a 12-token verify 0.925-0.95x the time, a
+// 1-token step 0.95-1.01x, an int4 draft step 0.95x. One block, so no
 // tensor's tail falls outside whole pages (half of the default model's packed copy did, one tensor at a
 // time). The madvise is advice: the kernel may still give 4 KiB pages.
 std::vector<at::Tensor> huge_pages(at::TensorList ts) {
@@ -691,7 +692,7 @@ std::vector<at::Tensor> huge_pages(at::TensorList ts) {
 // rms_norm: y = x / sqrt(mean(x^2) + eps) * w per row of a float32 (M, K) input, in one
 // pass instead of torch's eight small ops (~55 us -> ~2 us per call for K = 576 here). The squares
 // add up in double precision, four lanes times four accumulators (then a fixed tree), so a row's
-// result depends only on that row: 12 verify rows 0.35 -> ~0.05 ms per forward of the default model
+// result depends only on that row: at 12 verify rows, 0.52 -> 0.20 ms per forward of the default model
 // against one scalar chain.
 inline double sum_squares(const float* x, int64_t K) {
   __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
