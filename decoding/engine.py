@@ -20,7 +20,8 @@ from .kv_cache import KVCache
 from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
 from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixCache
 from .runner import ModelRunner, Segment
-from .sampling import SamplingParams, accept_greedy, accept_sampled, make_generator, sample, target_probs
+from .sampling import (SamplingParams, accept_greedy, accept_sampled, greedy_tokens, make_generator, sample,
+                       target_probs)
 from .stats import RequestStats
 
 
@@ -314,8 +315,9 @@ class SpeculativeEngine:
     def _draft_one(self, seq: Sequence, logits: torch.Tensor, drafts: list[int], probs: list[torch.Tensor]) -> bool:
         """Append one draft token chosen from ``logits``; False when drafting should stop here."""
         if seq.params.greedy:
-            token = int(logits.argmax())
-            confidence = float(torch.softmax(logits, dim=-1)[token])
+            token = greedy_tokens(logits)[0]
+            # the draft's top-1 probability matters only against a threshold (a softmax over the vocabulary)
+            confidence = float(torch.softmax(logits, dim=-1)[token]) if seq.policy.threshold > 0 else 1.0
         else:
             q = target_probs(logits, seq.params)
             token = sample(q, seq.generator)
@@ -326,7 +328,7 @@ class SpeculativeEngine:
 
     def _choose(self, logits: torch.Tensor, seq: Sequence) -> int:
         if seq.params.greedy:
-            return int(logits.argmax())
+            return greedy_tokens(logits)[0]
         return sample(target_probs(logits, seq.params), seq.generator)
 
     def _commit(self, seq: Sequence, new_tokens: list[int]) -> StepOutput:

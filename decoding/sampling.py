@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import native
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -76,12 +78,21 @@ def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """The argmax of each row of ``logits`` ((V,) or (rows, V)): the first index at ties, like torch's, on the
+    native kernel for float32 CPU logits (torch's argmax reads ~1 GB/s there: 47 vs 8 us for one
+    49,152-token row, 430 vs 31 us for a 13-row verify)."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    kernels = native.cpu_kernels() if rows.device.type == "cpu" and rows.dtype == torch.float32 else None
+    return (kernels.argmax_rows(rows) if kernels is not None else rows.argmax(dim=-1)).tolist()
+
+
 def accept_greedy(drafts: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
     """Longest prefix of ``drafts`` equal to the target's argmax, and the target's next token.
 
     ``target_logits`` has ``len(drafts) + 1`` rows. Returns ``(accepted, next_token)``.
     """
-    best = target_logits.argmax(dim=-1).tolist()
+    best = greedy_tokens(target_logits)
     accepted = 0
     while accepted < len(drafts) and drafts[accepted] == best[accepted]:
         accepted += 1

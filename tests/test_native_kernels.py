@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine, native
 from decoding.linear import Int4Linear, Int8Linear
 from decoding.runner import Segment
+from decoding.sampling import greedy_tokens
 
 KERNELS = native.cpu_kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="native kernels need an AVX2 CPU and a C++ compiler")
@@ -118,6 +119,20 @@ def test_runner_weights_live_in_one_block(default_engine):
     blocks = {lin.kernel_weight.untyped_storage().data_ptr() for lin in runner._full_linears}
     drafts = {q.qweight.untyped_storage().data_ptr() for layer in runner.layers for q in layer.drafts["int8"].values()}
     assert len(blocks) == 1 and len(drafts) == 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [1, 7, 8, 33, 49152])
+def test_argmax_rows_matches_torch_argmax(n):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(6, n, generator=gen)
+    x[1] = 0.5  # a tie over the whole row: the first index
+    x[2, -1] = 1e9  # the maximum at the very end
+    x[3, n // 2] = float("nan")  # a NaN wins, like torch's
+    x[4] = float("-inf")
+    x[5, 0] = float("inf")
+    assert torch.equal(KERNELS.argmax_rows(x), x.argmax(dim=-1))
+    assert greedy_tokens(x) == x.argmax(dim=-1).tolist() and greedy_tokens(x[2]) == [int(x[2].argmax())]
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -689,6 +689,54 @@ std::vector<at::Tensor> huge_pages(at::TensorList ts) {
   return out;
 }
 
+// argmax_rows: the index of each row's maximum for float32 (M, N) rows, as torch.argmax gives it (the
+// first index at ties, the first NaN where a row has one), at memory speed: torch's reads ~1 GB/s here
+// (45 us for one 49,152-token row, 335 us for a 13-row verify), about 2% of a speculative step.
+int64_t argmax_row(const float* x, int64_t N) {
+  __m256 vmax[4], unordered = _mm256_setzero_ps();
+  for (__m256& v : vmax) v = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 32 <= N; i += 32)
+    for (int a = 0; a < 4; ++a) {
+      const __m256 v = _mm256_loadu_ps(x + i + 8 * a);
+      vmax[a] = _mm256_max_ps(vmax[a], v);
+      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, _mm256_max_ps(_mm256_max_ps(vmax[0], vmax[1]), _mm256_max_ps(vmax[2], vmax[3])));
+  float best = -INFINITY;
+  for (float v : lanes) best = std::max(best, v);
+  bool nan = _mm256_movemask_ps(unordered) != 0;
+  for (int64_t j = i; j < N; ++j) {
+    nan = nan || std::isnan(x[j]);
+    best = std::max(best, x[j]);
+  }
+  // The first position holding the maximum (or a NaN), eight at a time.
+  const __m256 target = _mm256_set1_ps(best);
+  int64_t j = 0;
+  for (; j + 8 <= N; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    const int hits = _mm256_movemask_ps(nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, target, _CMP_EQ_OQ));
+    if (hits) return j + __builtin_ctz(hits);
+  }
+  for (; j < N; ++j)
+    if (nan ? std::isnan(x[j]) : x[j] == best) return j;
+  return 0;  // N == 0 is rejected by the caller
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0, "argmax_rows: x must be float32 (M, N > 0)");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), N = xc.size(1);
+  at::Tensor out = at::empty({M}, xc.options().dtype(at::kLong));
+  const float* xp = xc.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) op[m] = argmax_row(xp + m * N, N);
+  });
+  return out;
+}
+
 // rms_norm: y = x / sqrt(mean(x^2) + eps) * w per row of a float32 (M, K) input, in one
 // pass instead of torch's eight small ops (~55 us -> ~2 us per call for K = 576 here). The squares
 // add up in double precision, four lanes times four accumulators (then a fixed tree), so a row's
@@ -1187,6 +1235,7 @@ TORCH_LIBRARY(knn_ssd, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor");
   m.def("bf16_supported", &bf16_supported);  // no tensor arguments: one kernel for every backend
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("cached_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!)[] keys, Tensor(b!)[] values, int[] starts, "
         "int[] lengths, int q_heads, float scaling, int window) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
@@ -1203,6 +1252,7 @@ TORCH_LIBRARY_IMPL(knn_ssd, CPU, m) {
   m.impl("pack_bf16", &pack_bf16);
   m.impl("linear_bf16", &linear_bf16);
   m.impl("rms_norm", &rms_norm);
+  m.impl("argmax_rows", &argmax_rows);
   m.impl("cached_attention", &cached_attention);
   m.impl("silu_mul", &silu_mul);
   m.impl("decoder_layers", &decoder_layers);
