@@ -11,6 +11,7 @@ kernels and logs why, once.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -51,6 +52,15 @@ def transparent_huge_pages() -> str:
     except OSError:
         return "unknown"
     return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "unknown"
+
+
+def release_free_memory() -> None:
+    """Hand the C allocator's free heap pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere):
+    weight copies freed at load stay resident otherwise (466 MiB of the default model's runner here)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _build() -> Any | None:

@@ -215,6 +215,7 @@ class ModelRunner:
             moved = self.kernels.huge_pages([getattr(holder, attribute) for holder in holders])
             for holder, weight in zip(holders, moved):
                 setattr(holder, attribute, weight)
+            native.release_free_memory()  # the copies just replaced
 
     @property
     def quantised_precisions(self) -> tuple[str, ...]:
