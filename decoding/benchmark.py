@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .engine import SpeculativeEngine
 from .policy import PLAIN, DraftPolicy, SkipSet
+from .runner import ModelRunner
 from .sampling import SamplingParams
 
 SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
@@ -56,26 +57,48 @@ def interleaved_median_ms(timers: dict[Any, Callable[[], Any]], rounds: int, rep
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
-def forward_latencies(engine: SpeculativeEngine, context: int = 256, rounds: int = 9,
+class ForwardTimers:
+    """Timers of single forward passes at ``context`` cached tokens of random ids, for latency tables.
+
+    Each timer waits for the device (CUDA runs asynchronously: without the wait a timer would
+    measure only the kernel launches)."""
+
+    def __init__(self, runner: ModelRunner, context: int = 256) -> None:
+        self.runner, self.context = runner, context
+        self.cache = runner.new_cache(context + 16)
+        runner.forward(self.tokens(context), self.cache, 0)
+
+    def tokens(self, k: int) -> torch.Tensor:
+        """``k`` random token ids on the runner's device."""
+        return torch.randint(10, 1000, (k,), device=self.runner.device)
+
+    def timer(self, k: int, policy: DraftPolicy | None = None) -> Callable[[], None]:
+        """A forward of ``k`` tokens after the cached context (``policy`` None: the full model, all logits)."""
+        tokens, device = self.tokens(k), self.runner.device
+
+        def run() -> None:
+            self.runner.forward(tokens, self.cache, self.context, policy=policy, all_logits=k > 1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return run
+
+
+def forward_latencies(runner: ModelRunner, context: int = 256, rounds: int = 9,
                       repeats: int = 5) -> dict[str, float]:
     """Median ms of 1-token and k-token full forwards and of draft forwards, at ``context`` cached tokens,
     timed in interleaved rounds (see ``interleaved_median_ms``; 9 rounds: with 5, one slow spell of this
     VM in four runs put verify_12 at 1.39x against 0.96-1.12x in the others)."""
-    runner = engine.runner
-    cache = runner.new_cache(context + 16)
-    runner.forward(torch.randint(10, 1000, (context,)), cache, 0)
-    one = torch.tensor([42])
-    timers: dict[str, Callable[[], Any]] = {"forward_1": lambda: runner.forward(one, cache, context)}
+    forwards = ForwardTimers(runner, context)
+    timers: dict[str, Callable[[], Any]] = {"forward_1": forwards.timer(1)}
     for k in (2, 4, 8, 12):
-        tokens = torch.randint(10, 1000, (k,))
-        timers[f"verify_{k}"] = lambda tokens=tokens: runner.forward(tokens, cache, context, all_logits=True)
+        timers[f"verify_{k}"] = forwards.timer(k)
     drafts = {"draft_skip25": DraftPolicy(evenly_skipped(runner.num_layers, 0.25)),
               "draft_skip50": DraftPolicy(evenly_skipped(runner.num_layers, 0.5))}
     for precision in runner.quantised_precisions:
         drafts[f"draft_{precision}"] = DraftPolicy(precision=precision)
         drafts[f"draft_{precision}_skip25"] = DraftPolicy(evenly_skipped(runner.num_layers, 0.25), precision=precision)
     for name, policy in drafts.items():
-        timers[name] = lambda policy=policy: runner.forward(one, cache, context, policy=policy)
+        timers[name] = forwards.timer(1, policy)
     return interleaved_median_ms(timers, rounds, repeats)
 
 
@@ -105,7 +128,7 @@ def decode_throughput(engine: SpeculativeEngine, prompts: list[list[int]], polic
         if hf_generate:
             t0 = time.perf_counter()
             with torch.no_grad():
-                engine.runner.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                engine.runner.model.generate(torch.tensor([ids], device=engine.runner.device), max_new_tokens=max_new_tokens,
                                              min_new_tokens=max_new_tokens, do_sample=False)
             totals["transformers"][0] += max_new_tokens
             totals["transformers"][1] += time.perf_counter() - t0

@@ -108,7 +108,7 @@ def accept_sampled(drafts: list[int], draft_probs: torch.Tensor, target: torch.T
     """
     for i, token in enumerate(drafts):
         p, q = float(target[i, token]), float(draft_probs[i, token])
-        if float(torch.rand((), generator=gen)) * q < p:
+        if float(torch.rand((), generator=gen, device=gen.device)) * q < p:
             continue
         residual = (target[i] - draft_probs[i]).clamp(min=0)
         total = float(residual.sum())

@@ -6,10 +6,8 @@ import itertools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import torch
-
 from decoding import DraftPolicy, ModelRunner, SkipSet
-from decoding.benchmark import interleaved_median_ms
+from decoding.benchmark import ForwardTimers, interleaved_median_ms
 
 VERIFY_POINTS = (1, 2, 4, 8, 13)
 
@@ -63,20 +61,14 @@ def measure_costs(runner: ModelRunner, context: int = 256, repeats: int = 5, rou
     a slow moment of the machine cannot distort one point alone; verify costs are
     then made non-decreasing in k (a longer verify never costs less).
     """
-    cache = runner.new_cache(context + 16)
-    runner.forward(torch.randint(10, 1000, (context,)), cache, 0)
-    one = torch.tensor([42])
+    forwards = ForwardTimers(runner, context)
     layers = range(runner.num_layers)
-    timers: dict[tuple, Callable[[], object]] = {}
-    for k in VERIFY_POINTS:
-        tokens = torch.randint(10, 1000, (k,))
-        timers[("verify", k)] = lambda tokens=tokens, k=k: runner.forward(tokens, cache, context, all_logits=k > 1)
+    timers: dict[tuple, Callable[[], object]] = {("verify", k): forwards.timer(k) for k in VERIFY_POINTS}
     precisions = runner.draft_precisions
     for precision in precisions:
         for name, skip in (("whole", SkipSet()), ("no_attention", SkipSet(attention=layers)),
                            ("no_mlp", SkipSet(mlp=layers))):
-            policy = DraftPolicy(skip, precision=precision)
-            timers[(precision, name)] = lambda policy=policy: runner.forward(one, cache, context, policy=policy)
+            timers[(precision, name)] = forwards.timer(1, DraftPolicy(skip, precision=precision))
     ms = interleaved_median_ms(timers, rounds, repeats)
     verify, slowest = {}, 0.0
     for k in VERIFY_POINTS:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import hnswlib
 import numpy as np
 
-from decoding.policy import DraftPolicy
+from decoding.policy import PLAIN, DraftPolicy
 
 MIXED = "mixed"
 
@@ -96,6 +96,19 @@ class Router:
             best[label] = max(best.get(label, -1.0), sim)
         label = max(votes, key=votes.get)
         return label, best[label]
+
+    def restrict_precisions(self, precisions: tuple[str, ...]) -> dict[str, DraftPolicy]:
+        """Make every policy runnable by a runner that serves the draft ``precisions``: a policy whose
+        quantised copy that runner lacks (an int4 policy calibrated on CPU, served on CUDA, where only
+        the CPU kernels run int4) drafts on another quantised copy it has, else decodes plainly.
+        Returns the replaced policies by domain, as they were."""
+        quantised = [p for p in precisions if p != "full"]
+        replaced = {}
+        for domain, policy in self.policies.items():
+            if not policy.is_plain and policy.precision not in precisions:
+                self.policies[domain] = replace(policy, precision=quantised[0]) if quantised else PLAIN
+                replaced[domain] = policy
+        return replaced
 
     def add_items(self, vectors: np.ndarray, labels: list[str]) -> None:
         """Add anchors at run time (labels must have a policy)."""

@@ -48,10 +48,10 @@ def agreement(runner: ModelRunner, seqs: list[Sequence], skip: SkipSet, precisio
     for seq in seqs:
         cont = seq.generated
         n = seq.prompt_len
-        logits = runner.forward(torch.tensor(cont[:-1]), seq.cache, n, policy=policy, all_logits=True).logits
+        logits = runner.forward(torch.tensor(cont[:-1], device=runner.device), seq.cache, n, policy=policy, all_logits=True).logits
         probs = torch.softmax(logits, dim=-1)
         conf, top = probs.max(dim=-1)
-        out.append(((top == torch.tensor(cont[1:])).numpy(), conf.numpy()))
+        out.append(((top.cpu() == torch.tensor(cont[1:])).numpy(), conf.cpu().numpy()))
     return out
 
 

@@ -79,7 +79,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False)
                for _, text in spec_bench_prompts(Path(args.data), args.prompts)]
-    latencies = forward_latencies(engine)
+    latencies = forward_latencies(engine.runner)
     result = decode_throughput(engine, prompts, policy, args.max_new_tokens, hf_generate=not args.no_transformers)
     report = {"model": info.to_dict(), "int8_draft_bytes": runner.int8_draft_bytes,
               "draft_bytes": {p: runner.draft_bytes(p) for p in runner.quantised_precisions},
@@ -183,6 +183,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     hf_model, tokenizer, info = load_model(args.model, args.device, args.dtype)
     engine = SpeculativeEngine(ModelRunner(hf_model, int8_draft=True), tokenizer)
     router = _load_index(args.index, args.model, info.fingerprint)
+    router.restrict_precisions(engine.runner.draft_precisions)  # e.g. int4 policies on CUDA
     report = run_benchmark(engine, info, router, Path(args.data), args.per_domain, args.max_new_tokens, args.seed,
                            streams)
     report["command"] = " ".join(["knn-ssd", *sys.argv[1:]])

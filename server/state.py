@@ -119,6 +119,9 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
     else:
         log.info("index: %d anchors over domains %s, k=%d, similarity threshold %.2f", len(router), router.domains,
                  router.k, router.threshold)
+        for domain, calibrated in router.restrict_precisions(runner.draft_precisions).items():
+            log.warning("policy %s drafts on the %s copy, which this runner lacks (%s): using %s instead", domain,
+                        calibrated.precision, runner.kernel_summary, _describe(router.policies[domain]))
         for domain, policy in sorted(router.policies.items()):
             log.info("  policy %-14s %s", domain, _describe(policy))
     name = config.served_model_name or config.model

@@ -44,6 +44,21 @@ def test_low_similarity_falls_back_to_mixed():
     assert result.label == MIXED and result.fallback and result.policy == POLICIES[MIXED]
 
 
+def test_policies_without_their_draft_copy_are_replaced():
+    int4 = DraftPolicy(SkipSet([2]), precision="int4", max_draft=6)
+    policies = {"a": int4, "b": PLAIN, "c": DraftPolicy(SkipSet([1])), MIXED: DraftPolicy(precision="int8")}
+    anchors = np.eye(3, dtype=np.float32)
+    router = Router(anchors, ["a", "b", "c"], policies)
+    assert router.restrict_precisions(("full", "int8", "int4")) == {}
+    assert router.restrict_precisions(("full", "int8")) == {"a": int4}  # e.g. on CUDA: no int4 kernel
+    assert router.policies["a"] == DraftPolicy(SkipSet([2]), precision="int8", max_draft=6)
+    assert router.route(anchors[0]).policy == router.policies["a"]
+    router = Router(anchors, ["a", "b", "c"], policies)
+    assert set(router.restrict_precisions(("full",))) == {"a", MIXED}
+    assert router.policies["a"] == router.policies[MIXED] == PLAIN
+    assert router.policies["b"] == PLAIN and router.policies["c"] == policies["c"]
+
+
 def test_add_items_while_routing_from_threads():
     router, _ = _router()
     errors = []
