@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from decoding import PLAIN, DraftPolicy, ModelInfo, SamplingParams, SpeculativeEngine
+from decoding.divergence import TIE_ULPS, divergence
 
 from .evaluate import chat_ids, spec_bench_by_domain
 from .router import MIXED, Router
@@ -34,9 +35,6 @@ ORACLE_METHOD = "oracle"
 FIX_PREFIX = "self_sd_fix_"
 BEST_FIX = "self_sd_fix"  # the Self-SD Fix variant with the best overall speedup
 STREAMS = {"mixed": "shuffled mixed stream (mix ratio 1)", "task_by_task": "task-by-task stream (mix ratio 0)"}
-# A divergence in a low-precision dtype counts as a near-tie when the full model's top-1/top-2 logit
-# gap is within this many units of least precision (eps * |top-1 logit|) of the dtype.
-TIE_ULPS = 4
 
 
 @dataclass(frozen=True)
@@ -164,30 +162,11 @@ def decode(engine: SpeculativeEngine, ids: list[int], policy: DraftPolicy, param
                tuple(seq.generated)), seq.embedding
 
 
-def logit_gap(engine: SpeculativeEngine, ids: list[int], output: tuple[int, ...], position: int) -> dict[str, float]:
-    """The full model's top-1/top-2 logits where plain decoding produced ``output[position]``."""
-    runner = engine.runner
-    context = list(ids) + list(output[:position])
-    cache = runner.new_cache(len(context) + 1)
-    logits = runner.forward(torch.tensor(context, device=runner.device), cache, 0).logits[-1].float()
-    top = torch.topk(logits, 2).values
-    return {"top1": float(top[0]), "top2": float(top[1]), "gap": float(top[0] - top[1])}
-
-
-def tie_tolerance(dtype: torch.dtype, top1: float) -> float:
-    """Largest logit gap a rounding difference of ``dtype`` can flip; 0 in fp32, where outputs must match."""
-    if dtype == torch.float32:
-        return 0.0
-    return TIE_ULPS * torch.finfo(dtype).eps * max(abs(top1), 1.0)
-
-
 def run_stream(engine: SpeculativeEngine, router: Router, prompts: list[BenchPrompt], params: SamplingParams,
                progress: Callable[[], None]) -> tuple[StreamResult, list[dict[str, Any]]]:
     """Decode every prompt with every method; returns the tallies and the per-prompt routing records."""
     result = StreamResult()
     routes = []
-    dtype = engine.runner.dtype
-    exact = engine.runner.batch_invariant  # the verify path rounds like one-token steps: every output must match
     distinct = list(dict.fromkeys([PLAIN, *router.policies.values()]))  # every method's policy is one of these
     for i, prompt in enumerate(prompts):
         runs, embedding = {}, None
@@ -206,15 +185,11 @@ def run_stream(engine: SpeculativeEngine, router: Router, prompts: list[BenchPro
                 continue
             methods = [m for m, p in policies.items() if p == policy]
             result.compared += len(methods)
-            if run.output == plain.output:
+            parted = divergence(engine, prompt.ids, plain.output, run.output)
+            if parted is None:
                 result.identical += len(methods)
                 continue
-            position = next((j for j, (a, b) in enumerate(zip(run.output, plain.output)) if a != b),
-                            min(len(run.output), len(plain.output)))
-            gap = logit_gap(engine, prompt.ids, plain.output, position)
-            tolerance = 0.0 if exact else tie_tolerance(dtype, gap["top1"])
-            result.divergences.append({"domain": prompt.domain, "methods": methods, "position": position,
-                                       **gap, "tolerance": tolerance, "near_tie": gap["gap"] <= tolerance,
+            result.divergences.append({"domain": prompt.domain, "methods": methods, **parted,
                                        "prompt": prompt.text[:80]})
         progress()
     return result, routes

@@ -11,7 +11,8 @@ import torch
 from live_server import ROOT
 
 from decoding.benchmark import SPEC_BENCH
-from knn_router.bench import split_prompts, tie_tolerance
+from decoding.divergence import tie_tolerance
+from knn_router.bench import split_prompts
 from knn_router.evaluate import spec_bench_by_domain
 
 METRIC_KEYS = {"speedup", "tokens_per_s", "mean_accepted_tokens", "acceptance_rate"}
