@@ -22,14 +22,14 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
   "$python" -c "import torch, transformers; print('torch', torch.__version__, 'CUDA', torch.version.cuda,
 'transformers', transformers.__version__, torch.cuda.get_device_name())"; } > "$out/gpu.log" 2>&1
 
-KNN_SSD_CUDA_MODEL="$model" timeout 300 "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py \
+KNN_SSD_CUDA_MODEL="$model" timeout 200 "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py \
   > "$out/tests.log" 2>&1
 echo "tests rc=$?" >> "$out/tests.log"
 
 bench() {  # NAME DTYPE ARGS...
   local name=$1 dtype=$2
   shift 2
-  timeout 240 "$python" -m server.cli bench-decode --model "$model" --device cuda --dtype "$dtype" --data "$data" \
+  timeout 90 "$python" -m server.cli bench-decode --model "$model" --device cuda --dtype "$dtype" --data "$data" \
     --prompts 10 --max-new-tokens 64 --threshold 0 --json "$out/decode-$name.json" "$@" > "$out/decode-$name.log" 2>&1
   echo "rc=$?" >> "$out/decode-$name.log"
 }
@@ -39,7 +39,7 @@ for dtype in float32 bfloat16; do
     --max-draft 8 --no-transformers
 done
 
-timeout 240 "$python" - > "$out/qwen2-1.5b-shape.log" 2>&1 <<'EOF'
+timeout 100 "$python" - > "$out/qwen2-1.5b-shape.log" 2>&1 <<'EOF'
 import json, torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 from decoding import ModelRunner
