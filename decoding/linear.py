@@ -114,6 +114,13 @@ class Int8Linear(DraftCopy):
         self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
         self._use_kernel = self._native is None and _int8_kernel_works(self.qweight.device)
 
+    @staticmethod
+    def pays_on(device: torch.device) -> bool:
+        """Whether an int8 draft can cost less than the full weights on ``device``: on a CPU with the native
+        kernels or torch's packed int8 kernel. Not on CUDA, where the copy is dequantised every call: on an
+        H100 (torch 2.11) the default model's int8 draft took 1.49x the time of a full fp32 forward."""
+        return device.type == "cpu" and (native.cpu_kernels() is not None or _int8_kernel_works(device))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._native is not None:
             return self._native(x.float(), self.qweight, self.scale, self.bias).to(x.dtype)

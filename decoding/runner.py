@@ -180,9 +180,13 @@ class ModelRunner:
         )
 
     # ------------------------------------------------------------------ draft copies
-    def enable_int8_draft(self) -> None:
-        """Make the int8 weight-only copy used by ``precision="int8"`` drafts (once)."""
+    def enable_int8_draft(self) -> bool:
+        """Make the int8 weight-only copy used by ``precision="int8"`` drafts (once), where it can pay
+        (``Int8Linear.pays_on``: CPUs, not CUDA). Returns whether the copy exists."""
+        if not Int8Linear.pays_on(self.device):
+            return False
         self._enable_draft("int8", Int8Linear)
+        return True
 
     def enable_int4_draft(self) -> bool:
         """Make the 4-bit copy used by ``precision="int4"`` drafts (once), where the native kernels run it

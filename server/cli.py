@@ -72,6 +72,9 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 
     hf_model, tokenizer, info = load_model(args.model, args.device, args.dtype)
     runner = ModelRunner(hf_model, int8_draft=True)
+    if args.draft_precision not in runner.draft_precisions:
+        raise SystemExit(f"--draft-precision {args.draft_precision}: this runner has no such copy on {info.device} "
+                         f"(it serves {', '.join(runner.draft_precisions)})")
     engine = SpeculativeEngine(runner, tokenizer)
     policy = DraftPolicy(SkipSet(_indices(args.skip_attention), _indices(args.skip_mlp)),
                          precision=args.draft_precision, threshold=args.threshold,

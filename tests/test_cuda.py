@@ -36,14 +36,19 @@ TEXTS = ["Translate into French: The train leaves at eight and arrives before no
 
 @functools.cache
 def engine(dtype: str) -> SpeculativeEngine:
-    """The test model on the GPU in ``dtype``, with its int8 draft copy."""
+    """The test model on the GPU in ``dtype`` (no quantised draft copy: none pays on CUDA)."""
     hf_model, tokenizer, _ = load_model(MODEL, device="cuda", dtype=dtype)
     return SpeculativeEngine(ModelRunner(hf_model, int8_draft=True), tokenizer)
 
 
 def policies(num_layers: int) -> list[DraftPolicy]:
-    return [DraftPolicy(evenly_skipped(num_layers, 0.25), max_draft=8), DraftPolicy(precision="int8"),
-            DraftPolicy(evenly_skipped(num_layers, 0.25), precision="int8", threshold=0.3, max_draft=6)]
+    return [DraftPolicy(evenly_skipped(num_layers, 0.25), max_draft=8),
+            DraftPolicy(evenly_skipped(num_layers, 0.5), threshold=0.6, max_draft=4),
+            DraftPolicy(evenly_skipped(num_layers, 0.25), threshold=0.3, max_draft=6)]
+
+
+def test_no_quantised_draft_copy_on_cuda():
+    assert engine("float32").runner.draft_precisions == ("full",)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -80,7 +85,7 @@ def test_tiny_architectures_speculate_losslessly_on_cuda(family):
             ref = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=24, min_new_tokens=24,
                                  do_sample=False)[0, len(ids):].tolist()
         assert plain == ref
-        for policy in (DraftPolicy(SkipSet(attention=[1], mlp=[2]), max_draft=4), DraftPolicy(precision="int8")):
+        for policy in (DraftPolicy(SkipSet(attention=[1], mlp=[2]), max_draft=4), DraftPolicy(SkipSet(mlp=[0, 3]))):
             assert eng.run(ids, params, policy).generated == plain
 
 
@@ -109,7 +114,7 @@ def test_batched_rows_equal_solo_on_cuda():
     assert all(d is None or d["near_tie"] for d in parted), parted
 
 
-@pytest.mark.parametrize("policy", [PLAIN, DraftPolicy(precision="int8", max_draft=6)], ids=["plain", "int8"])
+@pytest.mark.parametrize("policy", [PLAIN, DraftPolicy(SkipSet([3, 9], [5, 11]), max_draft=6)], ids=["plain", "skip"])
 def test_seeded_sampling_repeats_on_cuda(policy):
     eng = engine("bfloat16")
     ids = chat_ids(eng.tokenizer, TEXTS[4])

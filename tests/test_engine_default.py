@@ -137,3 +137,15 @@ def test_bad_policies(default_engine):
         DraftPolicy(threshold=1.5)
     with pytest.raises(ValueError):
         SkipSet(attention=["1"])
+
+
+def test_int8_draft_copy_only_where_it_pays():
+    """CPUs run the int8 copy on an int8 kernel; CUDA would dequantise it every call (1.49x a full forward
+    on an H100), so runners there make none and the server's built-in policy decodes plainly."""
+    from decoding.linear import Int8Linear
+    from server.state import fallback_policy
+
+    assert Int8Linear.pays_on(torch.device("cpu"))
+    assert not Int8Linear.pays_on(torch.device("cuda"))
+    assert fallback_policy(("full",)) == PLAIN
+    assert fallback_policy(("full", "int8", "int4")) == DraftPolicy(precision="int4")
