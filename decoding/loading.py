@@ -19,6 +19,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from . import native
 from .packaged import PACKAGED_MODELS, PackagedModelError, installed_gguf
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on CUDA and fp32 on CPU."""
+def resolve_dtype(dtype: str, device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
+    """``auto`` is bf16 on CUDA. On CPU it is the checkpoint's own bf16 (``stored``) where the engine's
+    kernels run bf16 weights (AVX512-BF16: exact like fp32, ~1.5x faster per token), else fp32."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        native_bf16 = stored == torch.bfloat16 and native.bf16_kernels() is not None
+        return torch.bfloat16 if native_bf16 else torch.float32
     if dtype not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(sorted(_DTYPES))}")
     return _DTYPES[dtype]
@@ -103,9 +108,10 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "a
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
     directory, weights = _model_directory(model)
-    _check_config(directory)
+    saved = _check_config(directory)
+    stored = _DTYPES.get(str(saved.get("dtype") or saved.get("torch_dtype") or "float32"))
+    torch_dtype = resolve_dtype(dtype, dev, stored)
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -149,15 +155,18 @@ def check_architecture(hf_model: Any) -> None:
             raise ModelLoadError(f"layer {i} lacks the per-layer sub-modules {missing}: cannot skip sub-layers")
 
 
-def _check_config(directory: Path) -> None:
+def _check_config(directory: Path) -> dict[str, Any]:
+    """The directory's ``config.json``, checked for a supported architecture."""
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{directory} is not a Hugging Face model directory (no config.json)")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
             f"unsupported architecture {model_type!r} in {config_file}: supported are {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    return config
 
 
 def _model_directory(model: str) -> tuple[Path, list[Path]]:

@@ -19,7 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(qwen2.5-coder-1.5b), a local Hugging Face model directory, or a .gguf file")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16")
+                   help="auto (bf16 on CUDA; on CPU the checkpoint's bf16 where the CPU runs bf16 weights natively, "
+                        "i.e. has AVX512-BF16, else fp32), float32, bfloat16 or float16")
     _add_log_level(p)
 
 

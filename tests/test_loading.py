@@ -1,4 +1,5 @@
-"""Model loading: clear errors for bad specs, and the packaged (split-GGUF) model install path."""
+"""Model loading: local Hugging Face directories, clear errors for bad specs, and the packaged (split-GGUF)
+model install path."""
 
 from __future__ import annotations
 
@@ -6,8 +7,20 @@ import hashlib
 import json
 
 import pytest
+import torch
+from tiny_models import tiny_model
 
-from decoding import ModelLoadError, load_model
+from decoding import (
+    PLAIN,
+    DraftPolicy,
+    ModelLoadError,
+    ModelRunner,
+    SamplingParams,
+    SkipSet,
+    SpeculativeEngine,
+    load_model,
+    native,
+)
 from decoding.loading import check_architecture
 from decoding.packaged import (
     PACKAGED_MODELS,
@@ -98,3 +111,19 @@ def test_default_model_info(default_model):
     _, _, info = default_model
     assert info.architecture == "LlamaForCausalLM" and info.num_layers == 30 and info.hidden_size == 576
     assert info.dtype == "float32" and info.device == "cpu" and len(info.fingerprint) == 32
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_local_hf_directory_loads_in_its_own_dtype_where_native(tmp_path, default_model, stored):
+    """``--dtype auto`` on CPU keeps a bf16 checkpoint in bf16 where the kernels run bf16 natively (exact and
+    faster), else fp32; the loaded directory then speculates losslessly."""
+    model = tiny_model("qwen2").to(stored)
+    model.save_pretrained(tmp_path)
+    default_model[1].save_pretrained(tmp_path)
+    hf_model, tokenizer, info = load_model(str(tmp_path), device="cpu")
+    native_bf16 = stored == torch.bfloat16 and native.bf16_kernels() is not None
+    assert info.dtype == ("bfloat16" if native_bf16 else "float32") and info.model_type == "qwen2"
+    engine = SpeculativeEngine(ModelRunner(hf_model), tokenizer)
+    ids = tokenizer("The quick brown fox").input_ids
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    assert engine.run(ids, params, DraftPolicy(SkipSet([1], [2]))).generated == engine.run(ids, params, PLAIN).generated
