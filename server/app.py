@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -89,10 +90,21 @@ def create_app(config: ServerConfig) -> FastAPI:
         err = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         message = err.get("msg", "invalid request")
-        if err.get("type") == "json_invalid":
-            message = "We could not parse the JSON body of your request."
+        if err.get("type") == "json_invalid":  # its location is a character offset, not a parameter
+            message, loc = "We could not parse the JSON body of your request.", []
         api = APIError(400, f"{message}" + (f" (at {'.'.join(loc)})" if loc else ""),
                        ".".join(loc) or None, err.get("type"))
+        return await api_error(request, api)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown paths and methods get OpenAI's error shape too (FastAPI's default is ``{"detail": ...}``)."""
+        messages = {404: f"Unknown endpoint {request.url.path}: this server serves /v1/chat/completions, "
+                         "/v1/completions, /v1/models, /health and /metrics",
+                    405: f"Method {request.method} is not allowed on {request.url.path}"}
+        codes = {404: "unknown_url", 405: "method_not_allowed"}
+        api = APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)), None,
+                       codes.get(exc.status_code), headers=dict(exc.headers or {}))
         return await api_error(request, api)
 
     @app.get("/health")

@@ -103,6 +103,16 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """Name the unsupported part (an image, audio) instead of pydantic's union error about strings."""
+        if isinstance(content, list):
+            kinds = sorted({str(part.get("type")) for part in content if isinstance(part, dict)} - {"text"})
+            if kinds:
+                raise ValueError(f"only text content parts are supported by this server, not {', '.join(kinds)}")
+        return content
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)

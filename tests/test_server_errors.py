@@ -31,6 +31,9 @@ CASES = [
     ("skip index out of range", COMP, {"model": "default", "prompt": "a", "skip_layers": {"attention": [30]}}, 400),
     ("unknown domain", COMP, {"model": "default", "prompt": "a", "domain": "astrology"}, 400),
     ("token id out of vocab", COMP, {"model": "default", "prompt": [1, 999999]}, 400),
+    ("image content part", CHAT, {"model": "default", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400),
+    ("unknown endpoint", "/v1/embeddings", {"model": "default", "input": "a"}, 404),
 ]
 
 
@@ -50,3 +53,14 @@ def test_unknown_fields_are_ignored(server):
     r = httpx.post(server.url + COMP, json={"model": "default", "prompt": "a", "max_tokens": 2,
                                              "frobnicate": True, "temperature": 0}, timeout=60)
     assert r.status_code == 200
+
+
+def test_error_messages_name_the_problem(server):
+    r = httpx.post(server.url + CHAT, json={"model": "default", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {}}]}]})
+    assert r.status_code == 400 and "not image_url" in r.json()["error"]["message"]
+    r = httpx.post(server.url + COMP, content=b'{"model": ', headers={"content-type": "application/json"})
+    assert r.json()["error"]["param"] is None and "parse the JSON" in r.json()["error"]["message"]
+    r = httpx.get(server.url + CHAT)
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+    assert r.json()["error"]["code"] == "method_not_allowed"
