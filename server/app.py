@@ -13,12 +13,21 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from .scheduler import GenerationRequest
-from .serving import Choice, OpenAIServing, apply_event, knn_ssd_object, new_id, now, sse, usage
+from .serving import (
+    Choice,
+    OpenAIServing,
+    apply_event,
+    knn_ssd_object,
+    new_id,
+    now,
+    sse,
+    usage,
+)
 from .state import ServerState, build_state
 
 log = logging.getLogger("knn_ssd.server")
