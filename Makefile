@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 KNN_SSD_TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.knn-ssd-installed
 
-.PHONY: setup serve test bench clean prometheus
+.PHONY: setup serve test bench cuda-check clean prometheus
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ prometheus:
 
 bench: setup
 	$(VENV)/bin/knn-ssd bench-decode $(ARGS)
+
+# On a machine with a CUDA GPU (and a CUDA torch: see KNN_SSD_TORCH above): correctness tests and timings.
+cuda-check: setup
+	PYTHON=$(PY) tests/cuda_check.sh default ../shared/data/spec_bench/question.jsonl cuda-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache
