@@ -12,6 +12,7 @@ kernels and logs why, once.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import sys
@@ -75,13 +76,14 @@ def _build() -> Any | None:
 
     from .loading import cache_root
 
-    build_dir = cache_root() / "kernels" / f"torch-{torch.__version__}"
-    build_dir.mkdir(parents=True, exist_ok=True)
+    cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
+    source = _source_copy(cache_root() / "kernels", f"torch-{torch.__version__}", cflags)
+    build_dir = source.parent
     # torch's builder runs `ninja`; the venv's own copy (pip package ninja) is next to this interpreter.
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     try:
-        cpp_extension.load(name="knn_ssd_kernels", sources=[str(SOURCE)], build_directory=str(build_dir),
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"],
+        cpp_extension.load(name="knn_ssd_kernels", sources=[str(source)], build_directory=str(build_dir),
+                           extra_cflags=cflags,
                            # at::parallel_for is OpenMP inline code: without -fopenmp it runs on one thread.
                            # The process's libgomp.so.1 is torch's own (same soname), so one thread pool.
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
@@ -90,3 +92,20 @@ def _build() -> Any | None:
         return None
     log.info("native CPU kernels ready (%s)", build_dir)
     return torch.ops.knn_ssd
+
+
+def _source_copy(root: Path, prefix: str, cflags: list[str]) -> Path:
+    """The kernel source copied into a build folder named by its content, the flags and the torch
+    installation it builds against (once): checkouts and virtual environments sharing a cache each
+    keep their own build instead of rebuilding each other's on every start (ninja rebuilds when the
+    source's path or an include path changes) or overwriting it."""
+    text = SOURCE.read_bytes()
+    key = text + " ".join([*cflags, torch.__file__, sys.prefix]).encode()
+    folder = root / f"{prefix}-{hashlib.sha256(key).hexdigest()[:12]}"
+    target = folder / SOURCE.name
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{SOURCE.name}.{os.getpid()}"
+        tmp.write_bytes(text)
+        tmp.replace(target)  # atomic: a concurrent builder sees the whole file or none
+    return target

@@ -365,3 +365,14 @@ def test_bf16_model_without_bf16_kernels_keeps_torch_path(monkeypatch):
     assert runner.kernels is None and runner.act_dtype == torch.bfloat16 and not runner.batch_invariant
     out = runner.forward(torch.arange(3, 12), runner.new_cache(16), 0)
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+
+
+def test_kernel_builds_are_keyed_by_source_flags_and_torch(tmp_path):
+    """Checkouts and environments sharing a cache keep separate builds instead of rebuilding each other's."""
+    from decoding.native import SOURCE, _source_copy
+
+    first = _source_copy(tmp_path, "torch-x", ["-O3"])
+    assert first.read_bytes() == SOURCE.read_bytes() and first.parent.parent == tmp_path
+    mtime = first.stat().st_mtime_ns
+    assert _source_copy(tmp_path, "torch-x", ["-O3"]) == first and first.stat().st_mtime_ns == mtime  # untouched
+    assert _source_copy(tmp_path, "torch-x", ["-O2"]).parent != first.parent
