@@ -14,7 +14,14 @@ import numpy as np
 from sklearn.cluster import KMeans
 from tqdm import tqdm
 
-from decoding import PLAIN, DraftPolicy, ModelInfo, SamplingParams, Sequence, SpeculativeEngine
+from decoding import (
+    PLAIN,
+    DraftPolicy,
+    ModelInfo,
+    SamplingParams,
+    Sequence,
+    SpeculativeEngine,
+)
 
 from .artifact import save_artifact
 from .costs import StepCosts, measure_costs
@@ -39,7 +46,8 @@ class CalibrationConfig:
 
 
 def read_domain_file(path: Path, tokenizer: Any) -> list[list[int]]:
-    """Token ids of each JSONL line: ``messages`` through the chat template, or raw ``prompt`` text."""
+    """Token ids of each JSONL line: ``messages`` through the chat template, raw ``prompt`` text or
+    ``prompt_ids`` (the lines ``serve --log-prompts`` writes are of these kinds)."""
     prompts = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -53,8 +61,10 @@ def read_domain_file(path: Path, tokenizer: Any) -> list[list[int]]:
                                                 return_dict=False)
         elif "prompt" in row:
             ids = tokenizer(row["prompt"]).input_ids
+        elif "prompt_ids" in row:
+            ids = row["prompt_ids"]
         else:
-            raise ValueError(f"{path}:{n}: each line needs 'prompt' or 'messages'")
+            raise ValueError(f"{path}:{n}: each line needs 'prompt', 'prompt_ids' or 'messages'")
         prompts.append(list(ids))
     if not prompts:
         raise ValueError(f"{path}: no prompts")
@@ -67,6 +77,28 @@ def anchors_of(embeddings: np.ndarray, count: int, seed: int) -> np.ndarray:
     if len(unit) <= count:
         return unit
     return KMeans(n_clusters=count, n_init=10, random_state=seed).fit(unit).cluster_centers_
+
+
+def cluster_traffic(engine: SpeculativeEngine, prompts: list[list[int]], clusters: int,
+                    seed: int = 0, min_size: int = 2) -> dict[str, list[list[int]]]:
+    """Unlabelled prompts (real traffic) as calibration domains: KMeans on their prompt embeddings (unit
+    vectors, the router's cosine space) into at most ``clusters`` groups of at least ``min_size`` prompts
+    (fewer groups where a group would be smaller), named ``traffic-1``, ``traffic-2``, ... by size."""
+    if not prompts:
+        raise ValueError("no traffic prompts to cluster")
+    embed = SamplingParams(max_tokens=1, ignore_eos=True)  # prefill only: the embedding
+    vectors = np.stack([engine.run(ids, embed, PLAIN).embedding.float().cpu().numpy()
+                        for ids in tqdm(prompts, desc="embed traffic", unit="prompt")])
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = np.zeros(len(prompts), dtype=int)
+    for k in range(min(clusters, len(prompts) // min_size), 1, -1):
+        candidate = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(unit)
+        if np.bincount(candidate).min() >= min_size:
+            labels = candidate
+            break
+    by_size = sorted(set(labels.tolist()), key=lambda c: (-int((labels == c).sum()), c))
+    return {f"traffic-{rank}": [prompts[i] for i in np.flatnonzero(labels == c)]
+            for rank, c in enumerate(by_size, 1)}
 
 
 def search_split(num_prompts: int, config: CalibrationConfig) -> int:

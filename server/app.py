@@ -49,6 +49,7 @@ class ServerConfig:
     max_queue: int = 64
     max_model_len: int | None = None
     prefix_cache_mb: float = 256.0
+    log_prompts: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServerConfig":

@@ -112,16 +112,22 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from decoding import ModelRunner, SpeculativeEngine, load_model
-    from knn_router.calibrate import CalibrationConfig, calibrate, read_domain_file
+    from knn_router.calibrate import CalibrationConfig, calibrate, cluster_traffic, read_domain_file
 
-    hf_model, tokenizer, info = load_model(args.model, args.device, args.dtype)
-    engine = SpeculativeEngine(ModelRunner(hf_model, int8_draft=True), tokenizer)
-    domains = {}
-    for spec in args.domain:
-        name, sep, path = spec.partition("=")
+    if not args.domain and not args.traffic:
+        raise SystemExit("calibrate needs prompts: --domain NAME=FILE.jsonl (repeatable) and/or --traffic FILE.jsonl")
+    specs = [spec.partition("=") for spec in args.domain or ()]
+    for spec, (name, sep, path) in zip(args.domain or (), specs):
         if not sep or not name or not path:
             raise SystemExit(f"--domain expects NAME=FILE.jsonl, got {spec!r}")
-        domains[name] = read_domain_file(Path(path), tokenizer)
+    hf_model, tokenizer, info = load_model(args.model, args.device, args.dtype)
+    engine = SpeculativeEngine(ModelRunner(hf_model, int8_draft=True), tokenizer)
+    domains = {name: read_domain_file(Path(path), tokenizer) for name, _, path in specs}
+    if args.traffic:
+        clusters = cluster_traffic(engine, read_domain_file(Path(args.traffic), tokenizer), args.clusters, args.seed)
+        print(f"traffic: {sum(map(len, clusters.values()))} prompts in {len(clusters)} clusters "
+              f"({', '.join(f'{name} {len(p)}' for name, p in clusters.items())})")
+        domains.update(clusters)
     config = CalibrationConfig(anchors_per_domain=args.anchors, search_prompts=args.search_prompts,
                                holdout_prompts=args.holdout_prompts, tokens=args.tokens, budget=args.budget,
                                k=args.k, similarity_threshold=args.similarity_threshold, seed=args.seed,
@@ -298,17 +304,27 @@ def build_parser() -> argparse.ArgumentParser:
                             "shared system prompt, a chat's earlier turns) reuse its KV entries in blocks of 16 "
                             "tokens instead of prefilling them, with the same output; least recently used blocks "
                             "are evicted first; 0 disables it")
+    serve.add_argument("--log-prompts", default=None, metavar="FILE",
+                       help="append each accepted request's prompt to this JSONL file (user text: off unless "
+                            "given), the input of `knn-ssd calibrate --traffic` for calibrating on real traffic")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds SIGTERM waits for in-flight requests before exiting")
     serve.set_defaults(func=cmd_serve)
     env_defaults(serve)
 
     cal = sub.add_parser("calibrate", help="calibrate per-domain decoding policies and build a routing artifact",
-                         description="Embed calibration prompts, cluster anchors per domain, search and confirm a "
+                         description="Embed calibration prompts (labelled domains, and/or unlabelled traffic "
+                                     "clustered into domains), cluster anchors per domain, search and confirm a "
                                      "draft policy per domain (and a 'mixed' fallback), write the artifact.")
     _add_model_args(cal)
-    cal.add_argument("--domain", action="append", required=True, metavar="NAME=FILE.jsonl",
-                     help="a domain and its prompts (JSONL lines with 'prompt' or 'messages'); repeatable")
+    cal.add_argument("--domain", action="append", metavar="NAME=FILE.jsonl",
+                     help="a domain and its prompts (JSONL lines with 'prompt', 'prompt_ids' or 'messages'); "
+                          "repeatable")
+    cal.add_argument("--traffic", metavar="FILE.jsonl",
+                     help="unlabelled prompts, e.g. the file of `serve --log-prompts`: clustered by prompt "
+                          "embedding into --clusters groups (traffic-1, traffic-2, ...) calibrated as domains")
+    cal.add_argument("--clusters", type=int, default=4,
+                     help="most clusters --traffic is split into (fewer where a cluster would hold < 2 prompts)")
     cal.add_argument("--out", required=True, help="artifact directory to write")
     cal.add_argument("--anchors", type=int, default=10, help="KMeans anchors per domain")
     cal.add_argument("--search-prompts", type=int, default=8, help="prompts per domain for the policy search")

@@ -14,6 +14,7 @@ from fastapi import Request
 from decoding import RequestStats, SamplingParams
 
 from .metrics import Metrics
+from .prompt_log import PromptLog
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from .routing import PolicyResolver
 from .scheduler import EngineLoop, GenerationEvent, GenerationRequest, QueueFullError, RouteDecision
@@ -36,8 +37,9 @@ class OpenAIServing:
     """Shared logic of /v1/completions and /v1/chat/completions."""
 
     def __init__(self, loop: EngineLoop, tokenizer: Any, model_name: str, max_model_len: int,
-                 resolver: PolicyResolver, metrics: Metrics) -> None:
+                 resolver: PolicyResolver, metrics: Metrics, prompt_log: PromptLog | None = None) -> None:
         self.loop = loop
+        self.prompt_log = prompt_log  # --log-prompts: accepted requests' prompts, for calibrate --traffic
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -103,7 +105,7 @@ class OpenAIServing:
             raise APIError(400, f"{bad[1]} by this server", bad[0])
 
     # ------------------------------------------------------------------ running
-    def submit(self, prompts: list[list[int]], req: SamplingFields, max_tokens: int | None,
+    def submit(self, prompts: list[list[int]], req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
                ) -> tuple[list[GenerationRequest], asyncio.Queue]:
         """Queue ``n`` choices per prompt; events arrive on the returned queue as (choice index, event)."""
         self.check_supported(req)
@@ -126,6 +128,8 @@ class OpenAIServing:
         except QueueFullError as exc:
             raise APIError(503, "The server is overloaded: too many queued requests. Retry later.", None,
                            "server_overloaded", headers={"Retry-After": "1"}) from exc
+        if self.prompt_log is not None:
+            self.prompt_log.append(req)
         return gens, queue
 
     async def events(self, gens: list[GenerationRequest], queue: asyncio.Queue, request: Request | None,

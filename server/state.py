@@ -6,6 +6,7 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +28,7 @@ from knn_router.artifact import ArtifactError, artifact_dir, load_router
 from knn_router.router import Router
 
 from .metrics import PLAIN_DOMAIN, Metrics
+from .prompt_log import PromptLog
 from .routing import PolicyResolver
 from .scheduler import EngineLoop
 from .serving import OpenAIServing
@@ -142,7 +144,11 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
              config.max_batch_size, config.max_num_batched_tokens, "on" if planner else "off")
     loop = EngineLoop(engine, batcher, config.max_queue, metrics, thread)
     resolver = PolicyResolver(router, fallback, runner.num_layers, runner.draft_precisions)
-    serving = OpenAIServing(loop, tokenizer, name, max_len, resolver, metrics)
+    prompt_log = PromptLog(Path(config.log_prompts)) if config.log_prompts else None
+    if prompt_log is not None:
+        log.info("logging each accepted request's prompt to %s (the input of `knn-ssd calibrate --traffic`)",
+                 prompt_log.path)
+    serving = OpenAIServing(loop, tokenizer, name, max_len, resolver, metrics, prompt_log)
     _warm_up(engine, metrics)
     return ServerState(info, engine, router, metrics, loop, serving, int(time.time()))
 

@@ -26,9 +26,12 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def server():
-    """The default server: default model, shipped routing artifact, no API key."""
+def server(tmp_path_factory):
+    """The default server: default model, shipped routing artifact, no API key; prompts logged to
+    ``server.prompt_log``."""
     from live_server import LiveServer
 
-    with LiveServer("--max-concurrency", "8") as live:
+    prompt_log = tmp_path_factory.mktemp("prompt-log") / "prompts.jsonl"
+    with LiveServer("--max-concurrency", "8", "--log-prompts", str(prompt_log)) as live:
+        live.prompt_log = prompt_log
         yield live

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import chat_ids
 
 from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
 from knn_router.artifact import ArtifactError, load_router, save_artifact
-from knn_router.calibrate import CalibrationConfig, calibrate, read_domain_file
+from knn_router.calibrate import CalibrationConfig, calibrate, cluster_traffic, read_domain_file
 from knn_router.costs import fit_draft_cost
 from knn_router.router import MIXED, Router
+from server.cli import main
 
 POLICIES = {"a": DraftPolicy(SkipSet([1]), precision="int8"), "b": PLAIN, MIXED: DraftPolicy(precision="int8")}
 
@@ -156,6 +158,40 @@ def test_calibration_end_to_end(tmp_path, default_model, default_engine):
     assert manifest["model"]["fingerprint"] == info.fingerprint
     seq, _ = default_engine.start(files["german"][0], SamplingParams(max_tokens=1))
     assert router.route(seq.embedding.numpy()).label == "german"
+
+
+GERMAN = ["Translate German to English: Guten Morgen!", "Translate German to English: Danke schön.",
+          "Translate German to English: Wo ist der Bahnhof?", "Translate German to English: Ich habe Hunger."]
+ARITHMETIC = ["What is 12 times 7?", "Add 15 and 27.", "What is 90 divided by 3?", "Subtract 8 from 50."]
+
+
+def test_traffic_clusters_into_domains(default_engine):
+    tokenizer = default_engine.tokenizer
+    german, arithmetic = ([chat_ids(tokenizer, t) for t in texts] for texts in (GERMAN, ARITHMETIC))
+    clusters = cluster_traffic(default_engine, german + arithmetic, clusters=2)
+    assert sorted(map(sorted, clusters.values())) == sorted([sorted(german), sorted(arithmetic)])
+    assert list(clusters) == ["traffic-1", "traffic-2"]
+    assert cluster_traffic(default_engine, german[:3], clusters=4) == {"traffic-1": german[:3]}  # < 2 per cluster
+
+
+def test_calibrate_from_unlabelled_traffic(tmp_path, default_model, default_engine):
+    """``knn-ssd calibrate --traffic``: a log of served prompts becomes a routing artifact with one domain per cluster."""
+    traffic = tmp_path / "traffic.jsonl"
+    traffic.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t}]}) + "\n"
+                               for t in GERMAN + ARITHMETIC))
+    out = tmp_path / "artifact"
+    assert main(["calibrate", "--traffic", str(traffic), "--clusters", "2", "--out", str(out), "--anchors", "2",
+                 "--search-prompts", "2", "--holdout-prompts", "1", "--tokens", "8", "--budget", "3"]) == 0
+    _, tokenizer, info = default_model
+    router = load_router(out, info.fingerprint)
+    assert sorted(router.policies) == [MIXED, "traffic-1", "traffic-2"]
+
+    def label(text: str) -> str:
+        seq, _ = default_engine.start(chat_ids(tokenizer, text), SamplingParams(max_tokens=1))
+        return router.route(seq.embedding.numpy()).label
+
+    assert {label("Translate German to English: Gute Nacht."), label("What is 6 times 9?")} == {"traffic-1",
+                                                                                                "traffic-2"}
 
 
 def test_draft_cost_model_reproduces_the_measured_full_draft():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -10,6 +11,7 @@ from conftest import chat_ids
 from openai import AsyncOpenAI, OpenAI
 
 from decoding import PLAIN, SamplingParams, native
+from knn_router.calibrate import read_domain_file
 from server.protocol import APIError, CompletionRequest
 from server.routing import PolicyResolver
 
@@ -192,3 +194,22 @@ def test_prefix_cache_reuses_the_chat_template_prefix_with_the_same_output(clien
     assert float(held.split()[-1]) > 0
     cleared = httpx.post(f"{server.url}/reset_prefix_cache", timeout=30).json()
     assert cleared["cleared_blocks"] > 0 and cleared["freed_bytes"] > 0
+
+
+def test_accepted_prompts_are_logged_for_calibration(client, server, default_engine, tmp_path):
+    """``serve --log-prompts`` writes what ``calibrate --traffic`` reads: the token ids the server decoded."""
+    text = "Which river flows through Vienna? (prompt log)"
+    client.chat.completions.create(model="default", messages=[{"role": "user", "content": text}], max_tokens=2)
+    client.completions.create(model="default", prompt=[5, 6, 7], max_tokens=2)
+    client.completions.create(model="default", prompt=["Once upon a midnight", "Twice"], max_tokens=2)
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "default", "prompt": "x", "temperature": -1})
+    assert r.status_code == 400  # rejected requests are not logged
+    rows = [json.loads(line) for line in server.prompt_log.read_text().splitlines()[-4:]]
+    assert rows == [{"messages": [{"role": "user", "content": text}]}, {"prompt_ids": [5, 6, 7]},
+                    {"prompt": "Once upon a midnight"}, {"prompt": "Twice"}]
+    traffic = tmp_path / "traffic.jsonl"
+    traffic.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = default_engine.tokenizer
+    assert read_domain_file(traffic, tokenizer) == [chat_ids(tokenizer, text), [5, 6, 7],
+                                                    tokenizer("Once upon a midnight").input_ids,
+                                                    tokenizer("Twice").input_ids]

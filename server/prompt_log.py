@@ -1,0 +1,42 @@
+"""Opt-in log of served prompts (``serve --log-prompts FILE``): the input of ``knn-ssd calibrate --traffic``."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from .protocol import ChatCompletionRequest, CompletionRequest
+
+
+class PromptLog:
+    """Appends one JSONL line per prompt of each accepted request: ``messages`` (chat, content as text),
+    ``prompt`` (completion text) or ``prompt_ids`` (completion token ids). Sampling settings and outputs
+    are not logged; the file holds user text, so it is written only when asked for."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+        self._lock = threading.Lock()
+
+    def append(self, req: ChatCompletionRequest | CompletionRequest) -> None:
+        """Log the prompt(s) of ``req``."""
+        rows = [self._chat(req)] if isinstance(req, ChatCompletionRequest) else self._completion(req)
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        with self._lock, self.path.open("a", encoding="utf-8") as f:
+            f.write(text)
+
+    @staticmethod
+    def _chat(req: ChatCompletionRequest) -> dict[str, Any]:
+        return {"messages": [{"role": m.role, "content": m.text()} for m in req.messages]}
+
+    @staticmethod
+    def _completion(req: CompletionRequest) -> list[dict[str, Any]]:
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            return [{"prompt": prompt}]
+        if all(isinstance(p, int) for p in prompt):
+            return [{"prompt_ids": list(prompt)}]
+        return [{"prompt": p} if isinstance(p, str) else {"prompt_ids": list(p)} for p in prompt]
