@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .benchmark import median_ms
+from .benchmark import median_ms, wait_for
 from .engine import Sequence
 from .policy import DraftPolicy
 from .runner import ModelRunner, Segment
@@ -91,6 +91,13 @@ def measure_step_costs(runner: ModelRunner, context: int = 128, rows: tuple[int,
     """Time packed verify forwards (rows x draft length) and each quantised precision's draft forwards at
     ``context`` cached tokens."""
     caches = [runner.new_cache(context + max(drafts) + 1) for _ in range(max(rows))]
+
+    def seconds(segs: list[Segment], policy: DraftPolicy | None = None) -> float:
+        def run() -> None:
+            runner.forward_packed(segs, policy)
+            wait_for(runner.device)
+        return median_ms(run, repeats) / 1000
+
     verify_rows, verify_tokens, verify_seconds = [], [], []
     for b in rows:
         for k in drafts:
@@ -98,14 +105,13 @@ def measure_step_costs(runner: ModelRunner, context: int = 128, rows: tuple[int,
                             all_logits=k > 0) for i in range(b)]
             verify_rows.append(b)
             verify_tokens.append(b * (k + 1))
-            verify_seconds.append(median_ms(lambda segs=segs: runner.forward_packed(segs), repeats) / 1000)
+            verify_seconds.append(seconds(segs))
     drafts = {}
     for precision in runner.quantised_precisions:
         policy, draft_seconds = DraftPolicy(precision=precision), []
         for b in rows:
             segs = [Segment(torch.randint(10, 1000, (1,), device=runner.device), caches[i], context) for i in range(b)]
-            draft_seconds.append(median_ms(lambda segs=segs, policy=policy: runner.forward_packed(segs, policy),
-                                           repeats) / 1000)
+            draft_seconds.append(seconds(segs, policy))
         drafts[precision] = HingeCost.fit(list(rows), list(rows), draft_seconds, per_row=False)
     return StepCosts(HingeCost.fit(verify_rows, verify_tokens, verify_seconds), drafts, runner.num_layers)
 

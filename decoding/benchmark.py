@@ -57,11 +57,16 @@ def interleaved_median_ms(timers: dict[Any, Callable[[], Any]], rounds: int, rep
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
-class ForwardTimers:
-    """Timers of single forward passes at ``context`` cached tokens of random ids, for latency tables.
+def wait_for(device: torch.device) -> None:
+    """Block until ``device`` has finished its queued work (CUDA runs asynchronously; a timer that does not
+    wait measures only the kernel launches). A no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    Each timer waits for the device (CUDA runs asynchronously: without the wait a timer would
-    measure only the kernel launches)."""
+
+class ForwardTimers:
+    """Timers of single forward passes at ``context`` cached tokens of random ids, for latency tables;
+    each waits for the device (``wait_for``)."""
 
     def __init__(self, runner: ModelRunner, context: int = 256) -> None:
         self.runner, self.context = runner, context
@@ -74,12 +79,11 @@ class ForwardTimers:
 
     def timer(self, k: int, policy: DraftPolicy | None = None) -> Callable[[], None]:
         """A forward of ``k`` tokens after the cached context (``policy`` None: the full model, all logits)."""
-        tokens, device = self.tokens(k), self.runner.device
+        tokens = self.tokens(k)
 
         def run() -> None:
             self.runner.forward(tokens, self.cache, self.context, policy=policy, all_logits=k > 1)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            wait_for(self.runner.device)
         return run
 
 
