@@ -8,6 +8,7 @@ import logging
 import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .prompt_log import PromptLog
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from .scheduler import GenerationRequest
 from .serving import (
@@ -253,6 +255,11 @@ def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     config = ServerConfig.from_args(args)
+    if config.log_prompts:  # fail before the model loads, with a plain message
+        try:
+            PromptLog(Path(config.log_prompts))
+        except OSError as exc:
+            raise SystemExit(f"--log-prompts {config.log_prompts}: cannot write there ({exc.strerror})") from None
     app = create_app(config)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.drain_timeout)

@@ -64,3 +64,12 @@ def test_error_messages_name_the_problem(server):
     r = httpx.get(server.url + CHAT)
     assert r.status_code == 405 and "POST" in r.headers["allow"]
     assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_unwritable_prompt_log_fails_fast_with_a_message(tmp_path):
+    from server.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="--log-prompts .*cannot write there"):
+        main(["serve", "--log-prompts", str(blocker / "prompts.jsonl")])
