@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import secrets
+import signal
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from .serving import (
     sse,
     usage,
 )
-from .state import ServerState, build_state
+from .state import ServerState, build_state, reload_router
 
 log = logging.getLogger("knn_ssd.server")
 
@@ -67,6 +68,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         state = build_state(config)
         app.state.server = state
         state.loop.start()
+        if hasattr(signal, "SIGHUP"):  # `kill -HUP <pid>` re-reads --index, e.g. after `calibrate --traffic`
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_router, state, config)
         log.info("ready: serving %r", state.serving.model_name)
         try:
             yield

@@ -42,16 +42,18 @@ class PolicyResolver:
             base = self.fallback
             policy = DraftPolicy(skip, precision=precision, threshold=base.threshold, max_draft=base.max_draft)
             return lambda _: RouteDecision(None, None, policy)
+        router = self.router  # read once: a SIGHUP reload may swap it (server.state.reload_router)
         if req.domain is not None:
-            if self.router is None or req.domain not in self.router.policies:
-                known = ", ".join(sorted(self.router.policies)) if self.router else "none (routing disabled)"
+            if router is None or req.domain not in router.policies:
+                known = ", ".join(sorted(router.policies)) if router else "none (routing disabled)"
                 raise APIError(400, f"unknown domain {req.domain!r}; calibrated domains: {known}", "domain")
-            policy = self.router.policy_for(req.domain)
+            policy = router.policy_for(req.domain)
             return lambda _: RouteDecision(req.domain, None, policy)
-        if self.router is None:
+        if router is None:
             return lambda _: RouteDecision(None, None, self.fallback)
-        return self._route
+        return lambda embedding: self._route(router, embedding)
 
-    def _route(self, embedding: torch.Tensor) -> RouteDecision:
-        result = self.router.route(embedding.float().cpu().numpy())
+    @staticmethod
+    def _route(router: Router, embedding: torch.Tensor) -> RouteDecision:
+        result = router.route(embedding.float().cpu().numpy())
         return RouteDecision(result.label, result.similarity, result.policy, result.lookup_ms)

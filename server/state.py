@@ -119,13 +119,7 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
     if router is None:
         log.info("index: none; speculative requests use the built-in policy %s", fallback.to_dict())
     else:
-        log.info("index: %d anchors over domains %s, k=%d, similarity threshold %.2f", len(router), router.domains,
-                 router.k, router.threshold)
-        for domain, calibrated in router.restrict_precisions(runner.draft_precisions).items():
-            log.warning("policy %s drafts on the %s copy, which this runner lacks (%s): using %s instead", domain,
-                        calibrated.precision, runner.kernel_summary, _describe(router.policies[domain]))
-        for domain, policy in sorted(router.policies.items()):
-            log.info("  policy %-14s %s", domain, _describe(policy))
+        _fit_to_runner(router, runner)
     name = config.served_model_name or config.model
     metrics = Metrics(name)
     if prefix_cache is not None:
@@ -151,6 +145,40 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
     serving = OpenAIServing(loop, tokenizer, name, max_len, resolver, metrics, prompt_log)
     _warm_up(engine, metrics)
     return ServerState(info, engine, router, metrics, loop, serving, int(time.time()))
+
+
+def _fit_to_runner(router: Router, runner: ModelRunner) -> None:
+    """Swap policies the runner cannot draft (``Router.restrict_precisions``) and log the index."""
+    log.info("index: %d anchors over domains %s, k=%d, similarity threshold %.2f", len(router), router.domains,
+             router.k, router.threshold)
+    for domain, calibrated in router.restrict_precisions(runner.draft_precisions).items():
+        log.warning("policy %s drafts on the %s copy, which this runner lacks (%s): using %s instead", domain,
+                    calibrated.precision, runner.kernel_summary, _describe(router.policies[domain]))
+    for domain, policy in sorted(router.policies.items()):
+        log.info("  policy %-14s %s", domain, _describe(policy))
+
+
+def reload_router(state: ServerState, config: "ServerConfig") -> bool:
+    """Re-read the artifact of ``--index`` (on SIGHUP), so a recalibrated index serves without a restart.
+    Requests see the old router or the new one, never a mix; on failure the running router stays.
+    Returns whether the new one was installed."""
+    if config.index == "none":
+        log.info("index reload: routing is disabled (--index none), nothing to reload")
+        return False
+    try:
+        router = _router(config, state.info)
+    except ArtifactError as exc:
+        log.error("index reload failed, the current index stays: %s", exc)
+        return False
+    if router is None:
+        log.error("index reload found no artifact, the current index stays")
+        return False
+    _fit_to_runner(router, state.engine.runner)
+    state.metrics.declare_domains(router.policies)
+    state.serving.resolver.router = router  # one attribute swap: each request reads it once
+    state.router = router
+    log.info("index reloaded")
+    return True
 
 
 def _warm_up(engine: SpeculativeEngine, metrics: Metrics) -> None:

@@ -1,4 +1,4 @@
-"""API key, queue limits (503 + Retry-After) and SIGTERM draining, on a small dedicated server."""
+"""API key, queue limits (503 + Retry-After), SIGTERM draining and SIGHUP index reloads, on dedicated servers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import threading
 
 import httpx
 import pytest
-from knn_router.artifact import default_artifact_dir
 from live_server import LiveServer
+
+from decoding import DraftPolicy
+from knn_router.artifact import default_artifact_dir
 
 KEY = "sk-test-123"
 
@@ -87,3 +89,39 @@ def test_artifact_of_another_model_stops_startup(tmp_path):
     (artifact / "router.json").write_text(json.dumps(manifest))
     with pytest.raises(RuntimeError, match="made for model fingerprint 0{32}"):
         LiveServer("--index", str(artifact))
+
+
+def test_sighup_reloads_a_recalibrated_index(tmp_path):
+    """Recalibrate (here: rename the chat domain), `kill -HUP`, and the running server routes with the new
+    index; a broken artifact on the next SIGHUP leaves the running index in place."""
+    from safetensors.numpy import load_file
+
+    from knn_router.artifact import save_artifact
+    from knn_router.router import Router
+
+    index = tmp_path / "index"
+    shutil.copytree(default_artifact_dir(), index)
+    body = {"model": "default", "prompt": "Hello", "max_tokens": 2, "domain": "chat-v2"}
+    with LiveServer("--index", str(index), "--no-adaptive-speculation") as live:
+        def status() -> int:
+            return httpx.post(f"{live.url}/v1/completions", json=body, timeout=60).status_code
+
+        def after_sighup(expected: int) -> int:
+            live.proc.send_signal(signal.SIGHUP)
+            for _ in range(50):
+                if status() == expected:
+                    break
+                threading.Event().wait(0.2)
+            return status()
+
+        assert status() == 400  # unknown domain
+        manifest = json.loads((index / "router.json").read_text())
+        rename = {"chat": "chat-v2"}
+        policies = {rename.get(name, name): DraftPolicy.from_dict(p) for name, p in manifest["policies"].items()}
+        anchors = load_file(str(index / "anchors.safetensors"))["anchors"]
+        labels = [rename.get(label, label) for label in manifest["labels"]]
+        save_artifact(index, Router(anchors, labels, policies), anchors, manifest["model"], {"note": "renamed"})
+        assert after_sighup(200) == 200
+        (index / "router.json").write_text("{broken")
+        assert after_sighup(400) == 200  # the reload failed: chat-v2 is still served
+        assert "index reload failed" in live.log_text() and "index reloaded" in live.log_text()
