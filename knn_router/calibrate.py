@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +80,16 @@ def anchors_of(embeddings: np.ndarray, count: int, seed: int) -> np.ndarray:
     return KMeans(n_clusters=count, n_init=10, random_state=seed).fit(unit).cluster_centers_
 
 
-def cluster_traffic(engine: SpeculativeEngine, prompts: list[list[int]], clusters: int,
-                    seed: int = 0, min_size: int = 2) -> dict[str, list[list[int]]]:
+def cluster_traffic(engine: SpeculativeEngine, prompts: list[list[int]], clusters: int, seed: int = 0,
+                    min_size: int = 2, max_prompts: int | None = None) -> dict[str, list[list[int]]]:
     """Unlabelled prompts (real traffic) as calibration domains: KMeans on their prompt embeddings (unit
     vectors, the router's cosine space) into at most ``clusters`` groups of at least ``min_size`` prompts
-    (fewer groups where a group would be smaller), named ``traffic-1``, ``traffic-2``, ... by size."""
+    (fewer groups where a group would be smaller), named ``traffic-1``, ``traffic-2``, ... by size.
+    Repeated prompts count once; beyond ``max_prompts`` a seeded random sample (in log order) is used."""
+    prompts = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)]
+    if max_prompts is not None and len(prompts) > max_prompts:
+        keep = sorted(random.Random(seed).sample(range(len(prompts)), max_prompts))
+        prompts = [prompts[i] for i in keep]
     if not prompts:
         raise ValueError("no traffic prompts to cluster")
     embed = SamplingParams(max_tokens=1, ignore_eos=True)  # prefill only: the embedding

@@ -124,7 +124,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     engine = SpeculativeEngine(ModelRunner(hf_model, int8_draft=True), tokenizer)
     domains = {name: read_domain_file(Path(path), tokenizer) for name, _, path in specs}
     if args.traffic:
-        clusters = cluster_traffic(engine, read_domain_file(Path(args.traffic), tokenizer), args.clusters, args.seed)
+        clusters = cluster_traffic(engine, read_domain_file(Path(args.traffic), tokenizer), args.clusters, args.seed,
+                                   max_prompts=args.max_traffic)
         print(f"traffic: {sum(map(len, clusters.values()))} prompts in {len(clusters)} clusters "
               f"({', '.join(f'{name} {len(p)}' for name, p in clusters.items())})")
         domains.update(clusters)
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "embedding into --clusters groups (traffic-1, traffic-2, ...) calibrated as domains")
     cal.add_argument("--clusters", type=int, default=4,
                      help="most clusters --traffic is split into (fewer where a cluster would hold < 2 prompts)")
+    cal.add_argument("--max-traffic", type=int, default=500,
+                     help="most distinct --traffic prompts used (a seeded random sample beyond it; each is "
+                          "prefilled twice, to cluster and to calibrate)")
     cal.add_argument("--out", required=True, help="artifact directory to write")
     cal.add_argument("--anchors", type=int, default=10, help="KMeans anchors per domain")
     cal.add_argument("--search-prompts", type=int, default=8, help="prompts per domain for the policy search")

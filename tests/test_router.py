@@ -172,6 +172,8 @@ def test_traffic_clusters_into_domains(default_engine):
     assert sorted(map(sorted, clusters.values())) == sorted([sorted(german), sorted(arithmetic)])
     assert list(clusters) == ["traffic-1", "traffic-2"]
     assert cluster_traffic(default_engine, german[:3], clusters=4) == {"traffic-1": german[:3]}  # < 2 per cluster
+    repeated = cluster_traffic(default_engine, german * 3 + arithmetic, clusters=2, max_prompts=6)
+    assert sum(map(len, repeated.values())) == 6 and all(len(set(map(tuple, p))) == len(p) for p in repeated.values())
 
 
 def test_calibrate_from_unlabelled_traffic(tmp_path, default_model, default_engine):
