@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--traffic", metavar="FILE.jsonl",
                      help="unlabelled prompts, e.g. the file of `serve --log-prompts`: clustered by prompt "
                           "embedding into --clusters groups (traffic-1, traffic-2, ...) calibrated as domains")
-    cal.add_argument("--clusters", type=int, default=4,
+    cal.add_argument("--clusters", type=int, default=6,
                      help="most clusters --traffic is split into (fewer where a cluster would hold < 2 prompts)")
     cal.add_argument("--max-traffic", type=int, default=500,
                      help="most distinct --traffic prompts used (a seeded random sample beyond it; each is "
