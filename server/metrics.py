@@ -66,6 +66,11 @@ class Metrics:
                              "tokens/s, both measured by this server", ["model", "domain"], registry=r)
         self.decode_rate = Gauge("knn_ssd_decode_tokens_per_second", "Mean per-request decode tokens/s",
                                  ["model", "domain"], registry=r)
+        self.index_reloads = Counter("knn_ssd_index_reloads", "Routing index reloads on SIGHUP, by result (ok: the "
+                                     "new index serves; failed: the running one stayed)", ["model", "result"],
+                                     registry=r)
+        for result in ("ok", "failed"):
+            self.index_reloads.labels(model, result)
         self._rates: dict[str, list[float]] = {}  # domain -> [tokens, seconds]
         self._lock = threading.Lock()
         for metric in (self.prompt_tokens, self.prefix_cache_hits, self.prefix_cache_bytes, self.batch_size,

@@ -165,14 +165,18 @@ def reload_router(state: ServerState, config: "ServerConfig") -> bool:
     if config.index == "none":
         log.info("index reload: routing is disabled (--index none), nothing to reload")
         return False
+    reloads = state.metrics.index_reloads
     try:
         router = _router(config, state.info)
     except ArtifactError as exc:
         log.error("index reload failed, the current index stays: %s", exc)
+        reloads.labels(state.metrics.model, "failed").inc()
         return False
     if router is None:
         log.error("index reload found no artifact, the current index stays")
+        reloads.labels(state.metrics.model, "failed").inc()
         return False
+    reloads.labels(state.metrics.model, "ok").inc()
     _fit_to_runner(router, state.engine.runner)
     state.metrics.declare_domains(router.policies)
     state.serving.resolver.router = router  # one attribute swap: each request reads it once

@@ -125,3 +125,6 @@ def test_sighup_reloads_a_recalibrated_index(tmp_path):
         (index / "router.json").write_text("{broken")
         assert after_sighup(400) == 200  # the reload failed: chat-v2 is still served
         assert "index reload failed" in live.log_text() and "index reloaded" in live.log_text()
+        scraped = httpx.get(f"{live.url}/metrics").text
+        for result in ("ok", "failed"):
+            assert f'knn_ssd_index_reloads_total{{model="default",result="{result}"}} 1.0' in scraped
