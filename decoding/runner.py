@@ -361,7 +361,10 @@ class ModelRunner:
         for seg, n in zip(segments, lengths):
             rows.append(torch.arange(offset, offset + n) if seg.all_logits else torch.tensor([offset + n - 1]))
             offset += n
-        h_out = h[torch.cat(rows)] if len(segments) > 1 or not segments[0].all_logits else h
+        if len(segments) == 1:  # a slice, not an index tensor: no host-to-device copy on CUDA
+            h_out = h if segments[0].all_logits else h[-1:]
+        else:
+            h_out = h[torch.cat(rows).to(h.device)]
         logits = (self.draft_lm_head(h_out) if quantised else self.lm_head(h_out)).float()
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
