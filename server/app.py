@@ -18,6 +18,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from decoding import ModelLoadError
+from decoding.packaged import PackagedModelError
+from knn_router.artifact import ArtifactError
+
 from .prompt_log import PromptLog
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from .scheduler import GenerationRequest
@@ -60,12 +64,13 @@ class ServerConfig:
         return cls(**values, adaptive_speculation=not args.no_adaptive_speculation)
 
 
-def create_app(config: ServerConfig) -> FastAPI:
-    """The app; the lifespan loads the model and router once and starts the engine loop."""
+def create_app(config: ServerConfig, preloaded: ServerState | None = None) -> FastAPI:
+    """The app; the lifespan starts the engine loop, after loading the model and router once unless
+    ``preloaded`` (``build_state(config)``) holds them already."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = build_state(config)
+        state = preloaded or build_state(config)
         app.state.server = state
         state.loop.start()
         if hasattr(signal, "SIGHUP"):  # `kill -HUP <pid>` re-reads --index, e.g. after `calibrate --traffic`
@@ -263,7 +268,11 @@ def run_server(args: argparse.Namespace) -> int:
             PromptLog(Path(config.log_prompts))
         except OSError as exc:
             raise SystemExit(f"--log-prompts {config.log_prompts}: cannot write there ({exc.strerror})") from None
-    app = create_app(config)
+    try:  # load before uvicorn starts: a bad --model/--index/--device is one line, not a lifespan traceback
+        state = build_state(config)
+    except (ModelLoadError, PackagedModelError, ArtifactError) as exc:
+        raise SystemExit(f"knn-ssd serve: {exc}") from None
+    app = create_app(config, state)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.drain_timeout)
     return 0

@@ -128,3 +128,15 @@ def test_sighup_reloads_a_recalibrated_index(tmp_path):
         scraped = httpx.get(f"{live.url}/metrics").text
         for result in ("ok", "failed"):
             assert f'knn_ssd_index_reloads_total{{model="default",result="{result}"}} 1.0' in scraped
+
+
+def test_bad_model_stops_startup_with_one_line():
+    """A wrong --model (or --index, --device) ends `serve` with one line and a failing status, no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", "/nonexistent/model"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "knn-ssd serve: model path /nonexistent/model does not exist" in run.stderr
