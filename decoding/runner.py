@@ -8,6 +8,7 @@ absolute positions. Verification and plain decoding always use the original weig
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -357,23 +358,21 @@ class ModelRunner:
                 if index not in skip.mlp:
                     h = h + self._mlp(layer, lin, layer.mlp_norm(h))
         h = self.final_norm(h)
-        rows, offset = [], 0
-        for seg, n in zip(segments, lengths):
-            rows.append(torch.arange(offset, offset + n) if seg.all_logits else torch.tensor([offset + n - 1]))
-            offset += n
+        counts = [n if seg.all_logits else 1 for seg, n in zip(segments, lengths)]  # logit rows per segment
         if len(segments) == 1:  # a slice, not an index tensor: no host-to-device copy on CUDA
             h_out = h if segments[0].all_logits else h[-1:]
-        else:
-            h_out = h[torch.cat(rows).to(h.device)]
+        else:  # each segment's last ``count`` positions
+            picked = [i for end, count in zip(itertools.accumulate(lengths), counts) for i in range(end - count, end)]
+            h_out = h[torch.tensor(picked, device=h.device)]
         logits = (self.draft_lm_head(h_out) if quantised else self.lm_head(h_out)).float()
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         outputs, offset, row = [], 0, 0
-        for seg, n, picked in zip(segments, lengths, rows):
+        for seg, n, count in zip(segments, lengths, counts):
             hidden = h[offset:offset + n] if seg.prefill else None
-            outputs.append(ForwardOutput(logits=logits[row:row + len(picked)], hidden=hidden))
+            outputs.append(ForwardOutput(logits=logits[row:row + count], hidden=hidden))
             offset += n
-            row += len(picked)
+            row += count
         return outputs
 
     def _stack_for(self, quantised: str | None) -> _LayerStack | None:
