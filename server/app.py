@@ -9,7 +9,6 @@ import secrets
 import signal
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -22,7 +21,7 @@ from decoding import ModelLoadError
 from decoding.packaged import PackagedModelError
 from knn_router.artifact import ArtifactError
 
-from .prompt_log import PromptLog
+from .prompt_log import PromptLogError
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from .scheduler import GenerationRequest
 from .serving import (
@@ -64,23 +63,22 @@ class ServerConfig:
         return cls(**values, adaptive_speculation=not args.no_adaptive_speculation)
 
 
-def create_app(config: ServerConfig, preloaded: ServerState | None = None) -> FastAPI:
-    """The app; the lifespan starts the engine loop, after loading the model and router once unless
-    ``preloaded`` (``build_state(config)``) holds them already."""
+def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
+    """The app over ``loaded`` (``build_state(config)``: model, router, engine); the lifespan starts and
+    stops the engine loop."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = preloaded or build_state(config)
-        app.state.server = state
-        state.loop.start()
+        app.state.server = loaded
+        loaded.loop.start()
         if hasattr(signal, "SIGHUP"):  # `kill -HUP <pid>` re-reads --index, e.g. after `calibrate --traffic`
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_router, state, config)
-        log.info("ready: serving %r", state.serving.model_name)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_router, loaded, config)
+        log.info("ready: serving %r", loaded.serving.model_name)
         try:
             yield
         finally:
             log.info("shutting down the engine loop")
-            state.loop.stop()
+            loaded.loop.stop()
 
     app = FastAPI(title="knn-ssd", version="0.1.0", lifespan=lifespan)
 
@@ -263,14 +261,9 @@ def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     config = ServerConfig.from_args(args)
-    if config.log_prompts:  # fail before the model loads, with a plain message
-        try:
-            PromptLog(Path(config.log_prompts))
-        except OSError as exc:
-            raise SystemExit(f"--log-prompts {config.log_prompts}: cannot write there ({exc.strerror})") from None
     try:  # load before uvicorn starts: a bad --model/--index/--device is one line, not a lifespan traceback
         state = build_state(config)
-    except (ModelLoadError, PackagedModelError, ArtifactError) as exc:
+    except (ModelLoadError, PackagedModelError, ArtifactError, PromptLogError) as exc:
         raise SystemExit(f"knn-ssd serve: {exc}") from None
     app = create_app(config, state)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

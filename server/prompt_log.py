@@ -10,6 +10,10 @@ from typing import Any
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 
+class PromptLogError(ValueError):
+    """The prompt log's file cannot be written."""
+
+
 class PromptLog:
     """Appends one JSONL line per prompt of each accepted request: ``messages`` (chat, content as text),
     ``prompt`` (completion text) or ``prompt_ids`` (completion token ids). Sampling settings and outputs
@@ -17,8 +21,11 @@ class PromptLog:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.touch()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+        except OSError as exc:
+            raise PromptLogError(f"--log-prompts {path}: cannot write there ({exc.strerror})") from None
         self._lock = threading.Lock()
 
     def append(self, req: ChatCompletionRequest | CompletionRequest) -> None:

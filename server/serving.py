@@ -105,8 +105,8 @@ class OpenAIServing:
             raise APIError(400, f"{bad[1]} by this server", bad[0])
 
     # ------------------------------------------------------------------ running
-    def submit(self, prompts: list[list[int]], req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
-               ) -> tuple[list[GenerationRequest], asyncio.Queue]:
+    def submit(self, prompts: list[list[int]], req: CompletionRequest | ChatCompletionRequest,
+               max_tokens: int | None) -> tuple[list[GenerationRequest], asyncio.Queue]:
         """Queue ``n`` choices per prompt; events arrive on the returned queue as (choice index, event)."""
         self.check_supported(req)
         chooser = self.resolver.for_request(req)

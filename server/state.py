@@ -97,6 +97,7 @@ def build_state(config: "ServerConfig") -> ServerState:
 
 def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolExecutor) -> ServerState:
     t0 = time.perf_counter()
+    prompt_log = PromptLog(Path(config.log_prompts)) if config.log_prompts else None  # before the slow load
     hf_model, tokenizer, info = load_model(config.model, config.device, config.dtype)
     runner = ModelRunner(hf_model, int8_draft=True)
     max_len = min(runner.max_context, config.max_model_len or runner.max_context)
@@ -108,7 +109,8 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
              runner.draft_copies_summary, time.perf_counter() - t0, runner.kernel_summary)
     if runner.kernels is not None and native.transparent_huge_pages() == "never":
         log.warning("transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled): the weights "
-                    "stream through 4 KiB pages, ~5% slower steps; 'madvise' or 'always' lets the kernels use 2 MiB ones")
+                    "stream through 4 KiB pages, ~5% slower steps; 'madvise' or 'always' lets the kernels use "
+                    "2 MiB ones")
     if runner.device.type == "cpu" and runner.dtype == torch.float32 and native.bf16_kernels() is not None:
         log.info("this CPU runs bf16 weights natively (AVX512-BF16): --dtype bfloat16 halves the weight bytes "
                  "per token and keeps speculation exact")
@@ -138,7 +140,6 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
              config.max_batch_size, config.max_num_batched_tokens, "on" if planner else "off")
     loop = EngineLoop(engine, batcher, config.max_queue, metrics, thread)
     resolver = PolicyResolver(router, fallback, runner.num_layers, runner.draft_precisions)
-    prompt_log = PromptLog(Path(config.log_prompts)) if config.log_prompts else None
     if prompt_log is not None:
         log.info("logging each accepted request's prompt to %s (the input of `knn-ssd calibrate --traffic`)",
                  prompt_log.path)
