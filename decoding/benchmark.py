@@ -132,8 +132,9 @@ def decode_throughput(engine: SpeculativeEngine, prompts: list[list[int]], polic
         if hf_generate:
             t0 = time.perf_counter()
             with torch.no_grad():
-                engine.runner.model.generate(torch.tensor([ids], device=engine.runner.device), max_new_tokens=max_new_tokens,
-                                             min_new_tokens=max_new_tokens, do_sample=False)
+                engine.runner.model.generate(torch.tensor([ids], device=engine.runner.device),
+                                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                             do_sample=False)
             totals["transformers"][0] += max_new_tokens
             totals["transformers"][1] += time.perf_counter() - t0
     rates = {name: n / s for name, (n, s) in totals.items() if s > 0}

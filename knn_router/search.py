@@ -48,7 +48,8 @@ def agreement(runner: ModelRunner, seqs: list[Sequence], skip: SkipSet, precisio
     for seq in seqs:
         cont = seq.generated
         n = seq.prompt_len
-        logits = runner.forward(torch.tensor(cont[:-1], device=runner.device), seq.cache, n, policy=policy, all_logits=True).logits
+        tokens = torch.tensor(cont[:-1], device=runner.device)
+        logits = runner.forward(tokens, seq.cache, n, policy=policy, all_logits=True).logits
         probs = torch.softmax(logits, dim=-1)
         conf, top = probs.max(dim=-1)
         out.append(((top.cpu() == torch.tensor(cont[1:])).numpy(), conf.cpu().numpy()))

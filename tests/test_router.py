@@ -177,7 +177,7 @@ def test_traffic_clusters_into_domains(default_engine):
 
 
 def test_calibrate_from_unlabelled_traffic(tmp_path, default_model, default_engine):
-    """``knn-ssd calibrate --traffic``: a log of served prompts becomes a routing artifact with one domain per cluster."""
+    """``knn-ssd calibrate --traffic``: a log of served prompts becomes a routing artifact, a domain per cluster."""
     traffic = tmp_path / "traffic.jsonl"
     traffic.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t}]}) + "\n"
                                for t in GERMAN + ARITHMETIC))
