@@ -2,12 +2,14 @@
 
 from .engine import PromptTooLongError, Sequence, SpeculativeEngine, StepOutput
 from .loading import DEFAULT_MODEL, ModelInfo, ModelLoadError, load_model
+from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from .policy import PLAIN, DraftPolicy, SkipSet
 from .runner import ModelRunner
 from .sampling import SamplingParams
 from .stats import RequestStats
 
 __all__ = [
-    "DEFAULT_MODEL", "PLAIN", "DraftPolicy", "ModelInfo", "ModelLoadError", "ModelRunner", "PromptTooLongError",
-    "RequestStats", "SamplingParams", "Sequence", "SkipSet", "SpeculativeEngine", "StepOutput", "load_model",
+    "DEFAULT_MODEL", "MAX_TOP_LOGPROBS", "PLAIN", "DraftPolicy", "ModelInfo", "ModelLoadError", "ModelRunner",
+    "PromptTooLongError", "RequestStats", "SamplingParams", "Sequence", "SkipSet", "SpeculativeEngine", "StepOutput",
+    "TokenLogprob", "load_model",
 ]

@@ -17,6 +17,7 @@ import torch
 
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .kv_cache import KVCache
+from .logprobs import TokenLogprob, token_logprobs
 from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
 from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixCache
 from .runner import ModelRunner, Segment
@@ -71,11 +72,13 @@ class Sequence:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What one step committed: new token ids, the text now safe to emit, and whether it ended."""
+    """What one step committed: new token ids, the text now safe to emit, and whether it ended (with the
+    tokens' log-probabilities where the request asked for them)."""
 
     token_ids: list[int]
     text: str
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class SpeculativeEngine:
@@ -174,7 +177,8 @@ class SpeculativeEngine:
                 results.append(None)
                 continue
             seq.embedding = (torch.stack(seq.hidden_sums).sum(dim=0) / seq.prompt_len).float()
-            results.append(self._commit(seq, [self._choose(out.logits[-1], seq)]))
+            token = self._choose(out.logits[-1], seq)
+            results.append(self._commit(seq, [token], self._logprobs(seq, out.logits[-1:], [token])))
         return results
 
     def _add_hidden(self, seq: Sequence, hidden: torch.Tensor) -> None:
@@ -268,7 +272,13 @@ class SpeculativeEngine:
         stats.draft_steps += bool(drafts)
         stats.draft_rejections += accepted < len(drafts)
         stats.step_tokens += accepted + 1
-        return self._commit(seq, drafts[:accepted] + [bonus])
+        tokens = drafts[:accepted] + [bonus]
+        return self._commit(seq, tokens, self._logprobs(seq, logits, tokens))
+
+    @staticmethod
+    def _logprobs(seq: Sequence, logits: torch.Tensor, tokens: list[int]) -> list[TokenLogprob] | None:
+        """The log-probabilities of ``tokens`` (row i of ``logits`` chose token i), if ``seq`` asked for them."""
+        return None if seq.params.logprobs is None else token_logprobs(logits, tokens, seq.params.logprobs)
 
     def _draft_room(self, seq: Sequence, start: int, cap: int | None) -> int:
         policy = seq.policy
@@ -331,7 +341,8 @@ class SpeculativeEngine:
             return greedy_tokens(logits)[0]
         return sample(target_probs(logits, seq.params), seq.generator)
 
-    def _commit(self, seq: Sequence, new_tokens: list[int]) -> StepOutput:
+    def _commit(self, seq: Sequence, new_tokens: list[int],
+                logprobs: list[TokenLogprob] | None = None) -> StepOutput:
         """Append tokens one by one, applying EOS, stop strings, max_tokens and the context limit."""
         committed: list[int] = []
         for token in new_tokens:
@@ -347,4 +358,5 @@ class SpeculativeEngine:
             if seq.finished:
                 break
         seq.stats.finish_reason = seq.finish_reason
-        return StepOutput(committed, seq.stopper.pop(final=seq.finished), seq.finish_reason)
+        return StepOutput(committed, seq.stopper.pop(final=seq.finished), seq.finish_reason,
+                          None if logprobs is None else logprobs[:len(committed)])

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import native
+from .logprobs import MAX_TOP_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each token's log-probability and this many most likely tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -32,6 +34,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         object.__setattr__(self, "stop", tuple(self.stop))
 
     @property

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from decoding import ModelLoadError
+from decoding import ModelLoadError, TokenLogprob
 from decoding.packaged import PackagedModelError
 from knn_router.artifact import ArtifactError
 
@@ -163,20 +163,31 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         prompt_tokens = sum(len(p) for p in prompts) * body.n
         echoes = [srv.tokenizer.decode(p) if body.echo else "" for p in prompts]
         base = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name}
+        offsets = [0] * len(gens)  # characters before each choice's next reported token (echo adds none: refused)
+
+        def logprobs(index: int, items: list[TokenLogprob]) -> dict[str, Any] | None:
+            if body.logprobs is None:
+                return None
+            out = srv.logprob_format.completion(items, offsets[index])
+            offsets[index] += sum(map(len, out["tokens"]))
+            return out
+
         if not body.stream:
             choices = await srv.collect(gens, queue, request)
             srv.record(200, choices)
             return {**base, "choices": [{"index": c.index, "text": echoes[c.index // body.n] + c.text,
-                                         "logprobs": None, "finish_reason": c.finish_reason} for c in choices],
+                                         "logprobs": logprobs(c.index, c.logprobs), "finish_reason": c.finish_reason}
+                                        for c in choices],
                     "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)}
 
-        def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
-            return {**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+        def chunk(index: int, text: str, finish: str | None, items: list[TokenLogprob]) -> dict[str, Any]:
+            return {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs(index, items),
+                                         "finish_reason": finish}]}
 
         async def stream() -> AsyncIterator[str]:
             for i in range(len(gens)):
                 if echoes[i // body.n]:
-                    yield sse(chunk(i, echoes[i // body.n], None))
+                    yield sse(chunk(i, echoes[i // body.n], None, []))
             async for data in _stream_events(srv, gens, queue, request, body, prompt_tokens, base, chunk):
                 yield data
 
@@ -191,17 +202,23 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         prompt_tokens = len(prompt) * body.n
         base = {"id": rid, "object": "chat.completion", "created": created, "model": srv.model_name,
                 "system_fingerprint": None}
+
+        def logprobs(items: list[TokenLogprob]) -> dict[str, Any] | None:
+            return srv.logprob_format.chat(items) if body.logprobs else None
+
         if not body.stream:
             choices = await srv.collect(gens, queue, request)
             srv.record(200, choices)
             return {**base, "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                         "logprobs": None, "finish_reason": c.finish_reason} for c in choices],
+                                         "logprobs": logprobs(c.logprobs), "finish_reason": c.finish_reason}
+                                        for c in choices],
                     "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)}
         base = {**base, "object": "chat.completion.chunk"}
 
-        def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
+        def chunk(index: int, text: str, finish: str | None, items: list[TokenLogprob]) -> dict[str, Any]:
             delta = {"content": text} if text else {}
-            return {**base, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs(items) if items else None,
+                                         "finish_reason": finish}]}
 
         async def stream() -> AsyncIterator[str]:
             for i in range(len(gens)):  # OpenAI sends the role first, then content deltas
@@ -217,14 +234,24 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
     return app
 
 
-ChunkFn = Callable[[int, str, "str | None"], dict[str, Any]]
+ChunkFn = Callable[[int, str, "str | None", "list[TokenLogprob]"], dict[str, Any]]
 
 
 async def _stream_events(srv: OpenAIServing, gens: list[GenerationRequest], queue: asyncio.Queue, request: Request,
                          body: SamplingFields, prompt_tokens: int, base: dict[str, Any],
                          chunk: ChunkFn) -> AsyncIterator[str]:
-    """SSE chunks of every choice; the last chunk carries ``knn_ssd`` (and usage if asked); then [DONE]."""
+    """SSE chunks of every choice; the last chunk carries ``knn_ssd`` (and usage if asked); then [DONE].
+
+    A chunk carries the log-probabilities of the tokens committed since the choice's previous chunk
+    (tokens whose text is held back, e.g. as a possible stop string, report with the next one).
+    """
     choices = [Choice(i) for i in range(len(gens))]
+    reported = [0] * len(gens)  # log-probabilities already sent, per choice
+
+    def new_logprobs(c: Choice) -> list[TokenLogprob]:
+        items, reported[c.index] = c.logprobs[reported[c.index]:], len(c.logprobs)
+        return items
+
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     remaining = len(choices)
     try:
@@ -233,10 +260,11 @@ async def _stream_events(srv: OpenAIServing, gens: list[GenerationRequest], queu
             apply_event(c, event)
             if event.finish_reason is None:
                 if event.text:
-                    yield sse({**chunk(index, event.text, None), **({"usage": None} if include_usage else {})})
+                    yield sse({**chunk(index, event.text, None, new_logprobs(c)),
+                               **({"usage": None} if include_usage else {})})
                 continue
             remaining -= 1
-            data = chunk(index, event.text, event.finish_reason)
+            data = chunk(index, event.text, event.finish_reason, new_logprobs(c))
             if include_usage:
                 data["usage"] = None
             if remaining == 0 and not include_usage:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from decoding import MAX_TOP_LOGPROBS
 
 MAX_STOP_STRINGS = 16
 MAX_N = 16
@@ -62,6 +64,10 @@ class SamplingFields(BaseModel):
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
+    def logprobs_count(self) -> int | None:
+        """None: no log-probabilities; else each token's and this many most likely alternatives."""
+        return None
+
     def unsupported(self) -> tuple[str, str] | None:
         """(field, reason) of a field set to a value this server cannot honour."""
         if self.presence_penalty or self.frequency_penalty:
@@ -77,13 +83,16 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs is not None:
-            return "logprobs", "logprobs are not supported"
+        if self.logprobs is not None and self.echo:
+            return "logprobs", "logprobs of echoed prompt tokens (echo with logprobs) are not supported"
         if self.best_of not in (None, 1) and self.best_of != self.n:
             return "best_of", "best_of is not supported"
         if self.suffix:
@@ -124,13 +133,20 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'logprobs' must be set to true when 'top_logprobs' is used")
+        return self
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "logprobs are not supported"
         if self.tools:
             return "tools", "tool calling is not supported"
         if self.response_format and self.response_format.get("type") not in (None, "text"):

@@ -17,7 +17,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from decoding import DraftPolicy, RequestStats, SamplingParams, Sequence, SpeculativeEngine, StepOutput
+from decoding import (DraftPolicy, RequestStats, SamplingParams, Sequence, SpeculativeEngine, StepOutput,
+                      TokenLogprob)
 from decoding.batching import ContinuousBatcher
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class GenerationEvent:
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, where the request asked for them
     finish_reason: str | None = None
     route: RouteDecision | None = None
     stats: RequestStats | None = None
@@ -229,6 +231,7 @@ class EngineLoop:
         if done:
             self._release(req)
             self.observer.on_finished(req)
-        req.emit(GenerationEvent(text=out.text, token_ids=out.token_ids, finish_reason=out.finish_reason,
+        req.emit(GenerationEvent(text=out.text, token_ids=out.token_ids, logprobs=out.logprobs,
+                                 finish_reason=out.finish_reason,
                                  route=req.route if first or done else None,
                                  stats=req.seq.stats if done else None))

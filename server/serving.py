@@ -6,13 +6,14 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import Request
 
-from decoding import RequestStats, SamplingParams
+from decoding import RequestStats, SamplingParams, TokenLogprob
 
+from .logprobs import LogprobFormatter
 from .metrics import Metrics
 from .prompt_log import PromptLog
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -28,6 +29,7 @@ class Choice:
 
     index: int
     text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     route: RouteDecision | None = None
     stats: RequestStats | None = None
@@ -41,6 +43,7 @@ class OpenAIServing:
         self.loop = loop
         self.prompt_log = prompt_log  # --log-prompts: accepted requests' prompts, for calibrate --traffic
         self.tokenizer = tokenizer
+        self.logprob_format = LogprobFormatter(tokenizer)
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.resolver = resolver
@@ -97,7 +100,8 @@ class OpenAIServing:
                                 f"for the completion).", "max_tokens", "context_length_exceeded")
         seed = None if req.seed is None else req.seed + index
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                              seed=seed, stop=req.stop_list(), ignore_eos=req.ignore_eos)
+                              seed=seed, stop=req.stop_list(), ignore_eos=req.ignore_eos,
+                              logprobs=req.logprobs_count())
 
     def check_supported(self, req: SamplingFields) -> None:
         bad = req.unsupported()
@@ -168,6 +172,7 @@ class OpenAIServing:
 
 def apply_event(choice: Choice, event: GenerationEvent) -> None:
     choice.text += event.text
+    choice.logprobs += event.logprobs or []
     if event.route is not None:
         choice.route = event.route
     if event.finish_reason is not None:
