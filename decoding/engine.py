@@ -10,7 +10,7 @@ Packed forwards are batch-invariant, so a sequence's output never depends on its
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -50,6 +50,7 @@ class Sequence:
     policy: DraftPolicy = PLAIN
     prefilled: int = 0  # prompt tokens already in the cache (chunked prefill, prefix cache)
     hidden_sums: list[torch.Tensor] = field(default_factory=list)  # float64, per block of prompt positions
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # if params.prompt_logprobs is set
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: str | None = None
 
@@ -79,6 +80,7 @@ class StepOutput:
     text: str
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # with the first token, where the request asked for them
 
 
 class SpeculativeEngine:
@@ -125,8 +127,10 @@ class SpeculativeEngine:
 
     def _cached_blocks(self, seq: Sequence) -> list[CachedBlock]:
         """The cached blocks right after what ``seq`` has prefilled (never its last prompt token: its logits
-        are needed); none while a partial block is being prefilled, as the cache holds only whole ones."""
-        if self.prefix_cache is None or seq.prefilled % self.block_tokens:
+        are needed); none while a partial block is being prefilled, as the cache holds only whole ones, and
+        none for a sequence that needs its prompt's logits."""
+        needs_logits = seq.params.prompt_logprobs is not None
+        if self.prefix_cache is None or needs_logits or seq.prefilled % self.block_tokens:
             return []
         return self.prefix_cache.match(seq.tokens, seq.prompt_len - 1)[seq.prefilled // self.block_tokens:]
 
@@ -162,12 +166,14 @@ class SpeculativeEngine:
             counts.append(count)
             ids = seq.tokens[seq.prefilled:seq.prefilled + count]
             segments.append(Segment(torch.tensor(ids, device=self.runner.device), seq.cache, seq.prefilled,
-                                    prefill=True))
+                                    all_logits=seq.params.prompt_logprobs is not None, prefill=True))
         outs = self.runner.forward_packed(segments)
         elapsed = time.perf_counter() - t0
         results: list[StepOutput | None] = []
         for (seq, _), count, out in zip(chunks, counts, outs):
             self._add_hidden(seq, out.hidden)
+            if seq.params.prompt_logprobs is not None:
+                self._add_prompt_logprobs(seq, out.logits)
             seq.prefilled += count
             seq.cache.commit(seq.prefilled)
             seq.stats.prefill_s += elapsed
@@ -178,8 +184,21 @@ class SpeculativeEngine:
                 continue
             seq.embedding = (torch.stack(seq.hidden_sums).sum(dim=0) / seq.prompt_len).float()
             token = self._choose(out.logits[-1], seq)
-            results.append(self._commit(seq, [token], self._logprobs(seq, out.logits[-1:], [token])))
+            first = self._commit(seq, [token], self._logprobs(seq, out.logits[-1:], [token]))
+            if seq.params.prompt_logprobs is not None:
+                first = replace(first, prompt_logprobs=seq.prompt_logprobs)
+            results.append(first)
         return results
+
+    @staticmethod
+    def _add_prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens after this chunk's positions (row i of ``logits`` predicts
+        the token after position ``seq.prefilled + i``); the prompt's first token has none."""
+        start = seq.prefilled
+        if start == 0:
+            seq.prompt_logprobs.append(TokenLogprob(seq.tokens[0], None))
+        targets = seq.tokens[start + 1:min(start + logits.shape[0], seq.prompt_len - 1) + 1]
+        seq.prompt_logprobs += token_logprobs(logits, targets, seq.params.prompt_logprobs)
 
     def _add_hidden(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """Add the final hidden states of prompt positions ``seq.prefilled..`` to their blocks' float64

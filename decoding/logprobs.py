@@ -18,10 +18,11 @@ MAX_TOP_LOGPROBS = 20
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A committed token's log-probability and the ``top`` most likely tokens at its position."""
+    """A token's log-probability and the ``top`` most likely tokens at its position (a prompt's first
+    token has neither: ``logprob`` None)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
 
 

@@ -163,7 +163,7 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         prompt_tokens = sum(len(p) for p in prompts) * body.n
         echoes = [srv.tokenizer.decode(p) if body.echo else "" for p in prompts]
         base = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name}
-        offsets = [0] * len(gens)  # characters before each choice's next reported token (echo adds none: refused)
+        offsets = [0] * len(gens)  # characters before each choice's next reported token
 
         def logprobs(index: int, items: list[TokenLogprob]) -> dict[str, Any] | None:
             if body.logprobs is None:
@@ -179,14 +179,18 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
                                          "logprobs": logprobs(c.index, c.logprobs), "finish_reason": c.finish_reason}
                                         for c in choices],
                     "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)}
+        # an echo goes out first, or, with logprobs, in a choice's first chunk with its prompt's logprobs
+        echo_later = [bool(echoes[i // body.n]) and body.logprobs is not None for i in range(len(gens))]
 
         def chunk(index: int, text: str, finish: str | None, items: list[TokenLogprob]) -> dict[str, Any]:
+            if echo_later[index]:
+                text, echo_later[index] = echoes[index // body.n] + text, False
             return {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs(index, items),
                                          "finish_reason": finish}]}
 
         async def stream() -> AsyncIterator[str]:
             for i in range(len(gens)):
-                if echoes[i // body.n]:
+                if echoes[i // body.n] and not echo_later[i]:
                     yield sse(chunk(i, echoes[i // body.n], None, []))
             async for data in _stream_events(srv, gens, queue, request, body, prompt_tokens, base, chunk):
                 yield data

@@ -44,14 +44,16 @@ class LogprobFormatter:
                             for t in items], "refusal": None}
 
     def completion(self, items: list[TokenLogprob], text_offset: int) -> dict[str, Any]:
-        """``choices[].logprobs`` of a legacy completion; offsets count characters from ``text_offset``."""
+        """``choices[].logprobs`` of a legacy completion; offsets count characters from ``text_offset``.
+        An echoed prompt's first token has no log-probability: null in both lists, as OpenAI sends."""
         tokens = [self.text(t.token_id) for t in items]
         offsets = []
         for token in tokens:
             offsets.append(text_offset)
             text_offset += len(token)
         return {"tokens": tokens, "token_logprobs": [t.logprob for t in items],
-                "top_logprobs": [{self.text(i): lp for i, lp in t.top} for t in items], "text_offset": offsets}
+                "top_logprobs": [None if t.logprob is None else {self.text(i): lp for i, lp in t.top} for t in items],
+                "text_offset": offsets}
 
 
 def _byte_level(tokenizer: Any) -> bool:

@@ -68,6 +68,10 @@ class SamplingFields(BaseModel):
         """None: no log-probabilities; else each token's and this many most likely alternatives."""
         return None
 
+    def prompt_logprobs_count(self) -> int | None:
+        """As ``logprobs_count``, for the prompt's tokens."""
+        return None
+
     def unsupported(self) -> tuple[str, str] | None:
         """(field, reason) of a field set to a value this server cannot honour."""
         if self.presence_penalty or self.frequency_penalty:
@@ -90,9 +94,10 @@ class CompletionRequest(SamplingFields):
     def logprobs_count(self) -> int | None:
         return self.logprobs
 
+    def prompt_logprobs_count(self) -> int | None:
+        return self.logprobs if self.echo else None
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs is not None and self.echo:
-            return "logprobs", "logprobs of echoed prompt tokens (echo with logprobs) are not supported"
         if self.best_of not in (None, 1) and self.best_of != self.n:
             return "best_of", "best_of is not supported"
         if self.suffix:

@@ -41,6 +41,7 @@ class GenerationEvent:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # of token_ids, where the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # of the prompt, with the first token, where asked for
     finish_reason: str | None = None
     route: RouteDecision | None = None
     stats: RequestStats | None = None
@@ -232,6 +233,6 @@ class EngineLoop:
             self._release(req)
             self.observer.on_finished(req)
         req.emit(GenerationEvent(text=out.text, token_ids=out.token_ids, logprobs=out.logprobs,
-                                 finish_reason=out.finish_reason,
+                                 prompt_logprobs=out.prompt_logprobs, finish_reason=out.finish_reason,
                                  route=req.route if first or done else None,
                                  stats=req.seq.stats if done else None))

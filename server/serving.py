@@ -29,7 +29,7 @@ class Choice:
 
     index: int
     text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's first, where echoed
     finish_reason: str | None = None
     route: RouteDecision | None = None
     stats: RequestStats | None = None
@@ -101,7 +101,7 @@ class OpenAIServing:
         seed = None if req.seed is None else req.seed + index
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               seed=seed, stop=req.stop_list(), ignore_eos=req.ignore_eos,
-                              logprobs=req.logprobs_count())
+                              logprobs=req.logprobs_count(), prompt_logprobs=req.prompt_logprobs_count())
 
     def check_supported(self, req: SamplingFields) -> None:
         bad = req.unsupported()
@@ -172,7 +172,7 @@ class OpenAIServing:
 
 def apply_event(choice: Choice, event: GenerationEvent) -> None:
     choice.text += event.text
-    choice.logprobs += event.logprobs or []
+    choice.logprobs += (event.prompt_logprobs or []) + (event.logprobs or [])
     if event.route is not None:
         choice.route = event.route
     if event.finish_reason is not None:

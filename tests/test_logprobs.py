@@ -10,8 +10,9 @@ import torch
 from conftest import chat_ids
 from openai import OpenAI
 
-from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
+from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet, SpeculativeEngine
 from decoding.batching import ContinuousBatcher
+from decoding.prefix_cache import PrefixCache
 from server.logprobs import LogprobFormatter
 
 POLICIES = [DraftPolicy(precision="int8", threshold=0.0, max_draft=8),
@@ -23,9 +24,9 @@ def _run(engine, ids, params, policy) -> list:
     return list(engine.generate(ids, params, policy))
 
 
-def _run_batched(engine, requests) -> list[list]:
+def _run_batched(engine, requests, max_batched_tokens: int = 512) -> list[list]:
     """Every step's output of each request, all decoded together with continuous batching."""
-    batcher = ContinuousBatcher(engine, max_batch_size=len(requests))
+    batcher = ContinuousBatcher(engine, max_batch_size=len(requests), max_batched_tokens=max_batched_tokens)
     seqs = []
     for ids, params, policy in requests:
         seqs.append(engine.admit(ids, params))
@@ -80,11 +81,36 @@ def test_batched_and_sampled_rows_report_their_own_logprobs(default_engine):
     assert all(lp.top == () and lp.logprob <= 0.0 for lp in sampled)
 
 
+def test_prompt_logprobs_are_the_models_however_the_prompt_is_prefilled(default_engine, default_model):
+    """Echo with logprobs: every prompt token after the first gets the model's log-probability, the same in
+    one prefill chunk, in 7-token chunks beside another prompt, and with a prefix cache that holds the
+    prompt (a sequence that needs its prompt's logits computes them instead of reading cached entries)."""
+    hf_model, tokenizer, _ = default_model
+    ids = chat_ids(tokenizer, "Explain photosynthesis to a ten-year-old in two sentences.")
+    params = SamplingParams(max_tokens=3, prompt_logprobs=2)
+    whole = _run(default_engine, ids, params, PLAIN)[0].prompt_logprobs
+    other = (chat_ids(tokenizer, "Hi"), SamplingParams(max_tokens=3), PLAIN)
+    chunked = _run_batched(default_engine, [other, (ids, params, PLAIN)], max_batched_tokens=7)[1]
+    assert [out.prompt_logprobs for out in chunked if out.prompt_logprobs] == [whole]
+    cached_engine = SpeculativeEngine(default_engine.runner, tokenizer, prefix_cache=PrefixCache(64 << 20))
+    cached_engine.run(ids, SamplingParams(max_tokens=2), PLAIN)  # the prompt's blocks are now cached
+    assert _run(cached_engine, ids, params, PLAIN)[0].prompt_logprobs == whole
+
+    assert [lp.token_id for lp in whole] == ids and whole[0].logprob is None and whole[0].top == ()
+    with torch.no_grad():
+        reference = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    for i, lp in enumerate(whole[1:]):
+        assert lp.logprob == pytest.approx(float(reference[i, lp.token_id]), abs=2e-4)
+        assert len(lp.top) == 2 and lp.top[0][1] >= lp.logprob - 1e-6
+
+
 def test_bad_logprobs_counts_are_refused():
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=-1)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=21)
 
 
 def test_token_bytes_rebuild_text_exactly(default_engine):
@@ -136,3 +162,28 @@ def test_completion_logprobs_through_the_openai_sdk(client):
     assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
     assert all(math.isfinite(v) and v <= 0 for v in lp.token_logprobs)
     assert all(len(top) <= 2 and max(top.values()) >= v - 1e-6 for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+
+
+def test_echo_with_logprobs_scores_a_prompt_as_lm_eval_does(client, default_engine):
+    """lm-eval-harness's loglikelihood request: echo, logprobs=1, max_tokens=1, token-id prompts."""
+    tok = default_engine.tokenizer
+    context, continuation = tok("The capital of France is").input_ids, tok(" Paris").input_ids
+    prompt = context + continuation
+    out = client.completions.create(model="default", prompt=[prompt], max_tokens=1, temperature=0, echo=True,
+                                    logprobs=1)
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(prompt) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = _run(default_engine, prompt, SamplingParams(max_tokens=1, prompt_logprobs=1), PLAIN)[0]
+    assert lp.token_logprobs[1:len(prompt)] == [t.logprob for t in expected.prompt_logprobs[1:]]
+    assert out.choices[0].text.startswith(tok.decode(prompt))
+    continuation_logprob = sum(lp.token_logprobs[len(context):len(prompt)])
+    assert -20 < continuation_logprob < 0
+
+    stream = client.completions.create(model="default", prompt=[prompt], max_tokens=3, temperature=0, echo=True,
+                                       logprobs=1, stream=True)
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert chunks[0].text.startswith(tok.decode(prompt)) and chunks[0].logprobs.token_logprobs[0] is None
+    streamed = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+    assert streamed[1:len(prompt)] == lp.token_logprobs[1:len(prompt)]
+    offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    assert offsets == sorted(offsets) and offsets[0] == 0

@@ -26,7 +26,6 @@ CASES = [
     ("prompt over the context", COMP, {"model": "default", "prompt": "word " * 9000, "max_tokens": 1}, 400),
     ("100 stop strings", COMP, {"model": "default", "prompt": "a", "stop": [f"s{i}" for i in range(100)]}, 400),
     ("unknown model", CHAT, {"model": "gpt-4o", "messages": MSG}, 404),
-    ("echo with logprobs", COMP, {"model": "default", "prompt": "a", "logprobs": 3, "echo": True}, 400),
     ("logprobs = 21", COMP, {"model": "default", "prompt": "a", "logprobs": 21}, 400),
     ("top_logprobs without logprobs", CHAT, {"model": "default", "messages": MSG, "top_logprobs": 2}, 400),
     ("penalty not supported", CHAT, {"model": "default", "messages": MSG, "presence_penalty": 0.5}, 400),
