@@ -21,8 +21,8 @@ from .logprobs import TokenLogprob, token_logprobs
 from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
 from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixCache
 from .runner import ModelRunner, Segment
-from .sampling import (SamplingParams, accept_greedy, accept_sampled, greedy_tokens, make_generator, sample,
-                       target_probs)
+from .sampling import (SamplingParams, accept_greedy, accept_sampled, adjusted_logits, greedy_tokens, make_generator,
+                       sample, target_probs)
 from .stats import RequestStats
 
 
@@ -113,6 +113,9 @@ class SpeculativeEngine:
         if n >= self.max_context:
             raise PromptTooLongError(
                 f"the prompt has {n} tokens but the model's context is {self.max_context}: no room to generate")
+        vocab = self.runner.lm_head.weight.shape[0]
+        if any(not 0 <= token < vocab for token, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         capacity = min(n + params.max_tokens, self.max_context) + MAX_DRAFT_LIMIT + 1
         return Sequence(
             prompt_len=n, params=params, cache=self.runner.new_cache(capacity), tokens=list(prompt_ids),
@@ -275,13 +278,14 @@ class SpeculativeEngine:
     def _accept(self, seq: Sequence, start: int, drafts: list[int], draft_probs: torch.Tensor | None,
                 logits: torch.Tensor, verify_s: float) -> StepOutput:
         """Apply the acceptance rule to one row's verified drafts and commit the result."""
+        chosen_from = adjusted_logits(logits, seq.params, seq.generated, drafts)  # logits unless penalised/biased
         if seq.params.greedy:
-            accepted, bonus = accept_greedy(drafts, logits)
+            accepted, bonus = accept_greedy(drafts, chosen_from)
         elif drafts:
-            target = target_probs(logits, seq.params)
+            target = target_probs(chosen_from, seq.params)
             accepted, bonus = accept_sampled(drafts, draft_probs, target, seq.generator)
         else:
-            accepted, bonus = 0, sample(target_probs(logits[-1], seq.params), seq.generator)
+            accepted, bonus = 0, sample(target_probs(chosen_from[-1], seq.params), seq.generator)
         seq.cache.commit(start + 1 + accepted)
         stats = seq.stats
         stats.verify_s += verify_s
@@ -343,6 +347,8 @@ class SpeculativeEngine:
 
     def _draft_one(self, seq: Sequence, logits: torch.Tensor, drafts: list[int], probs: list[torch.Tensor]) -> bool:
         """Append one draft token chosen from ``logits``; False when drafting should stop here."""
+        if seq.params.adjusts_logits:  # the row after the committed tokens and the drafts so far
+            logits = adjusted_logits(logits[None], seq.params, seq.generated + drafts)[0]
         if seq.params.greedy:
             token = greedy_tokens(logits)[0]
             # the draft's top-1 probability matters only against a threshold (a softmax over the vocabulary)
@@ -356,6 +362,8 @@ class SpeculativeEngine:
         return not (confidence < seq.policy.threshold or (token in self.eos_ids and not seq.params.ignore_eos))
 
     def _choose(self, logits: torch.Tensor, seq: Sequence) -> int:
+        """The first generated token, from the prompt's last logits."""
+        logits = adjusted_logits(logits[None], seq.params, seq.generated)[0]  # nothing generated yet: the bias
         if seq.params.greedy:
             return greedy_tokens(logits)[0]
         return sample(target_probs(logits, seq.params), seq.generator)

@@ -21,6 +21,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from a token's logit once it was generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time it was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: int | None = None  # report each token's log-probability and this many most likely tokens
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI: echo with logprobs)
 
@@ -35,6 +38,12 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not -100.0 <= bias <= 100.0 for _, bias in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
@@ -44,6 +53,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or a logit bias change the distribution the tokens are chosen from."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     @property
     def draft_length_free(self) -> bool:
@@ -63,6 +77,31 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         gen.manual_seed(seed)
     return gen
+
+
+def adjusted_logits(logits: torch.Tensor, params: SamplingParams, generated: list[int],
+                    appended: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+    """``logits`` with the request's logit bias and OpenAI's presence and frequency penalties applied.
+
+    Row ``i`` chooses the token after ``generated + appended[:i]`` (a verify step's rows follow the
+    committed tokens and then the drafts), so its penalties count those tokens. Penalties count
+    generated tokens only, not the prompt's, as OpenAI and vLLM do. Drafts and verification apply the
+    same adjustment, so speculation stays exact for the adjusted distribution.
+    """
+    if not params.adjusts_logits:
+        return logits
+    out = logits.float().clone()
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        out[:, list(ids)] += torch.tensor(biases, device=out.device)
+    if params.presence_penalty or params.frequency_penalty:
+        vocab = out.shape[-1]
+        counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=vocab).to(out)
+        counts = counts.expand(out.shape[0], vocab).clone()
+        for i, token in enumerate(appended[: out.shape[0] - 1]):
+            counts[i + 1:, token] += 1
+        out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(out)
+    return out
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -41,9 +41,8 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     user: str | None = None
     ignore_eos: bool = False
-    # Honoured only at their neutral values: anything else is a 400, never silently ignored.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     # knn-ssd extensions (OpenAI SDKs send them through extra_body)
     speculate: bool = True
@@ -61,6 +60,19 @@ class SamplingFields(BaseModel):
             raise ValueError("stop strings must not be empty")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+        return value
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items())
+
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
@@ -74,10 +86,6 @@ class SamplingFields(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, reason) of a field set to a value this server cannot honour."""
-        if self.presence_penalty or self.frequency_penalty:
-            return ("presence_penalty" if self.presence_penalty else "frequency_penalty", "penalties are not supported")
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
         if self.draft_precision is not None and self.skip_layers is None:
             return "draft_precision", "draft_precision applies only together with skip_layers"
         return None

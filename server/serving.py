@@ -101,7 +101,16 @@ class OpenAIServing:
         seed = None if req.seed is None else req.seed + index
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               seed=seed, stop=req.stop_list(), ignore_eos=req.ignore_eos,
+                              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                              logit_bias=self.logit_bias(req),
                               logprobs=req.logprobs_count(), prompt_logprobs=req.prompt_logprobs_count())
+
+    def logit_bias(self, req: SamplingFields) -> tuple[tuple[int, float], ...]:
+        pairs = req.logit_bias_pairs()
+        vocab = len(self.tokenizer)
+        if any(token >= vocab for token, _ in pairs):
+            raise APIError(400, f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
+        return pairs
 
     def check_supported(self, req: SamplingFields) -> None:
         bad = req.unsupported()

@@ -22,11 +22,11 @@ def engine(default_model):
     return SpeculativeEngine(ModelRunner(tiny_model("llama", seed=3)), default_model[1])
 
 
-def _samples(engine, policy) -> Counter:
+def _samples(engine, policy, **adjust) -> Counter:
     """Joint distribution of the 2nd and 3rd generated tokens (both produced by verify steps)."""
     counts: Counter = Counter()
     for seed in range(N):
-        params = SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=seed, ignore_eos=True)
+        params = SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=seed, ignore_eos=True, **adjust)
         counts[tuple(engine.run(PROMPT, params, policy).generated[1:])] += 1
     return counts
 
@@ -49,6 +49,17 @@ def plain_counts(engine):
 
 def test_speculative_sampling_matches_plain_sampling(engine, plain_counts):
     assert _p_value(plain_counts, _samples(engine, DRAFT)) > 0.01
+
+
+def test_speculative_sampling_keeps_the_penalised_distribution(engine, plain_counts):
+    """Three tokens biased into the top 4 everywhere (this model's top logits are ~6-7), penalised each time
+    they are used: the 3rd token's distribution depends on the 1st and 2nd, drafted or not."""
+    penalties = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": ((100, 6.0), (200, 6.0), (300, 6.0))}
+    plain = _samples(engine, PLAIN, **penalties)
+    assert _p_value(plain, plain_counts) < 1e-4  # they change the distribution
+    # a draft accepted ~87% of the time here, so the 3rd token often comes from a verify row after a draft
+    close_draft = DraftPolicy(SkipSet(attention=[3]), threshold=0.0, max_draft=3)
+    assert _p_value(plain, _samples(engine, close_draft, **penalties)) > 0.01
 
 
 def test_wrong_acceptance_rule_is_detected(engine, plain_counts, monkeypatch):
