@@ -107,7 +107,7 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        message = err.get("msg", "invalid request")
+        message = err.get("msg", "invalid request").removeprefix("Value error, ")  # our validators' own words
         if err.get("type") == "json_invalid":  # its location is a character offset, not a parameter
             message, loc = "We could not parse the JSON body of your request.", []
         api = APIError(400, f"{message}" + (f" (at {'.'.join(loc)})" if loc else ""),

@@ -65,6 +65,8 @@ def test_error_messages_name_the_problem(server):
     assert r.status_code == 400 and "not image_url" in r.json()["error"]["message"]
     r = httpx.post(server.url + COMP, content=b'{"model": ', headers={"content-type": "application/json"})
     assert r.json()["error"]["param"] is None and "parse the JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + CHAT, json={"model": "default", "messages": MSG, "top_logprobs": 2})
+    assert r.json()["error"]["message"].startswith("'logprobs' must be set to true")
     r = httpx.get(server.url + CHAT)
     assert r.status_code == 405 and "POST" in r.headers["allow"]
     assert r.json()["error"]["code"] == "method_not_allowed"
