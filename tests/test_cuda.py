@@ -123,3 +123,22 @@ def test_seeded_sampling_repeats_on_cuda(policy):
     assert eng.run(ids, params, policy).generated == first
     other = SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=8, ignore_eos=True)
     assert eng.run(ids, other, policy).generated != first
+
+
+def test_penalties_and_logprobs_on_cuda():
+    """Penalties, a logit bias, logprobs and prompt logprobs run on the GPU: the log-probabilities come
+    back aligned with the tokens. Whether speculation kept the penalised output is printed, not
+    asserted (``divergence`` judges near-ties on unadjusted logits)."""
+    eng = engine("float32")
+    ids = chat_ids(eng.tokenizer, TEXTS[6])
+    params = SamplingParams(max_tokens=24, ignore_eos=True, presence_penalty=0.6, frequency_penalty=0.4,
+                            logit_bias=((ids[-1], -5.0),), logprobs=3, prompt_logprobs=1)
+    outputs = list(eng.generate(ids, params, PLAIN))
+    plain = [t for out in outputs for t in out.token_ids]
+    spec = eng.run(ids, params, policies(eng.runner.num_layers)[0]).generated
+    print(f"\n[cuda penalties] speculative equals plain: {spec == plain}")
+    logprobs = [lp for out in outputs for lp in out.logprobs]
+    assert [lp.token_id for lp in logprobs] == plain and all(lp.logprob <= 0 for lp in logprobs)
+    prompt = outputs[0].prompt_logprobs
+    assert [lp.token_id for lp in prompt] == ids and prompt[0].logprob is None
+    assert all(lp.logprob <= 0 and len(lp.top) == 1 for lp in prompt[1:])
