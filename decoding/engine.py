@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .grammar import GrammarCompiler, GrammarConstraint
 from .kv_cache import KVCache
 from .logprobs import TokenLogprob, token_logprobs
 from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
@@ -51,6 +52,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already in the cache (chunked prefill, prefix cache)
     hidden_sums: list[torch.Tensor] = field(default_factory=list)  # float64, per block of prompt positions
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # if params.prompt_logprobs is set
+    grammar: GrammarConstraint | None = None  # if params.grammar is set: the output must follow it
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: str | None = None
 
@@ -103,6 +105,7 @@ class SpeculativeEngine:
         eos = getattr(runner.model.generation_config, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {t for t in [*eos, tokenizer.eos_token_id] if t is not None}
+        self.grammars = GrammarCompiler(tokenizer, runner.lm_head.weight.shape[0], self.eos_ids)
 
     # ------------------------------------------------------------------ lifecycle
     def admit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
@@ -113,15 +116,16 @@ class SpeculativeEngine:
         if n >= self.max_context:
             raise PromptTooLongError(
                 f"the prompt has {n} tokens but the model's context is {self.max_context}: no room to generate")
-        vocab = self.runner.lm_head.weight.shape[0]
+        vocab = self.grammars.vocab_size
         if any(not 0 <= token < vocab for token, _ in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        grammar = None if params.grammar is None else self.grammars.constraint(params.grammar)
         capacity = min(n + params.max_tokens, self.max_context) + MAX_DRAFT_LIMIT + 1
         return Sequence(
             prompt_len=n, params=params, cache=self.runner.new_cache(capacity), tokens=list(prompt_ids),
             generator=make_generator(params.seed, self.runner.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-            stopper=StopMatcher(params.stop), stats=RequestStats(prompt_tokens=n),
+            stopper=StopMatcher(params.stop), stats=RequestStats(prompt_tokens=n), grammar=grammar,
         )
 
     def prefill_position(self, seq: Sequence) -> int:
@@ -279,6 +283,8 @@ class SpeculativeEngine:
                 logits: torch.Tensor, verify_s: float) -> StepOutput:
         """Apply the acceptance rule to one row's verified drafts and commit the result."""
         chosen_from = adjusted_logits(logits, seq.params, seq.generated, drafts)  # logits unless penalised/biased
+        if seq.grammar is not None:
+            chosen_from = seq.grammar.mask(chosen_from, drafts)
         if seq.params.greedy:
             accepted, bonus = accept_greedy(drafts, chosen_from)
         elif drafts:
@@ -343,30 +349,48 @@ class SpeculativeEngine:
             elapsed = time.perf_counter() - t0
             for i in members:
                 seqs[i].stats.draft_s += elapsed
+                if seqs[i].grammar is not None:  # back to the committed tokens; verification re-reads the drafts
+                    seqs[i].grammar.retract(len(drafts[i]))
         return drafts, [torch.stack(p) if p else None for p in probs]
 
     def _draft_one(self, seq: Sequence, logits: torch.Tensor, drafts: list[int], probs: list[torch.Tensor]) -> bool:
-        """Append one draft token chosen from ``logits``; False when drafting should stop here."""
+        """Append one draft token chosen from ``logits``; False when drafting should stop here.
+
+        A constrained row's grammar consumes the draft (``_draft_batch`` rolls the drafts back)."""
         if seq.params.adjusts_logits:  # the row after the committed tokens and the drafts so far
             logits = adjusted_logits(logits[None], seq.params, seq.generated + drafts)[0]
+        if seq.grammar is not None:
+            logits = seq.grammar.mask(logits[None])[0]
         if seq.params.greedy:
             token = greedy_tokens(logits)[0]
             # the draft's top-1 probability matters only against a threshold (a softmax over the vocabulary)
             confidence = float(torch.softmax(logits, dim=-1)[token]) if seq.policy.threshold > 0 else 1.0
+            q = None
         else:
             q = target_probs(logits, seq.params)
             token = sample(q, seq.generator)
-            probs.append(q)
             confidence = float(q.max())
+        if seq.grammar is not None and not seq.grammar.advance(token):
+            return False  # the grammar ended before this position: nothing more to draft
         drafts.append(token)
-        return not (confidence < seq.policy.threshold or (token in self.eos_ids and not seq.params.ignore_eos))
+        if q is not None:
+            probs.append(q)
+        ended = token in self.eos_ids and not seq.params.ignore_eos
+        return not (confidence < seq.policy.threshold or ended or (seq.grammar is not None and seq.grammar.stopped))
 
     def _choose(self, logits: torch.Tensor, seq: Sequence) -> int:
         """The first generated token, from the prompt's last logits."""
         logits = adjusted_logits(logits[None], seq.params, seq.generated)[0]  # nothing generated yet: the bias
+        if seq.grammar is not None:
+            logits = seq.grammar.mask(logits[None])[0]
         if seq.params.greedy:
             return greedy_tokens(logits)[0]
         return sample(target_probs(logits, seq.params), seq.generator)
+
+    @staticmethod
+    def _completes_grammar(seq: Sequence, token: int) -> bool:
+        """Advance a constrained row's grammar by a committed token; True when the grammar is complete."""
+        return seq.grammar is not None and seq.grammar.advance(token) and seq.grammar.stopped
 
     def _commit(self, seq: Sequence, new_tokens: list[int],
                 logprobs: list[TokenLogprob] | None = None) -> StepOutput:
@@ -378,7 +402,7 @@ class SpeculativeEngine:
             seq.stats.completion_tokens += 1
             if token in self.eos_ids and not seq.params.ignore_eos:
                 seq.finish_reason = "stop"
-            elif seq.stopper.add(seq.detokenizer.push(token)):
+            elif seq.stopper.add(seq.detokenizer.push(token)) or self._completes_grammar(seq, token):
                 seq.finish_reason = "stop"
             elif len(seq.generated) >= seq.params.max_tokens or len(seq.tokens) >= self.max_context:
                 seq.finish_reason = "length"

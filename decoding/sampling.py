@@ -24,6 +24,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted from a token's logit once it was generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time it was generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    grammar: str | None = None  # an llguidance grammar the output must follow (``decoding.grammar``)
     logprobs: int | None = None  # report each token's log-probability and this many most likely tokens
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI: echo with logprobs)
 

@@ -25,6 +25,36 @@ class SkipLayers(BaseModel):
     mlp: list[int] = Field(default_factory=list)
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema is enforced whatever ``strict`` says."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object")
+        return self
+
+    def schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must follow, or None for free text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        return self.json_schema.json_schema if self.type == "json_schema" else None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat; unknown fields are ignored as OpenAI does."""
 
@@ -44,6 +74,7 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's on chat; on completions as in vLLM
     # knn-ssd extensions (OpenAI SDKs send them through extra_body)
     speculate: bool = True
     domain: str | None = None
@@ -148,7 +179,6 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -162,8 +192,6 @@ class ChatCompletionRequest(SamplingFields):
     def unsupported(self) -> tuple[str, str] | None:
         if self.tools:
             return "tools", "tool calling is not supported"
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            return "response_format", "only response_format type 'text' is supported"
         return super().unsupported()
 
     def token_limit(self) -> int | None:

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 
 from decoding import RequestStats, SamplingParams, TokenLogprob
+from decoding.grammar import GrammarError, json_schema_grammar
 
 from .logprobs import LogprobFormatter
 from .metrics import Metrics
@@ -87,7 +88,8 @@ class OpenAIServing:
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
         return list(ids)
 
-    def sampling_params(self, req: SamplingFields, prompt_len: int, max_tokens: int | None, index: int) -> SamplingParams:
+    def sampling_params(self, req: SamplingFields, prompt_len: int, max_tokens: int | None, index: int,
+                        grammar: str | None = None) -> SamplingParams:
         if prompt_len >= self.max_model_len:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, your "
                                 f"prompt has {prompt_len} tokens.", "prompt", "context_length_exceeded")
@@ -102,7 +104,7 @@ class OpenAIServing:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               seed=seed, stop=req.stop_list(), ignore_eos=req.ignore_eos,
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                              logit_bias=self.logit_bias(req),
+                              logit_bias=self.logit_bias(req), grammar=grammar,
                               logprobs=req.logprobs_count(), prompt_logprobs=req.prompt_logprobs_count())
 
     def logit_bias(self, req: SamplingFields) -> tuple[tuple[int, float], ...]:
@@ -111,6 +113,18 @@ class OpenAIServing:
         if any(token >= vocab for token, _ in pairs):
             raise APIError(400, f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
         return pairs
+
+    def grammar(self, req: SamplingFields) -> str | None:
+        """The grammar of ``response_format`` (None for free text), checked to compile (else a 400)."""
+        schema = req.response_format.schema() if req.response_format else None
+        if schema is None:
+            return None
+        grammar = json_schema_grammar(schema)
+        try:
+            self.loop.engine.grammars.check(grammar)
+        except GrammarError as exc:
+            raise APIError(400, f"response_format: {exc}", "response_format") from exc
+        return grammar
 
     def check_supported(self, req: SamplingFields) -> None:
         bad = req.unsupported()
@@ -123,6 +137,7 @@ class OpenAIServing:
         """Queue ``n`` choices per prompt; events arrive on the returned queue as (choice index, event)."""
         self.check_supported(req)
         chooser = self.resolver.for_request(req)
+        grammar = self.grammar(req)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         request_id = uuid.uuid4().hex
@@ -130,7 +145,7 @@ class OpenAIServing:
         for p, ids in enumerate(prompts):
             for i in range(req.n):
                 index = p * req.n + i
-                params = self.sampling_params(req, len(ids), max_tokens, i)
+                params = self.sampling_params(req, len(ids), max_tokens, i, grammar)
 
                 def emit(event: GenerationEvent, index: int = index) -> None:
                     loop.call_soon_threadsafe(queue.put_nowait, (index, event))

@@ -10,6 +10,7 @@ from tiny_models import tiny_model
 
 import decoding.engine
 from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine
+from decoding.grammar import json_schema_grammar
 
 N = 600
 PROMPT = [5, 17, 300, 42, 9, 77]
@@ -60,6 +61,14 @@ def test_speculative_sampling_keeps_the_penalised_distribution(engine, plain_cou
     # a draft accepted ~87% of the time here, so the 3rd token often comes from a verify row after a draft
     close_draft = DraftPolicy(SkipSet(attention=[3]), threshold=0.0, max_draft=3)
     assert _p_value(plain, _samples(engine, close_draft, **penalties)) > 0.01
+
+
+def test_speculative_sampling_keeps_the_constrained_distribution(engine):
+    """Under a grammar (a JSON array of integers) what may follow depends on the tokens before, drafted
+    or not: verify rows must be masked for the state after the drafts before them."""
+    grammar = {"grammar": json_schema_grammar({"type": "array", "items": {"type": "integer"}, "minItems": 2})}
+    close_draft = DraftPolicy(SkipSet(attention=[3]), threshold=0.0, max_draft=3)
+    assert _p_value(_samples(engine, PLAIN, **grammar), _samples(engine, close_draft, **grammar)) > 0.01
 
 
 def test_wrong_acceptance_rule_is_detected(engine, plain_counts, monkeypatch):
