@@ -41,6 +41,10 @@ class GrammarCompiler:
                                                            eos_token=self._eos_ids or None)
         return self._tokenizer
 
+    def prepare(self) -> None:
+        """Build llguidance's tokenizer now (0.4 s for a 49k vocabulary here) instead of on first use."""
+        _ = self.tokenizer
+
     def check(self, grammar: str) -> None:
         """Raise ``GrammarError`` with llguidance's message if ``grammar`` does not compile."""
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)

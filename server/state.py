@@ -114,6 +114,9 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
     if runner.device.type == "cpu" and runner.dtype == torch.float32 and native.bf16_kernels() is not None:
         log.info("this CPU runs bf16 weights natively (AVX512-BF16): --dtype bfloat16 halves the weight bytes "
                  "per token and keeps speculation exact")
+    t0 = time.perf_counter()  # now, not at the first response_format request (it would stall the event loop)
+    engine.grammars.prepare()
+    log.info("structured output (response_format): llguidance tokenizer built in %.1fs", time.perf_counter() - t0)
     log.info("prefix cache: %s", f"{config.prefix_cache_mb:g} MiB, blocks of {prefix_cache.block_tokens} tokens"
              if prefix_cache is not None else "off")  # an empty cache has len 0: test for None
     router = _router(config, info)
