@@ -48,7 +48,7 @@ class ResponseFormat(BaseModel):
             raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object")
         return self
 
-    def schema(self) -> dict[str, Any] | None:
+    def required_schema(self) -> dict[str, Any] | None:
         """The JSON schema the output must follow, or None for free text."""
         if self.type == "json_object":
             return {"type": "object"}

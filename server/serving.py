@@ -116,7 +116,7 @@ class OpenAIServing:
 
     def grammar(self, req: SamplingFields) -> str | None:
         """The grammar of ``response_format`` (None for free text), checked to compile (else a 400)."""
-        schema = req.response_format.schema() if req.response_format else None
+        schema = req.response_format.required_schema() if req.response_format else None
         if schema is None:
             return None
         grammar = json_schema_grammar(schema)
