@@ -105,7 +105,8 @@ class SpeculativeEngine:
         eos = getattr(runner.model.generation_config, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {t for t in [*eos, tokenizer.eos_token_id] if t is not None}
-        self.grammars = GrammarCompiler(tokenizer, runner.lm_head.weight.shape[0], self.eos_ids)
+        self.vocab_size = runner.lm_head.weight.shape[0]  # logit rows (may exceed the tokenizer's length)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_ids)
 
     # ------------------------------------------------------------------ lifecycle
     def admit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
@@ -116,9 +117,8 @@ class SpeculativeEngine:
         if n >= self.max_context:
             raise PromptTooLongError(
                 f"the prompt has {n} tokens but the model's context is {self.max_context}: no room to generate")
-        vocab = self.grammars.vocab_size
-        if any(not 0 <= token < vocab for token, _ in params.logit_bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if any(not 0 <= token < self.vocab_size for token, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         grammar = None if params.grammar is None else self.grammars.constraint(params.grammar)
         capacity = min(n + params.max_tokens, self.max_context) + MAX_DRAFT_LIMIT + 1
         return Sequence(

@@ -15,6 +15,8 @@ import llguidance
 import llguidance.hf
 import torch
 
+_BITS = torch.arange(32, dtype=torch.int32)  # bit positions of a bitmask word
+
 
 class GrammarError(ValueError):
     """A grammar or JSON schema llguidance cannot compile for this tokenizer."""
@@ -65,7 +67,6 @@ class GrammarConstraint:
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         self.matcher = matcher
         self.vocab_size = vocab_size
-        self._bits = torch.arange(32, dtype=torch.int32)
 
     @property
     def stopped(self) -> bool:
@@ -87,7 +88,7 @@ class GrammarConstraint:
                 consumed += 1
         if consumed:
             self.matcher.rollback(consumed)
-        allowed = ((bitmask[:, :, None] >> self._bits) & 1).bool().reshape(rows, -1)[:, :logits.shape[-1]]
+        allowed = ((bitmask[:, :, None] >> _BITS) & 1).bool().reshape(rows, -1)[:, :logits.shape[-1]]
         allowed[consumed + 1:] = True  # rows after a token the grammar refused or ended on: never used
         allowed[~allowed.any(dim=-1)] = True
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
