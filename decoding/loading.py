@@ -196,11 +196,17 @@ def _model_directory(model: str) -> tuple[Path, list[Path]]:
 
 
 def converted_gguf(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Dequantise ``gguf`` to safetensors once; later calls return the cached directory."""
+    """Dequantise ``gguf`` to safetensors once; later calls return the cached directory.
+
+    The directory is named by the file's content (and the dtype and transformers version that
+    convert it), not its path: every clone or virtual environment holding the same GGUF shares
+    one conversion instead of adding another (517 MB for the default model).
+    """
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}".encode()).hexdigest()[:16]
+    identity = f"{weights_fingerprint([gguf])}:{dtype}:transformers-{transformers.__version__}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     target = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target

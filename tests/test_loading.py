@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from decoding import (
     load_model,
     native,
 )
-from decoding.loading import check_architecture
+from decoding.loading import check_architecture, converted_gguf, default_gguf_path
 from decoding.packaged import (
     PACKAGED_MODELS,
     PackagedModelError,
@@ -111,6 +112,16 @@ def test_default_model_info(default_model):
     _, _, info = default_model
     assert info.architecture == "LlamaForCausalLM" and info.num_layers == 30 and info.hidden_size == 576
     assert info.dtype == "float32" and info.device == "cpu" and len(info.fingerprint) == 32
+
+
+def test_a_gguf_is_converted_once_wherever_it_lies(tmp_path, default_model):
+    """The conversion is keyed by the file's content: a copy of the GGUF in another place (another clone's
+    virtual environment) reuses the converted directory instead of adding a 517 MB one."""
+    original = default_gguf_path()
+    copy = tmp_path / "elsewhere" / original.name
+    copy.parent.mkdir()
+    shutil.copyfile(original, copy)
+    assert converted_gguf(copy) == converted_gguf(original)
 
 
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
