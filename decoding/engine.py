@@ -9,6 +9,7 @@ Packed forwards are batch-invariant, so a sequence's output never depends on its
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
@@ -21,10 +22,12 @@ from .kv_cache import KVCache
 from .logprobs import TokenLogprob, token_logprobs
 from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
 from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixCache
-from .runner import ModelRunner, Segment
+from .runner import ForwardOutput, ModelRunner, Segment
 from .sampling import (SamplingParams, accept_greedy, accept_sampled, adjusted_logits, greedy_tokens, make_generator,
                        sample, target_probs)
 from .stats import RequestStats
+
+log = logging.getLogger(__name__)
 
 
 class PromptTooLongError(ValueError):
@@ -155,20 +158,22 @@ class SpeculativeEngine:
         seq.stats.cached_tokens += end - start
         seq.prefilled = end
 
-    def prefill(self, chunks: list[tuple[Sequence, int]]) -> list[StepOutput | None]:
+    def prefill(self, chunks: list[tuple[Sequence, int]]) -> list[StepOutput | None | Exception]:
         """Prefill the next ``count`` prompt tokens of each sequence, all in one packed full forward.
 
         A sequence first skips over prompt blocks the prefix cache holds (its chunk is then
         clipped to what is left). A sequence whose prompt is now complete gets its prompt
         embedding (for routing; set its ``policy`` before ``step``) and its first token; the
-        others get None.
+        others get None. A sequence whose own work after the forward fails gets the exception
+        instead, and the others their results (see ``step_batch``).
         """
+        for seq, count in chunks:
+            if count <= 0 or not seq.prefill_remaining:
+                raise ValueError(f"prefill chunk of {count} tokens with {seq.prefill_remaining} left")
         t0 = time.perf_counter()
         segments, counts = [], []
         for seq, count in chunks:
-            if not 0 < count <= seq.prefill_remaining:
-                raise ValueError(f"prefill chunk of {count} tokens with {seq.prefill_remaining} left")
-            self._load_prefix(seq)
+            self._load_prefix(seq)  # valid progress even if the forward below fails and is retried
             count = min(count, seq.prefill_remaining)
             counts.append(count)
             ids = seq.tokens[seq.prefilled:seq.prefilled + count]
@@ -176,26 +181,27 @@ class SpeculativeEngine:
                                     all_logits=seq.params.prompt_logprobs is not None, prefill=True))
         outs = self.runner.forward_packed(segments)
         elapsed = time.perf_counter() - t0
-        results: list[StepOutput | None] = []
-        for (seq, _), count, out in zip(chunks, counts, outs):
-            self._add_hidden(seq, out.hidden)
-            if seq.params.prompt_logprobs is not None:
-                self._add_prompt_logprobs(seq, out.logits)
-            seq.prefilled += count
-            seq.cache.commit(seq.prefilled)
-            seq.stats.prefill_s += elapsed
-            if self.prefix_cache is not None:  # the complete blocks so far
-                self.prefix_cache.insert(seq.tokens[:seq.prefilled], seq.cache, seq.hidden_sums)
-            if seq.prefill_remaining:
-                results.append(None)
-                continue
-            seq.embedding = (torch.stack(seq.hidden_sums).sum(dim=0) / seq.prompt_len).float()
-            token = self._choose(out.logits[-1], seq)
-            first = self._commit(seq, [token], self._logprobs(seq, out.logits[-1:], [token]))
-            if seq.params.prompt_logprobs is not None:
-                first = replace(first, prompt_logprobs=seq.prompt_logprobs)
-            results.append(first)
-        return results
+        return [_isolated(self._finish_chunk, seq, count, out, elapsed)
+                for (seq, _), count, out in zip(chunks, counts, outs)]
+
+    def _finish_chunk(self, seq: Sequence, count: int, out: ForwardOutput, elapsed: float) -> StepOutput | None:
+        """Take in one sequence's prefilled chunk; with its prompt complete, its embedding and first token."""
+        self._add_hidden(seq, out.hidden)
+        if seq.params.prompt_logprobs is not None:
+            self._add_prompt_logprobs(seq, out.logits)
+        seq.prefilled += count
+        seq.cache.commit(seq.prefilled)
+        seq.stats.prefill_s += elapsed
+        if self.prefix_cache is not None:  # the complete blocks so far
+            self.prefix_cache.insert(seq.tokens[:seq.prefilled], seq.cache, seq.hidden_sums)
+        if seq.prefill_remaining:
+            return None
+        seq.embedding = (torch.stack(seq.hidden_sums).sum(dim=0) / seq.prompt_len).float()
+        token = self._choose(out.logits[-1], seq)
+        first = self._commit(seq, [token], self._logprobs(seq, out.logits[-1:], [token]))
+        if seq.params.prompt_logprobs is not None:
+            first = replace(first, prompt_logprobs=seq.prompt_logprobs)
+        return first
 
     @staticmethod
     def _add_prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:
@@ -224,14 +230,14 @@ class SpeculativeEngine:
     def start(self, prompt_ids: list[int], params: SamplingParams) -> tuple[Sequence, StepOutput]:
         """Admit and prefill one prompt in one forward; returns the sequence and its first token."""
         seq = self.admit(prompt_ids, params)
-        return seq, self.prefill([(seq, seq.prefill_remaining)])[0]
+        return seq, _raised(self.prefill([(seq, seq.prefill_remaining)])[0])
 
     def step(self, seq: Sequence) -> StepOutput:
         """Advance ``seq`` by one draft-and-verify step (one plain step if its policy is plain)."""
-        return self.step_batch([seq])[0]
+        return _raised(self.step_batch([seq])[0])
 
     def step_batch(self, seqs: list[Sequence], draft_cap: int | None = None,
-                   cut_drafts: Callable[[], bool] | None = None) -> list[StepOutput]:
+                   cut_drafts: Callable[[], bool] | None = None) -> list[StepOutput | Exception]:
         """Advance every sequence by one step: grouped drafts, one packed verify, per-row acceptance.
 
         ``draft_cap`` bounds the draft length of rows whose output cannot depend on it
@@ -239,6 +245,10 @@ class SpeculativeEngine:
         their policy says, so a seed gives the same text alone or in any batch. When
         ``cut_drafts()`` turns true between draft positions (e.g. a request is waiting
         for its prefill), those same rows stop drafting and the step verifies at once.
+
+        A row whose acceptance fails gets the exception in place of its output; the other rows
+        commit as usual. If drafting or the verify forward raises, nothing was committed (every
+        grammar is back at its committed state), so the caller may retry the rows apart.
         """
         for seq in seqs:
             if seq.finished or seq.prefill_remaining:
@@ -250,7 +260,7 @@ class SpeculativeEngine:
                             all_logits=bool(d)) for seq, start, d in zip(seqs, starts, drafts)]
         outs = self.runner.forward_packed(segments)
         elapsed = time.perf_counter() - t0
-        return [self._accept(seq, start, d, probs, out.logits, elapsed)
+        return [_isolated(self._accept, seq, start, d, probs, out.logits, elapsed)
                 for seq, start, d, probs, out in zip(seqs, starts, drafts, draft_probs, outs)]
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
@@ -331,26 +341,26 @@ class SpeculativeEngine:
         for i, seq in enumerate(seqs):
             if rooms[i] > 0:
                 groups.setdefault(seq.policy, []).append(i)
-        for policy, active in groups.items():
-            t0 = time.perf_counter()
-            members = list(active)
-            while active:
-                segments = [Segment(torch.tensor([seqs[i].tokens[-1] if not drafts[i] else drafts[i][-1]],
-                                                 device=self.runner.device), seqs[i].cache, starts[i] + len(drafts[i]))
-                            for i in active]
-                outs = self.runner.forward_packed(segments, policy)
-                still = []
-                for i, out in zip(active, outs):
-                    if self._draft_one(seqs[i], out.logits[-1], drafts[i], probs[i]) and len(drafts[i]) < rooms[i]:
-                        still.append(i)
-                if still and cut is not None and cut():
-                    still = [i for i in still if not seqs[i].params.draft_length_free]
-                active = still
-            elapsed = time.perf_counter() - t0
-            for i in members:
-                seqs[i].stats.draft_s += elapsed
-                if seqs[i].grammar is not None:  # back to the committed tokens; verification re-reads the drafts
-                    seqs[i].grammar.retract(len(drafts[i]))
+        try:
+            for policy, active in groups.items():
+                t0 = time.perf_counter()
+                while active:
+                    segments = [Segment(torch.tensor([seqs[i].tokens[-1] if not drafts[i] else drafts[i][-1]],
+                                                     device=self.runner.device), seqs[i].cache,
+                                        starts[i] + len(drafts[i])) for i in active]
+                    outs = self.runner.forward_packed(segments, policy)
+                    still = [i for i, out in zip(active, outs)
+                             if self._draft_one(seqs[i], out.logits[-1], drafts[i], probs[i]) and len(drafts[i]) < rooms[i]]
+                    if still and cut is not None and cut():
+                        still = [i for i in still if not seqs[i].params.draft_length_free]
+                    active = still
+                elapsed = time.perf_counter() - t0
+                for i in groups[policy]:
+                    seqs[i].stats.draft_s += elapsed
+        finally:  # back to the committed tokens (verification re-reads the drafts), also when drafting fails
+            for seq, d in zip(seqs, drafts):
+                if seq.grammar is not None:
+                    seq.grammar.retract(len(d))
         return drafts, [torch.stack(p) if p else None for p in probs]
 
     def _draft_one(self, seq: Sequence, logits: torch.Tensor, drafts: list[int], probs: list[torch.Tensor]) -> bool:
@@ -411,3 +421,20 @@ class SpeculativeEngine:
         seq.stats.finish_reason = seq.finish_reason
         return StepOutput(committed, seq.stopper.pop(final=seq.finished), seq.finish_reason,
                           None if logprobs is None else logprobs[:len(committed)])
+
+
+def _isolated(work: Callable[..., StepOutput | None], seq: Sequence, *args: Any) -> StepOutput | None | Exception:
+    """``work(seq, *args)``, or the exception it raised: one row's failure must not undo or repeat the
+    other rows of its batch, which have committed their tokens by then."""
+    try:
+        return work(seq, *args)
+    except Exception as exc:  # noqa: BLE001 - handed to that row's caller
+        log.exception("a row of the batch failed; the other rows go on")
+        return exc
+
+
+def _raised(result: StepOutput | None | Exception) -> StepOutput | None:
+    """``result``, raising it if it is a row's exception."""
+    if isinstance(result, Exception):
+        raise result
+    return result

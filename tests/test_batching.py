@@ -19,6 +19,7 @@ from decoding.adaptive import (
     token_acceptance,
 )
 from decoding.batching import ContinuousBatcher, generate_batch
+from decoding.detokenizer import StopMatcher
 from decoding.grammar import json_schema_grammar
 from decoding.stats import RequestStats
 
@@ -117,6 +118,49 @@ def test_planner_acceptance_model_is_geometric():
     assert token_acceptance(RequestStats()) == pytest.approx(0.7)  # the prior
     # 18 accepted drafts, 2 rejections: close to 18 / 20 once the prior is outweighed
     assert token_acceptance(RequestStats(accepted_tokens=18, draft_rejections=2)) == pytest.approx(20.8 / 24)
+
+
+class FailingStops(StopMatcher):
+    """A stop matcher that raises at its ``fail_at``-th token: a fault inside one row's commit."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__(())
+        self.fail_at, self.seen = fail_at, 0
+
+    def add(self, delta: str) -> bool:
+        self.seen += 1
+        if self.seen == self.fail_at:
+            raise RuntimeError("injected fault")
+        return super().add(delta)
+
+
+def test_a_failing_row_fails_alone_and_the_others_lose_nothing(default_engine):
+    """A row that raises while committing (its first token in a shared prefill, or mid-way in a shared
+    decode step) gets its error once; every other row streams each of its tokens exactly once and ends with
+    its solo output (no row is stepped twice when the batch is retried)."""
+    requests = mixed_requests(default_engine.tokenizer, long_prompt=False)[:6]
+    faults = {1: 6, 2: 1}  # row -> the token at which it fails
+    batcher = ContinuousBatcher(default_engine, max_batch_size=8, max_batched_tokens=512)
+    seqs = []
+    for i, (ids, params, policy) in enumerate(requests):
+        seq = default_engine.admit(ids, params)
+        seq.policy = policy
+        if i in faults:
+            seq.stopper = FailingStops(faults[i])
+        batcher.add(seq)
+        seqs.append(seq)
+    streamed: dict[int, list] = {id(seq): [] for seq in seqs}
+    while batcher.size:
+        for seq, out in batcher.step().outputs:
+            streamed[id(seq)].append(out)
+    solo = solo_outputs(default_engine, requests)
+    for i, seq in enumerate(seqs):
+        outs = streamed[id(seq)]
+        if i in faults:
+            assert isinstance(outs[-1], RuntimeError) and not any(isinstance(o, Exception) for o in outs[:-1])
+        else:
+            assert [t for out in outs for t in out.token_ids] == seq.generated == solo[i]
+            assert outs[-1].finish_reason is not None
 
 
 def test_cut_drafts_verifies_at_once_and_keeps_every_output(default_engine):
