@@ -349,8 +349,8 @@ class SpeculativeEngine:
                                                      device=self.runner.device), seqs[i].cache,
                                         starts[i] + len(drafts[i])) for i in active]
                     outs = self.runner.forward_packed(segments, policy)
-                    still = [i for i, out in zip(active, outs)
-                             if self._draft_one(seqs[i], out.logits[-1], drafts[i], probs[i]) and len(drafts[i]) < rooms[i]]
+                    still = [i for i, out in zip(active, outs) if self._draft_one(
+                        seqs[i], out.logits[-1], drafts[i], probs[i]) and len(drafts[i]) < rooms[i]]
                     if still and cut is not None and cut():
                         still = [i for i in still if not seqs[i].params.draft_length_free]
                     active = still
