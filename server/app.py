@@ -34,7 +34,8 @@ from .serving import (
     sse,
     usage,
 )
-from .state import ServerState, build_state, reload_router
+from .state import ChatTemplateError, ServerState, build_state, reload_router
+from .tools import ToolCall, ToolCallStream, parse_tool_calls
 
 log = logging.getLogger("knn_ssd.server")
 
@@ -56,6 +57,7 @@ class ServerConfig:
     max_model_len: int | None = None
     prefix_cache_mb: float = 256.0
     log_prompts: str | None = None
+    chat_template: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
@@ -213,14 +215,21 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         if not body.stream:
             choices = await srv.collect(gens, queue, request)
             srv.record(200, choices)
-            return {**base, "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                         "logprobs": logprobs(c.logprobs), "finish_reason": c.finish_reason}
-                                        for c in choices],
+            return {**base, "choices": [_chat_choice(c, body.calls_tools(), logprobs(c.logprobs)) for c in choices],
                     "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)}
         base = {**base, "object": "chat.completion.chunk"}
+        tool_streams = [ToolCallStream() for _ in gens] if body.calls_tools() else []
 
         def chunk(index: int, text: str, finish: str | None, items: list[TokenLogprob]) -> dict[str, Any]:
-            delta = {"content": text} if text else {}
+            calls: list[ToolCall] = []
+            if tool_streams:  # content up to a tool call; the calls when the choice ends
+                text = tool_streams[index].feed(text)
+                if finish is not None:
+                    rest, calls = tool_streams[index].finish()
+                    text, finish = text + rest, "tool_calls" if calls else finish
+            delta: dict[str, Any] = {"content": text} if text else {}
+            if calls:
+                delta["tool_calls"] = [call.to_dict(i) for i, call in enumerate(calls)]
             return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs(items) if items else None,
                                          "finish_reason": finish}]}
 
@@ -236,6 +245,18 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     return app
+
+
+def _chat_choice(choice: Choice, calls_tools: bool, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    """A finished chat choice; with tools, its text split into content and tool calls."""
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+    finish = choice.finish_reason
+    if calls_tools:
+        content, calls = parse_tool_calls(choice.text)
+        if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": [call.to_dict() for call in calls]}
+            finish = "tool_calls"
+    return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
 ChunkFn = Callable[[int, str, "str | None", "list[TokenLogprob]"], dict[str, Any]]
@@ -295,7 +316,7 @@ def run_server(args: argparse.Namespace) -> int:
     config = ServerConfig.from_args(args)
     try:  # load before uvicorn starts: a bad --model/--index/--device is one line, not a lifespan traceback
         state = build_state(config)
-    except (ModelLoadError, PackagedModelError, ArtifactError, PromptLogError) as exc:
+    except (ModelLoadError, PackagedModelError, ArtifactError, PromptLogError, ChatTemplateError) as exc:
         raise SystemExit(f"knn-ssd serve: {exc}") from None
     app = create_app(config, state)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-prompts", default=None, metavar="FILE",
                        help="append each accepted request's prompt to this JSONL file (user text: off unless "
                             "given), the input of `knn-ssd calibrate --traffic` for calibrating on real traffic")
+    serve.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="a Jinja chat template to use instead of the model's own, e.g. one that renders "
+                            "`tools` for OpenAI tool calling (calls are read in the Hermes <tool_call> format)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds SIGTERM waits for in-flight requests before exiting")
     serve.set_defaults(func=cmd_serve)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -150,11 +151,65 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionDefinition(BaseModel):
+    """A tool's ``function``: what the chat template shows the model, and the schema of its arguments."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming the function the model must call."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    """A call an earlier assistant message made (sent back with the conversation)."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def for_template(self) -> dict[str, Any]:
+        """The call as chat templates expect it: arguments as an object where they parse as one."""
+        try:
+            arguments = json.loads(self.function.arguments)
+        except ValueError:
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this result answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -178,7 +233,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -189,10 +246,30 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("'logprobs' must be set to true when 'top_logprobs' is used")
         return self
 
-    def unsupported(self) -> tuple[str, str] | None:
-        if self.tools:
-            return "tools", "tool calling is not supported"
-        return super().unsupported()
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("'tool_choice' other than 'none' or 'auto' needs 'tools'")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names():
+            raise ValueError(f"tool_choice names the function {choice.function.name!r}, which is not in 'tools'")
+        if self.forced_tools() and self.response_format and self.response_format.type != "text":
+            raise ValueError("a forced tool call ('tool_choice') cannot be combined with 'response_format'")
+        return self
+
+    def tool_names(self) -> list[str]:
+        return [t.function.name for t in self.tools or ()]
+
+    def calls_tools(self) -> bool:
+        """Whether the output is parsed for tool calls (tools given and ``tool_choice`` not ``none``)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def forced_tools(self) -> list[dict[str, Any]]:
+        """The functions one of which the output must call (``required`` or a named function), else []."""
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
+            return []
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        return [t.function.model_dump(exclude_none=True) for t in self.tools if named in (None, t.function.name)]
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

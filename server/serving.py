@@ -17,9 +17,10 @@ from decoding.grammar import GrammarError, json_schema_grammar
 from .logprobs import LogprobFormatter
 from .metrics import Metrics
 from .prompt_log import PromptLog
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
+from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from .routing import PolicyResolver
 from .scheduler import EngineLoop, GenerationEvent, GenerationRequest, QueueFullError, RouteDecision
+from .tools import forced_call_grammar, template_renders_tools
 
 DISCONNECT_POLL_S = 0.25
 
@@ -77,13 +78,19 @@ class OpenAIServing:
         return prompts
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
             raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        tools = None
+        if req.tools:
+            if not template_renders_tools(str(template)):
+                raise APIError(400, "this model's chat template does not render tools: serve it with "
+                                    "--chat-template FILE naming a template that does (Hermes <tool_call> format)",
+                               "tools")
+            tools = [t.model_dump(exclude_none=True) for t in req.tools]
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)
+            ids = self.tokenizer.apply_chat_template([_template_message(m) for m in req.messages], tools=tools,
+                                                     add_generation_prompt=True, tokenize=True, return_dict=False)
         except Exception as exc:  # templates raise on role orders they do not accept
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
         return list(ids)
@@ -115,15 +122,21 @@ class OpenAIServing:
         return pairs
 
     def grammar(self, req: SamplingFields) -> str | None:
-        """The grammar of ``response_format`` (None for free text), checked to compile (else a 400)."""
-        schema = req.response_format.required_schema() if req.response_format else None
-        if schema is None:
-            return None
-        grammar = json_schema_grammar(schema)
+        """The grammar the output must follow (None for free text): ``response_format``'s, or a forced tool
+        call's (``tool_choice`` ``required`` or a named function), checked to compile (else a 400)."""
+        forced = req.forced_tools() if isinstance(req, ChatCompletionRequest) else []
+        if forced:
+            parallel = req.parallel_tool_calls and req.tool_choice == "required"  # a named function: one call
+            grammar, param = forced_call_grammar(forced, parallel), "tools"
+        else:
+            schema = req.response_format.required_schema() if req.response_format else None
+            if schema is None:
+                return None
+            grammar, param = json_schema_grammar(schema), "response_format"
         try:
             self.loop.engine.grammars.check(grammar)
         except GrammarError as exc:
-            raise APIError(400, f"response_format: {exc}", "response_format") from exc
+            raise APIError(400, f"{param}: {exc}", param) from exc
         return grammar
 
     def check_supported(self, req: SamplingFields) -> None:
@@ -192,6 +205,19 @@ class OpenAIServing:
     def record(self, status: int, choices: list[Choice]) -> None:
         for c in choices:
             self.metrics.request_done(status, c.finish_reason)
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """A request message as chat templates take it (a developer message is a system one)."""
+    out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
+                           "content": message.text()}
+    if message.tool_calls:
+        out["tool_calls"] = [call.for_template() for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.role == "tool" and message.name:
+        out["name"] = message.name
+    return out
 
 
 def apply_event(choice: Choice, event: GenerationEvent) -> None:

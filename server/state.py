@@ -32,6 +32,7 @@ from .prompt_log import PromptLog
 from .routing import PolicyResolver
 from .scheduler import EngineLoop
 from .serving import OpenAIServing
+from .tools import template_renders_tools
 
 if TYPE_CHECKING:
     from .app import ServerConfig
@@ -79,6 +80,18 @@ def _router(config: "ServerConfig", info: ModelInfo) -> Router | None:
         return None
 
 
+class ChatTemplateError(ValueError):
+    """``--chat-template`` names a file that cannot be read."""
+
+
+def read_chat_template(path: str) -> str:
+    """The Jinja source of a ``--chat-template`` file."""
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ChatTemplateError(f"cannot read --chat-template {path}: {exc}") from exc
+
+
 def engine_thread() -> concurrent.futures.ThreadPoolExecutor:
     """The one thread that runs every torch call of the server, from loading to decoding.
 
@@ -98,7 +111,10 @@ def build_state(config: "ServerConfig") -> ServerState:
 def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolExecutor) -> ServerState:
     t0 = time.perf_counter()
     prompt_log = PromptLog(Path(config.log_prompts)) if config.log_prompts else None  # before the slow load
+    template = read_chat_template(config.chat_template) if config.chat_template else None
     hf_model, tokenizer, info = load_model(config.model, config.device, config.dtype)
+    if template is not None:
+        tokenizer.chat_template = template
     runner = ModelRunner(hf_model, int8_draft=True)
     max_len = min(runner.max_context, config.max_model_len or runner.max_context)
     prefix_cache = PrefixCache(int(config.prefix_cache_mb * 2**20)) if config.prefix_cache_mb > 0 else None
@@ -117,6 +133,10 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
     t0 = time.perf_counter()  # now, not at the first response_format request (it would stall the event loop)
     engine.grammars.prepare()
     log.info("structured output (response_format): llguidance tokenizer built in %.1fs", time.perf_counter() - t0)
+    source = f"from {config.chat_template}" if template is not None else "the model's own"
+    log.info("chat template: %s; tool calling: %s", source,
+             "on (the template renders tools)" if template_renders_tools(str(tokenizer.chat_template or ""))
+             else "off (the template does not render tools; --chat-template FILE can give one that does)")
     log.info("prefix cache: %s", f"{config.prefix_cache_mb:g} MiB, blocks of {prefix_cache.block_tokens} tokens"
              if prefix_cache is not None else "off")  # an empty cache has len 0: test for None
     router = _router(config, info)

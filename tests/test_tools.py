@@ -1,0 +1,187 @@
+"""Tool calling (``tools``, ``tool_choice``): Hermes ``<tool_call>`` blocks parsed into OpenAI's ``tool_calls``,
+forced calls that always follow the function's schema, streamed as a whole, the same with and without
+speculation; a template that cannot render tools is a clear 400."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from live_server import LiveServer
+from openai import BadRequestError, OpenAI
+
+from server.tools import ToolCallStream, forced_call_grammar, parse_tool_calls, template_renders_tools
+
+# ChatML (the default model's prompt format) with the tools rendered as Hermes-style templates do
+TOOLS_TEMPLATE = """{%- if tools %}<|im_start|>system
+You can call functions. Their signatures:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+To call one, answer with <tool_call>
+{"name": <function name>, "arguments": <arguments object>}
+</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{%- for call in message.tool_calls %}
+<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 30}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Current time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 30}},
+                   "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+def test_parse_content_and_calls():
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
+    content, calls = parse_tool_calls(text)
+    assert content == "Let me check.\n"
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}),
+                                                                  ("get_time", {"zone": "CET"})]
+    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+    assert parse_tool_calls("no calls here") == ("no calls here", [])
+    broken = 'Sure: <tool_call>\n{"name": "get_weather", "arguments": {"city": '  # cut off: stays text
+    assert parse_tool_calls(broken) == (broken, [])
+
+
+CALL_BODY = '\n{"name": "f", "arguments": {}}\n'
+
+
+@pytest.mark.parametrize("pieces", [["Hi <tool", "_call>" + CALL_BODY + "</tool_call>"],
+                                    ["Hi ", "<", "tool_call>", CALL_BODY, "</tool_call>"],
+                                    ["a <b> c <tool_cal", "l and more text"]])
+def test_stream_sends_content_and_holds_calls(pieces):
+    stream = ToolCallStream()
+    sent = "".join(stream.feed(p) for p in pieces)
+    rest, calls = stream.finish()
+    content, expected = parse_tool_calls("".join(pieces))
+    assert sent + rest == (content or "") if expected else sent + rest == "".join(pieces)
+    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in expected]
+
+
+def test_template_detection():
+    assert template_renders_tools(TOOLS_TEMPLATE)
+    assert not template_renders_tools("{% for message in messages %}{{ message.content }}{% endfor %}")
+
+
+def test_forced_grammar_accepts_a_call_and_refuses_other_text(default_engine):
+    grammar = forced_call_grammar([WEATHER["function"]], parallel=False)
+    default_engine.grammars.check(grammar)
+    tok = default_engine.tokenizer
+    good = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>'
+    for text, ok in ((good, True), ('<tool_call>\n{"name": "get_time"', False), ("Sure!", False)):
+        constraint = default_engine.grammars.constraint(grammar)
+        assert all(constraint.advance(t) for t in tok(text).input_ids) == ok
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    template = tmp_path_factory.mktemp("template") / "tools.jinja"
+    template.write_text(TOOLS_TEMPLATE)
+    with LiveServer("--chat-template", str(template)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def tools_client(tool_server) -> OpenAI:
+    return OpenAI(base_url=f"{tool_server.url}/v1", api_key="unused")
+
+
+def test_named_tool_choice_gives_a_call_that_follows_the_schema(tools_client, tool_server):
+    assert "tool calling: on" in tool_server.log_text()
+    out = tools_client.chat.completions.create(
+        model="default", messages=ASK, tools=[WEATHER, TIME], max_tokens=80, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
+    plain = tools_client.chat.completions.create(
+        model="default", messages=ASK, tools=[WEATHER, TIME], max_tokens=80, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body={"speculate": False})
+    assert plain.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    assert out.knn_ssd["accepted_tokens"] > 0  # the routed request did speculate
+
+
+def test_required_tool_choice_streams_the_same_calls(tools_client):
+    kwargs = dict(model="default", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=120,
+                  temperature=0)
+    whole = tools_client.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls" and len(whole.message.tool_calls) >= 2  # parallel calls
+    assert all(c.function.name in ("get_weather", "get_time") for c in whole.message.tool_calls)
+    deltas, finish = [], None
+    for chunk in tools_client.chat.completions.create(**kwargs, stream=True):
+        if chunk.choices:
+            deltas += chunk.choices[0].delta.tool_calls or []
+            assert not chunk.choices[0].delta.content
+            finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [
+        (i, c.function.name, c.function.arguments) for i, c in enumerate(whole.message.tool_calls)]
+
+
+def test_auto_without_a_call_is_plain_content(tools_client):
+    """``auto``: the model answered in words (this small model does here), so the content passes unchanged."""
+    kwargs = dict(model="default", messages=ASK, tools=[WEATHER, TIME], max_tokens=24, temperature=0)
+    whole = tools_client.chat.completions.create(**kwargs).choices[0]
+    assert whole.message.content and not whole.message.tool_calls and whole.finish_reason in ("stop", "length")
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
+                       tools_client.chat.completions.create(**kwargs, stream=True) if chunk.choices)
+    assert streamed == whole.message.content
+
+
+def test_tool_results_continue_the_conversation(tools_client):
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "celsius"})}}
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18, "sky": "clear"}'}]
+    out = tools_client.chat.completions.create(model="default", messages=messages, tools=[WEATHER], max_tokens=24,
+                                               tool_choice="none", temperature=0)
+    assert out.choices[0].message.content and not out.choices[0].message.tool_calls
+    assert out.usage.prompt_tokens > 80  # the tool definitions, the call and its result are in the prompt
+
+
+def test_tool_requests_that_cannot_be_served(tools_client, client):
+    with pytest.raises(BadRequestError, match="not in 'tools'") as err:
+        tools_client.chat.completions.create(model="default", messages=ASK, tools=[WEATHER],
+                                             tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert err.value.body["type"] == "invalid_request_error"
+    with pytest.raises(BadRequestError, match="needs 'tools'"):
+        tools_client.chat.completions.create(model="default", messages=ASK, tool_choice="required")
+    bad_schema = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    with pytest.raises(BadRequestError) as err:
+        tools_client.chat.completions.create(model="default", messages=ASK, tools=[bad_schema], tool_choice="required")
+    assert err.value.body["param"] == "tools"
+    with pytest.raises(BadRequestError, match="does not render tools") as err:  # the default model's own template
+        client.chat.completions.create(model="default", messages=ASK, tools=[WEATHER])
+    assert err.value.body["param"] == "tools"
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused")
