@@ -13,8 +13,13 @@ MAX_STOP_STRINGS = 16
 MAX_N = 16
 
 
-class StreamOptions(BaseModel):
+class OpenAIObject(BaseModel):
+    """A request object: fields this server does not know are ignored, as OpenAI does."""
+
     model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(OpenAIObject):
     include_usage: bool = False
 
 
@@ -36,10 +41,9 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(OpenAIObject):
     """OpenAI's ``response_format``: free text, any JSON object, or JSON following a schema."""
 
-    model_config = ConfigDict(extra="ignore")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -56,10 +60,8 @@ class ResponseFormat(BaseModel):
         return self.json_schema.json_schema if self.type == "json_schema" else None
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by completions and chat; unknown fields are ignored as OpenAI does."""
-
-    model_config = ConfigDict(extra="ignore")
+class SamplingFields(OpenAIObject):
+    """Fields shared by completions and chat."""
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -145,51 +147,44 @@ class CompletionRequest(SamplingFields):
         return super().unsupported()
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TextPart(OpenAIObject):
     type: Literal["text"]
     text: str
 
 
-class FunctionDefinition(BaseModel):
+class FunctionDefinition(OpenAIObject):
     """A tool's ``function``: what the chat template shows the model, and the schema of its arguments."""
 
-    model_config = ConfigDict(extra="ignore")
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ToolDefinition(OpenAIObject):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FunctionName(OpenAIObject):
     name: str
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(OpenAIObject):
     """``tool_choice`` naming the function the model must call."""
 
-    model_config = ConfigDict(extra="ignore")
     type: Literal["function"]
     function: FunctionName
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FunctionCall(OpenAIObject):
     name: str
     arguments: str
 
 
-class MessageToolCall(BaseModel):
+class MessageToolCall(OpenAIObject):
     """A call an earlier assistant message made (sent back with the conversation)."""
 
-    model_config = ConfigDict(extra="ignore")
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
@@ -203,8 +198,7 @@ class MessageToolCall(BaseModel):
         return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(OpenAIObject):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
