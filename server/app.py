@@ -215,10 +215,10 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         if not body.stream:
             choices = await srv.collect(gens, queue, request)
             srv.record(200, choices)
-            return {**base, "choices": [_chat_choice(c, body.calls_tools(), logprobs(c.logprobs)) for c in choices],
+            return {**base, "choices": [_chat_choice(c, body, logprobs(c.logprobs)) for c in choices],
                     "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)}
         base = {**base, "object": "chat.completion.chunk"}
-        tool_streams = [ToolCallStream() for _ in gens] if body.calls_tools() else []
+        tool_streams = [ToolCallStream(body.tool_names()) for _ in gens] if body.calls_tools() else []
 
         def chunk(index: int, text: str, finish: str | None, items: list[TokenLogprob]) -> dict[str, Any]:
             calls: list[ToolCall] = []
@@ -247,12 +247,12 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
     return app
 
 
-def _chat_choice(choice: Choice, calls_tools: bool, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+def _chat_choice(choice: Choice, req: ChatCompletionRequest, logprobs: dict[str, Any] | None) -> dict[str, Any]:
     """A finished chat choice; with tools, its text split into content and tool calls."""
     message: dict[str, Any] = {"role": "assistant", "content": choice.text}
     finish = choice.finish_reason
-    if calls_tools:
-        content, calls = parse_tool_calls(choice.text)
+    if req.calls_tools():
+        content, calls = parse_tool_calls(choice.text, req.tool_names())
         if calls:
             message = {"role": "assistant", "content": content, "tool_calls": [call.to_dict() for call in calls]}
             finish = "tool_calls"

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_JSON_FENCE = "```json"
+_FENCE = re.compile(re.escape(_JSON_FENCE) + r"\s*(.*?)\s*```", re.DOTALL)
 _BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
 # the JSON the Hermes format writes (json.dumps' separators), with no room for runaway whitespace
 _COMPACT_JSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
@@ -55,27 +58,41 @@ class ToolCall:
         return out if index is None else {"index": index, **out}
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
+def parse_tool_calls(text: str, names: Collection[str]) -> tuple[str | None, list[ToolCall]]:
     """Split generated text into its content (the text before the first call, None if empty) and its
     calls. A block whose JSON does not parse as a call leaves the whole text as content, as written
-    (vLLM's Hermes parser does the same)."""
+    (vLLM's Hermes parser does the same). Without tags, an output that is nothing but a call object or
+    a list of them (``{"name": ..., "arguments": ...}``, bare or in a ```json fence) naming functions of
+    ``names`` is read as calls too: Qwen2.5-Coder-1.5B answers a tool prompt that way."""
     start = text.find(OPEN)
     if start < 0:
-        return text, []
+        calls = _bare_calls(text, names)
+        return (None, calls) if calls else (text, [])
     calls = []
     for match in _BLOCK.finditer(text, start):
-        call = _call(match.group(1))
+        call = _call(_json(match.group(1)))
         if call is None:
             return text, []
         calls.append(call)
     return text[:start] or None, calls
 
 
-def _call(body: str) -> ToolCall | None:
+def _bare_calls(text: str, names: Collection[str]) -> list[ToolCall]:
+    fenced = _FENCE.fullmatch(text.strip())
+    data = _json(fenced.group(1) if fenced else text)
+    items = data if isinstance(data, list) else [data]
+    calls = [_call(item) for item in items if isinstance(item, dict) and ("arguments" in item or "parameters" in item)]
+    return calls if calls and len(calls) == len(items) and all(c and c.name in names for c in calls) else []
+
+
+def _json(text: str) -> Any:
     try:
-        data = json.loads(body)
+        return json.loads(text)
     except ValueError:
         return None
+
+
+def _call(data: Any) -> ToolCall | None:
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         return None
     arguments = data.get("arguments", data.get("parameters", {}))
@@ -87,40 +104,38 @@ def _call(body: str) -> ToolCall | None:
 class ToolCallStream:
     """Splits a streamed choice into content deltas and, at its end, its tool calls.
 
-    Text goes out as content until a ``<tool_call>`` tag starts; a tail that could be the start of one
-    waits for the next delta. From the tag on, text is held and parsed when the choice finishes.
+    Text goes out as content until a ``<tool_call>`` tag starts (a tail that could begin one waits for
+    the next delta); from the tag on, it is held and parsed when the choice ends. An output that
+    begins like a bare call object (``{``, ``[`` or a ```json fence) is held whole until then.
     """
 
-    def __init__(self) -> None:
-        self._pending = ""  # not yet sent: a possible tag start, or everything from a tag on
-        self._held = ""  # everything from the first tag on
-        self._sent_content = ""
+    def __init__(self, names: Collection[str]) -> None:
+        self._names = names
+        self._text = ""
+        self._sent = 0  # characters of ``_text`` sent as content
 
     def feed(self, delta: str) -> str:
         """Content safe to send now."""
-        if self._held:
-            self._held += delta
-            return ""
-        text = self._pending + delta
-        tag = text.find(OPEN)
-        if tag >= 0:
-            self._held, self._pending = text[tag:], ""
-            return self._send(text[:tag])
-        keep = next((n for n in range(min(len(OPEN) - 1, len(text)), 0, -1) if OPEN.startswith(text[-n:])), 0)
-        self._pending = text[len(text) - keep:]
-        return self._send(text[:len(text) - keep])
+        self._text += delta
+        return self._send_upto(self._safe_end())
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """The content still to send and the calls, once the choice has ended."""
-        if not self._held:
-            rest, self._pending = self._pending, ""
-            return self._send(rest), []
-        content, calls = parse_tool_calls(self._sent_content + self._held)
-        if not calls:  # not a call after all: it goes out as text
-            held, self._held = self._held, ""
-            return self._send(held), []
-        return "", calls
+        content, calls = parse_tool_calls(self._text, self._names)
+        if not calls:
+            return self._send_upto(len(self._text)), []
+        return (content or "")[self._sent:], calls
 
-    def _send(self, text: str) -> str:
-        self._sent_content += text
+    def _safe_end(self) -> int:
+        head = self._text.lstrip()
+        if not head or head[0] in "{[" or _JSON_FENCE.startswith(head[:len(_JSON_FENCE)]):
+            return self._sent  # a bare call may be coming: hold it all
+        tag = self._text.find(OPEN)
+        if tag >= 0:
+            return tag
+        n = len(self._text)
+        return n - next((k for k in range(min(len(OPEN) - 1, n), 0, -1) if OPEN.startswith(self._text[-k:])), 0)
+
+    def _send_upto(self, end: int) -> str:
+        text, self._sent = self._text[self._sent:end], max(self._sent, end)
         return text

@@ -52,19 +52,33 @@ TIME = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 30}},
                    "required": ["zone"], "additionalProperties": False}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+NAMES = ("get_weather", "get_time", "f")
 
 
 def test_parse_content_and_calls():
     text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
             '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
-    content, calls = parse_tool_calls(text)
+    content, calls = parse_tool_calls(text, NAMES)
     assert content == "Let me check.\n"
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}),
                                                                   ("get_time", {"zone": "CET"})]
     assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
-    assert parse_tool_calls("no calls here") == ("no calls here", [])
+    assert parse_tool_calls("no calls here", NAMES) == ("no calls here", [])
     broken = 'Sure: <tool_call>\n{"name": "get_weather", "arguments": {"city": '  # cut off: stays text
-    assert parse_tool_calls(broken) == (broken, [])
+    assert parse_tool_calls(broken, NAMES) == (broken, [])
+
+
+def test_parse_bare_and_fenced_call_objects():
+    """Qwen2.5-Coder-1.5B answers a tool prompt with a fenced call object instead of tags."""
+    fenced = '```json\n{\n  "name": "get_weather",\n  "arguments": {"city": "Paris", "unit": "celsius"}\n}\n```'
+    content, [call] = parse_tool_calls(fenced, NAMES)
+    assert content is None and (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris",
+                                                                                           "unit": "celsius"})
+    both = '[{"name": "get_time", "arguments": {"zone": "CET"}}, {"name": "get_weather", "arguments": {}}]'
+    assert [c.name for c in parse_tool_calls(both, NAMES)[1]] == ["get_time", "get_weather"]
+    for text in ('{"name": "unknown_tool", "arguments": {}}', '{"name": "get_time"}', '{"a": 1}', "[1, 2]",
+                 '```python\nprint({"name": "get_time", "arguments": {}})\n```'):
+        assert parse_tool_calls(text, NAMES) == (text, [])  # not a call of a given function: content
 
 
 CALL_BODY = '\n{"name": "f", "arguments": {}}\n'
@@ -72,12 +86,14 @@ CALL_BODY = '\n{"name": "f", "arguments": {}}\n'
 
 @pytest.mark.parametrize("pieces", [["Hi <tool", "_call>" + CALL_BODY + "</tool_call>"],
                                     ["Hi ", "<", "tool_call>", CALL_BODY, "</tool_call>"],
-                                    ["a <b> c <tool_cal", "l and more text"]])
+                                    ["a <b> c <tool_cal", "l and more text"],
+                                    ["```js", "on\n", '{"name": "get_time", "arguments": {}}', "\n```"],
+                                    ["  {", '"a": 1}'], ["```python\n", "x = 1\n```"]])
 def test_stream_sends_content_and_holds_calls(pieces):
-    stream = ToolCallStream()
+    stream = ToolCallStream(NAMES)
     sent = "".join(stream.feed(p) for p in pieces)
     rest, calls = stream.finish()
-    content, expected = parse_tool_calls("".join(pieces))
+    content, expected = parse_tool_calls("".join(pieces), NAMES)
     assert sent + rest == (content or "") if expected else sent + rest == "".join(pieces)
     assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in expected]
 
