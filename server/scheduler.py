@@ -63,7 +63,21 @@ class GenerationRequest:
     seq: Sequence | None = None
     route: RouteDecision | None = None
     admitted: float = 0.0
+    first_output: float = 0.0
     last_output: float = 0.0
+
+    def summary(self) -> str:
+        """One log line on how a finished (or aborted) request went: sizes, route, speculation, timings."""
+        stats, route = self.seq.stats, self.route
+        policy = route.policy
+        how = "plain decoding" if policy.is_plain else (
+            f"{policy.precision} draft, {len(policy.skip)} sub-layers skipped, "
+            f"{stats.mean_accepted_tokens:.1f} tokens per step, acceptance {stats.acceptance_rate:.2f}")
+        cached = f" ({stats.cached_tokens} cached)" if stats.cached_tokens else ""
+        return (f"request {self.request_id} {stats.finish_reason}: {stats.prompt_tokens} prompt tokens{cached}, "
+                f"{stats.completion_tokens} generated; domain {route.domain or '-'}, {how}; queued "
+                f"{self.admitted - self.arrival:.2f}s, first token {self.first_output - self.arrival:.2f}s, "
+                f"total {self.last_output - self.arrival:.2f}s")
 
 
 class EngineObserver(Protocol):
@@ -208,6 +222,7 @@ class EngineLoop:
         if req.route is not None:  # decoding had started: account for what it did
             req.seq.finish_reason = req.seq.stats.finish_reason = "abort"
             self.observer.on_finished(req)
+            log.info(req.summary())
 
     def _deliver(self, req: GenerationRequest, out: StepOutput | BaseException) -> None:
         if isinstance(out, BaseException):
@@ -228,10 +243,12 @@ class EngineLoop:
         now = time.monotonic()
         self.observer.on_tokens(req, len(out.token_ids), first, now)
         req.last_output = now
+        req.first_output = req.first_output or now
         done = out.finish_reason is not None
         if done:
             self._release(req)
             self.observer.on_finished(req)
+            log.info(req.summary())
         req.emit(GenerationEvent(text=out.text, token_ids=out.token_ids, logprobs=out.logprobs,
                                  prompt_logprobs=out.prompt_logprobs, finish_reason=out.finish_reason,
                                  route=req.route if first or done else None,

@@ -74,6 +74,8 @@ def test_sigterm_drains_in_flight_stream(small_server):
             if line:
                 lines.append(line)
     assert lines[-1] == "data: [DONE]"
+    finished = [line for line in small_server.log_text().splitlines() if " length: " in line and "request " in line]
+    assert finished and "40 generated" in finished[-1] and "first token" in finished[-1]  # one line per request
     # uvicorn re-raises SIGTERM after its graceful shutdown, so -SIGTERM is a clean exit here
     assert small_server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
     assert "shutting down the engine loop" in small_server.log_text()
