@@ -75,7 +75,10 @@ class StepCosts:
         return self.verify(rows, tokens)
 
     def draft_s(self, policy: DraftPolicy, rows: int) -> float:
-        """One draft position for ``rows`` rows of ``policy``: the kept share of its precision's forward."""
+        """One draft position for ``rows`` rows of ``policy``: the kept share of its precision's forward (none
+        for a policy that drafts only by lookup)."""
+        if not policy.drafts_with_model:
+            return 0.0
         kept = 1.0 - len(policy.skip) / (2 * self.num_layers)
         full = self.verify_s(rows, rows) if policy.precision == "full" else self.drafts[policy.precision](rows, rows)
         return kept * full

@@ -20,6 +20,7 @@ from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .grammar import GrammarCompiler, GrammarConstraint
 from .kv_cache import KVCache
 from .logprobs import TokenLogprob, token_logprobs
+from .lookup import ngram_lookup
 from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
 from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixCache
 from .runner import ForwardOutput, ModelRunner, Segment
@@ -333,15 +334,20 @@ class SpeculativeEngine:
 
     def _draft_batch(self, seqs: list[Sequence], starts: list[int], cap: int | None,
                      cut: Callable[[], bool] | None = None) -> tuple[list[list[int]], list[torch.Tensor | None]]:
-        """Draft for every row; rows sharing a policy run together, one packed draft forward per position."""
+        """Draft for every row: by n-gram lookup where the policy asks for it and a match exists, else with the
+        model, rows sharing a policy together, one packed draft forward per position."""
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         rooms = [self._draft_room(seq, start, cap) for seq, start in zip(seqs, starts)]
         groups: dict[DraftPolicy, list[int]] = {}
-        for i, seq in enumerate(seqs):
-            if rooms[i] > 0:
-                groups.setdefault(seq.policy, []).append(i)
         try:
+            for i, seq in enumerate(seqs):
+                if rooms[i] <= 0:
+                    continue
+                if seq.policy.lookup and self._draft_by_lookup(seq, rooms[i], drafts[i], probs[i]):
+                    continue  # drafted without a forward pass
+                if seq.policy.drafts_with_model:
+                    groups.setdefault(seq.policy, []).append(i)
             for policy, active in groups.items():
                 t0 = time.perf_counter()
                 while active:
@@ -362,6 +368,25 @@ class SpeculativeEngine:
                 if seq.grammar is not None:
                     seq.grammar.retract(len(d))
         return drafts, [torch.stack(p) if p else None for p in probs]
+
+    def _draft_by_lookup(self, seq: Sequence, room: int, drafts: list[int], probs: list[torch.Tensor]) -> bool:
+        """Draft the tokens an n-gram lookup finds (``decoding.lookup``); False when it finds none.
+
+        The draft is a function of the tokens so far, so for sampling rows its distribution is the
+        point mass on each drafted token and speculative sampling keeps the target distribution."""
+        for token in ngram_lookup(seq.tokens, room, seq.params.prediction):
+            if seq.grammar is not None and not seq.grammar.advance(token):
+                break
+            drafts.append(token)
+            if not seq.params.greedy:
+                point = torch.zeros(self.vocab_size, device=self.runner.device)
+                point[token] = 1.0
+                probs.append(point)
+            ended = token in self.eos_ids and not seq.params.ignore_eos
+            if ended or (seq.grammar is not None and seq.grammar.stopped):
+                break
+        seq.stats.lookup_tokens += len(drafts)
+        return bool(drafts)
 
     def _draft_one(self, seq: Sequence, logits: torch.Tensor, drafts: list[int], probs: list[torch.Tensor]) -> bool:
         """Append one draft token chosen from ``logits``; False when drafting should stop here.

@@ -73,7 +73,9 @@ DEFAULT_THRESHOLD, DEFAULT_MAX_DRAFT = 0.0, 12
 class DraftPolicy:
     """How one request drafts: skip set, draft weight precision, early stop and draft length.
 
-    ``speculative`` False means plain autoregressive decoding (the baseline).
+    ``speculative`` False means plain autoregressive decoding (the baseline). ``lookup`` first tries
+    a draft by n-gram lookup in the prompt and the output so far (``decoding.lookup``: no forward
+    pass); a step where nothing matches drafts with the model (skips and precision) as usual.
     """
 
     skip: SkipSet = field(default_factory=SkipSet)
@@ -81,6 +83,7 @@ class DraftPolicy:
     threshold: float = DEFAULT_THRESHOLD
     max_draft: int = DEFAULT_MAX_DRAFT
     speculative: bool = True
+    lookup: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in DRAFT_PRECISIONS:
@@ -91,13 +94,15 @@ class DraftPolicy:
             raise ValueError(f"max_draft must be in [1, {MAX_DRAFT_LIMIT}], got {self.max_draft}")
 
     @property
-    def is_plain(self) -> bool:
-        """True when the policy decodes without speculation.
+    def drafts_with_model(self) -> bool:
+        """Whether the model drafts (skipping sub-layers or on a quantised copy). A full-precision draft
+        that skips nothing is the model itself: drafting with it would only double the work."""
+        return self.speculative and (self.precision != "full" or len(self.skip) > 0)
 
-        A full-precision draft that skips nothing is the model itself: drafting
-        with it would only double the work, so it decodes plainly too.
-        """
-        return not self.speculative or (self.precision == "full" and len(self.skip) == 0)
+    @property
+    def is_plain(self) -> bool:
+        """True when the policy decodes without speculation (no model draft and no lookup)."""
+        return not self.drafts_with_model and not (self.speculative and self.lookup)
 
     def validate(self, num_layers: int) -> "DraftPolicy":
         self.skip.validate(num_layers)
@@ -110,6 +115,7 @@ class DraftPolicy:
             "precision": self.precision,
             "threshold": self.threshold,
             "max_draft": self.max_draft,
+            "lookup": self.lookup,
         }
 
     @classmethod
@@ -120,6 +126,7 @@ class DraftPolicy:
             threshold=float(data.get("threshold", DEFAULT_THRESHOLD)),
             max_draft=int(data.get("max_draft", DEFAULT_MAX_DRAFT)),
             speculative=bool(data.get("speculative", True)),
+            lookup=bool(data.get("lookup", False)),
         )
 
 

@@ -27,6 +27,7 @@ class SamplingParams:
     grammar: str | None = None  # an llguidance grammar the output must follow (``decoding.grammar``)
     logprobs: int | None = None  # report each token's log-probability and this many most likely tokens
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI: echo with logprobs)
+    prediction: tuple[int, ...] = ()  # tokens the output is expected to repeat (OpenAI's predicted outputs)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -50,6 +51,7 @@ class SamplingParams:
             if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
                 raise ValueError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {value}")
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "prediction", tuple(int(t) for t in self.prediction))
 
     @property
     def greedy(self) -> bool:

@@ -15,6 +15,7 @@ class RequestStats:
     completion_tokens: int = 0
     verify_steps: int = 0
     draft_tokens: int = 0
+    lookup_tokens: int = 0  # drafted by n-gram lookup (no forward pass), included in draft_tokens
     accepted_tokens: int = 0
     draft_steps: int = 0  # verify steps that checked at least one drafted token
     draft_rejections: int = 0  # verify steps in which the full model rejected a drafted token

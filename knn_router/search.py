@@ -4,7 +4,9 @@ For each search prompt the full model's greedy continuation is known. A candidat
 draft runs once, in parallel, over that continuation (after the full model's
 prompt KV), giving per position whether its top-1 matches the full model and how
 confident it was. Simulating draft-and-verify over those arrays with the measured
-step costs gives the expected speedup for any stop threshold and max draft.
+step costs gives the expected speedup for any stop threshold and max draft. The tokens an n-gram
+lookup would draft at each position (``decoding.lookup``) are known as well, so every candidate is
+scored with and without lookup drafting, and lookup alone (no model draft) is a candidate too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 
 from decoding import DraftPolicy, ModelRunner, Sequence, SkipSet
+from decoding.lookup import ngram_lookup
+from decoding.policy import MAX_DRAFT_LIMIT
 
 from .costs import StepCosts
 
@@ -23,9 +27,12 @@ THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 MAX_DRAFTS = (3, 5, 8, 12)
 
 
+Arrays = list[tuple[np.ndarray, np.ndarray]]
+
+
 @dataclass
 class Candidate:
-    """A (skip set, precision) with its best threshold / max draft and expected speedup."""
+    """A (skip set, precision) with its best threshold / max draft / lookup and expected speedup."""
 
     skip: SkipSet
     precision: str
@@ -56,13 +63,41 @@ def agreement(runner: ModelRunner, seqs: list[Sequence], skip: SkipSet, precisio
     return out
 
 
-def simulate(arrays: list[tuple[np.ndarray, np.ndarray]], threshold: float, max_draft: int, draft_ms: float,
-             costs: StepCosts) -> float:
-    """Expected speedup over plain decoding of draft-and-verify along the teacher-forced arrays."""
+def lookups(seqs: list[Sequence]) -> Arrays:
+    """Per sequence and position j of ``agreement``'s arrays: how many tokens an n-gram lookup drafts after
+    the prompt and the continuation's first j + 1 tokens, and how many of them the continuation repeats."""
+    out = []
+    for seq in seqs:
+        prompt, cont = seq.tokens[:seq.prompt_len], seq.generated
+        drafted, matched = np.zeros(len(cont) - 1, dtype=np.int64), np.zeros(len(cont) - 1, dtype=np.int64)
+        for j in range(len(cont) - 1):
+            found = ngram_lookup(prompt + cont[:j + 1], MAX_DRAFT_LIMIT)
+            drafted[j] = len(found)
+            matched[j] = next((m for m, (a, b) in enumerate(zip(found, cont[j + 1:])) if a != b),
+                              min(len(found), len(cont) - j - 1))
+        out.append((drafted, matched))
+    return out
+
+
+def simulate(arrays: Arrays, threshold: float, max_draft: int, draft_ms: float, costs: StepCosts,
+             looked_up: Arrays | None = None, model_drafts: bool = True) -> float:
+    """Expected speedup over plain decoding of draft-and-verify along the teacher-forced arrays; with
+    ``looked_up`` (``lookups``), a position where the lookup finds tokens drafts those instead (no draft
+    forward); without ``model_drafts`` the other positions decode plainly."""
     tokens, ms = 0, 0.0
-    for agree, conf in arrays:
+    for index, (agree, conf) in enumerate(arrays):
         i, n = 0, len(agree)
         while i < n:
+            if looked_up is not None and looked_up[index][0][i]:
+                drafted = min(int(looked_up[index][0][i]), max_draft, n - i)
+                accepted = min(int(looked_up[index][1][i]), drafted)
+                ms += costs.verify_ms(drafted + 1)
+                tokens += accepted + 1
+                i += accepted + 1
+                continue
+            if not model_drafts:
+                ms, tokens, i = ms + costs.verify_ms(1), tokens + 1, i + 1
+                continue
             drafted, accepted, matching = 0, 0, True
             for j in range(i, min(n, i + max_draft)):
                 drafted += 1
@@ -77,23 +112,34 @@ def simulate(arrays: list[tuple[np.ndarray, np.ndarray]], threshold: float, max_
 
 
 def expected_speedup(runner: ModelRunner, seqs: list[Sequence], policy: DraftPolicy, costs: StepCosts) -> float:
-    """Expected speedup of ``policy`` exactly as given (threshold and max draft too) on ``seqs``."""
-    arrays = agreement(runner, seqs, policy.skip, policy.precision)
-    return simulate(arrays, policy.threshold, policy.max_draft, costs.draft_ms(policy), costs)
+    """Expected speedup of ``policy`` exactly as given (threshold, max draft and lookup too) on ``seqs``."""
+    arrays = _arrays(runner, seqs, policy.skip, policy.precision)
+    return simulate(arrays, policy.threshold, policy.max_draft, costs.draft_ms(policy), costs,
+                    lookups(seqs) if policy.lookup else None, policy.drafts_with_model)
 
 
-def score(candidate: Candidate, arrays, costs: StepCosts) -> Candidate:
-    """Fill in the best threshold / max draft of ``candidate`` and its expected speedup."""
-    draft_ms = costs.draft_ms(DraftPolicy(candidate.skip, precision=candidate.precision))
-    best = (-1.0, 0.0, 1)
-    for threshold in THRESHOLDS:
-        for max_draft in MAX_DRAFTS:
-            value = simulate(arrays, threshold, max_draft, draft_ms, costs)
-            if value > best[0]:
-                best = (value, threshold, max_draft)
+def _arrays(runner: ModelRunner, seqs: list[Sequence], skip: SkipSet, precision: str) -> Arrays:
+    """``agreement``, or for lookup alone (nothing skipped, full precision) placeholders of its length."""
+    if precision == "full" and not len(skip):
+        return [(np.zeros(len(s.generated) - 1, dtype=bool), np.zeros(len(s.generated) - 1)) for s in seqs]
+    return agreement(runner, seqs, skip, precision)
+
+
+def score(candidate: Candidate, arrays: Arrays, costs: StepCosts, looked_up: Arrays) -> Candidate:
+    """Fill in the best threshold / max draft / lookup of ``candidate`` and its expected speedup."""
+    model = DraftPolicy(candidate.skip, precision=candidate.precision)
+    draft_ms = costs.draft_ms(model)
+    best = (-1.0, 0.0, 1, False)
+    for lookup in (False, True) if model.drafts_with_model else (True,):
+        for threshold in THRESHOLDS if model.drafts_with_model else (0.0,):
+            for max_draft in MAX_DRAFTS:
+                value = simulate(arrays, threshold, max_draft, draft_ms, costs, looked_up if lookup else None,
+                                 model.drafts_with_model)
+                if value > best[0]:
+                    best = (value, threshold, max_draft, lookup)
     candidate.expected = best[0]
     candidate.policy = DraftPolicy(candidate.skip, precision=candidate.precision, threshold=best[1],
-                                   max_draft=best[2])
+                                   max_draft=best[2], lookup=best[3])
     candidate.agreement = float(np.mean(np.concatenate([a for a, _ in arrays])))
     return candidate
 
@@ -126,17 +172,18 @@ def search(runner: ModelRunner, seqs: list[Sequence], costs: StepCosts, budget: 
     precisions = runner.draft_precisions
     evaluated: list[Candidate] = []
     seen: set = set()
+    looked_up = lookups(seqs)
 
     def evaluate(skip: SkipSet, precision: str) -> None:
         key = (skip, precision)
-        if key in seen or (precision == "full" and not len(skip)):
+        if key in seen:
             return
         seen.add(key)
-        evaluated.append(score(Candidate(skip, precision), agreement(runner, seqs, skip, precision), costs))
+        evaluated.append(score(Candidate(skip, precision), _arrays(runner, seqs, skip, precision), costs, looked_up))
         if progress is not None:
             progress.update(1)
 
-    for precision in runner.quantised_precisions:  # each quantised copy with nothing skipped
+    for precision in precisions:  # lookup alone ("full" with nothing skipped), each quantised copy as it is
         evaluate(SkipSet(), precision)
     n_random = max(1, budget // 2)
     while len(evaluated) < n_random:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -27,7 +28,15 @@ class PolicyResolver:
         self.precisions = precisions  # the draft precisions the runner serves
 
     def for_request(self, req: SamplingFields) -> Callable[[torch.Tensor], RouteDecision]:
-        """Validate the request's fields now (400 on error) and return the per-embedding chooser."""
+        """Validate the request's fields now (400 on error) and return the per-embedding chooser. A request
+        with a predicted output (``prediction``) also drafts by lookup, whatever its policy, unless it asked
+        for plain decoding."""
+        choose = self._chooser(req)
+        if req.speculate and getattr(req, "prediction", None) is not None:
+            return lambda embedding: _with_lookup(choose(embedding))
+        return choose
+
+    def _chooser(self, req: SamplingFields) -> Callable[[torch.Tensor], RouteDecision]:
         if not req.speculate:
             return lambda _: RouteDecision(None, None, PLAIN)
         if req.skip_layers is not None:
@@ -57,3 +66,8 @@ class PolicyResolver:
     def _route(router: Router, embedding: torch.Tensor) -> RouteDecision:
         result = router.route(embedding.float().cpu().numpy())
         return RouteDecision(result.label, result.similarity, result.policy, result.lookup_ms)
+
+
+def _with_lookup(decision: RouteDecision) -> RouteDecision:
+    """``decision`` with lookup drafting on (a plain policy becomes lookup alone)."""
+    return replace(decision, policy=replace(decision.policy, speculative=True, lookup=True))

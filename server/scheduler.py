@@ -70,8 +70,9 @@ class GenerationRequest:
         """One log line on how a finished (or aborted) request went: sizes, route, speculation, timings."""
         stats, route = self.seq.stats, self.route
         policy = route.policy
+        lookup = f", {stats.lookup_tokens} drafted by lookup" if policy.lookup else ""
         how = "plain decoding" if policy.is_plain else (
-            f"{policy.precision} draft, {len(policy.skip)} sub-layers skipped, "
+            f"{policy.precision} draft, {len(policy.skip)} sub-layers skipped{lookup}, "
             f"{stats.mean_accepted_tokens:.1f} tokens per step, acceptance {stats.acceptance_rate:.2f}")
         cached = f" ({stats.cached_tokens} cached)" if stats.cached_tokens else ""
         return (f"request {self.request_id} {stats.finish_reason}: {stats.prompt_tokens} prompt tokens{cached}, "

@@ -96,7 +96,7 @@ class OpenAIServing:
         return list(ids)
 
     def sampling_params(self, req: SamplingFields, prompt_len: int, max_tokens: int | None, index: int,
-                        grammar: str | None = None) -> SamplingParams:
+                        grammar: str | None = None, prediction: tuple[int, ...] = ()) -> SamplingParams:
         if prompt_len >= self.max_model_len:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, your "
                                 f"prompt has {prompt_len} tokens.", "prompt", "context_length_exceeded")
@@ -112,7 +112,8 @@ class OpenAIServing:
                               seed=seed, stop=req.stop_list(), ignore_eos=req.ignore_eos,
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                               logit_bias=self.logit_bias(req), grammar=grammar,
-                              logprobs=req.logprobs_count(), prompt_logprobs=req.prompt_logprobs_count())
+                              logprobs=req.logprobs_count(), prompt_logprobs=req.prompt_logprobs_count(),
+                              prediction=prediction)
 
     def logit_bias(self, req: SamplingFields) -> tuple[tuple[int, float], ...]:
         pairs = req.logit_bias_pairs()
@@ -151,6 +152,8 @@ class OpenAIServing:
         self.check_supported(req)
         chooser = self.resolver.for_request(req)
         grammar = self.grammar(req)
+        prediction = getattr(req, "prediction", None)  # chat only, as OpenAI
+        predicted = tuple(self.tokenizer(prediction.text(), add_special_tokens=False).input_ids) if prediction else ()
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         request_id = uuid.uuid4().hex
@@ -158,7 +161,7 @@ class OpenAIServing:
         for p, ids in enumerate(prompts):
             for i in range(req.n):
                 index = p * req.n + i
-                params = self.sampling_params(req, len(ids), max_tokens, i, grammar)
+                params = self.sampling_params(req, len(ids), max_tokens, i, grammar, predicted)
 
                 def emit(event: GenerationEvent, index: int = index) -> None:
                     loop.call_soon_threadsafe(queue.put_nowait, (index, event))
@@ -266,6 +269,8 @@ def knn_ssd_object(choices: list[Choice]) -> dict[str, Any]:
         "draft_precision": None if plain else policy.precision,
         "draft_threshold": None if plain else policy.threshold,
         "max_draft": None if plain else policy.max_draft,
+        "lookup": False if plain else policy.lookup,
+        "lookup_tokens": sum(s.lookup_tokens for s in stats),
         "draft_tokens": drafts,
         "accepted_tokens": accepted,
         "verify_steps": steps,

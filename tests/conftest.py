@@ -19,6 +19,14 @@ def default_engine(default_model) -> SpeculativeEngine:
     return SpeculativeEngine(ModelRunner(hf_model, int8_draft=True), tokenizer)
 
 
+@pytest.fixture(scope="session")
+def tiny_engine(default_model) -> SpeculativeEngine:
+    """A tiny random Llama (fast enough for sampling statistics) with the default model's tokenizer."""
+    from tiny_models import tiny_model
+
+    return SpeculativeEngine(ModelRunner(tiny_model("llama", seed=3)), default_model[1])
+
+
 def chat_ids(tokenizer, text: str) -> list[int]:
     """Token ids of a one-turn chat prompt."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)

@@ -6,21 +6,15 @@ from collections import Counter
 
 import pytest
 from scipy.stats import chi2_contingency
-from tiny_models import tiny_model
 
 import decoding.engine
-from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine
+from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
 from decoding.grammar import json_schema_grammar
 
 N = 600
 PROMPT = [5, 17, 300, 42, 9, 77]
 # Drops most of the model: the draft distribution differs clearly from the target's.
 DRAFT = DraftPolicy(SkipSet(attention=[0, 1, 2], mlp=[0, 1, 3]), threshold=0.0, max_draft=3)
-
-
-@pytest.fixture(scope="module")
-def engine(default_model):
-    return SpeculativeEngine(ModelRunner(tiny_model("llama", seed=3)), default_model[1])
 
 
 def _samples(engine, policy, **adjust) -> Counter:
@@ -44,38 +38,38 @@ def _always_accept(drafts, draft_probs, target, gen):
 
 
 @pytest.fixture(scope="module")
-def plain_counts(engine):
-    return _samples(engine, PLAIN)
+def plain_counts(tiny_engine):
+    return _samples(tiny_engine, PLAIN)
 
 
-def test_speculative_sampling_matches_plain_sampling(engine, plain_counts):
-    assert _p_value(plain_counts, _samples(engine, DRAFT)) > 0.01
+def test_speculative_sampling_matches_plain_sampling(tiny_engine, plain_counts):
+    assert _p_value(plain_counts, _samples(tiny_engine, DRAFT)) > 0.01
 
 
-def test_speculative_sampling_keeps_the_penalised_distribution(engine, plain_counts):
+def test_speculative_sampling_keeps_the_penalised_distribution(tiny_engine, plain_counts):
     """Three tokens biased into the top 4 everywhere (this model's top logits are ~6-7), penalised each time
     they are used: the 3rd token's distribution depends on the 1st and 2nd, drafted or not."""
     penalties = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": ((100, 6.0), (200, 6.0), (300, 6.0))}
-    plain = _samples(engine, PLAIN, **penalties)
+    plain = _samples(tiny_engine, PLAIN, **penalties)
     assert _p_value(plain, plain_counts) < 1e-4  # they change the distribution
     # a draft accepted ~87% of the time here, so the 3rd token often comes from a verify row after a draft
     close_draft = DraftPolicy(SkipSet(attention=[3]), threshold=0.0, max_draft=3)
-    assert _p_value(plain, _samples(engine, close_draft, **penalties)) > 0.01
+    assert _p_value(plain, _samples(tiny_engine, close_draft, **penalties)) > 0.01
 
 
-def test_speculative_sampling_keeps_the_constrained_distribution(engine):
+def test_speculative_sampling_keeps_the_constrained_distribution(tiny_engine):
     """Under a grammar (a JSON array of integers) what may follow depends on the tokens before, drafted
     or not: verify rows must be masked for the state after the drafts before them."""
     grammar = {"grammar": json_schema_grammar({"type": "array", "items": {"type": "integer"}, "minItems": 2})}
     close_draft = DraftPolicy(SkipSet(attention=[3]), threshold=0.0, max_draft=3)
-    assert _p_value(_samples(engine, PLAIN, **grammar), _samples(engine, close_draft, **grammar)) > 0.01
+    assert _p_value(_samples(tiny_engine, PLAIN, **grammar), _samples(tiny_engine, close_draft, **grammar)) > 0.01
 
 
-def test_wrong_acceptance_rule_is_detected(engine, plain_counts, monkeypatch):
+def test_wrong_acceptance_rule_is_detected(tiny_engine, plain_counts, monkeypatch):
     monkeypatch.setattr(decoding.engine, "accept_sampled", _always_accept)
-    assert _p_value(plain_counts, _samples(engine, DRAFT)) < 1e-4
+    assert _p_value(plain_counts, _samples(tiny_engine, DRAFT)) < 1e-4
 
 
-def test_same_seed_same_text(engine):
+def test_same_seed_same_text(tiny_engine):
     params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=1234, ignore_eos=True)
-    assert engine.run(PROMPT, params, DRAFT).generated == engine.run(PROMPT, params, DRAFT).generated
+    assert tiny_engine.run(PROMPT, params, DRAFT).generated == tiny_engine.run(PROMPT, params, DRAFT).generated

@@ -129,6 +129,27 @@ def test_speculation_controls(client, default_engine):
         assert four_bit.choices[0].text == plain.choices[0].text
 
 
+def test_predicted_output_is_verified_in_big_steps_with_the_same_text(client):
+    """OpenAI's ``prediction``: the text the answer will mostly repeat is drafted by lookup and verified,
+    so the output stays exactly what decoding without it writes, in fewer full-model steps."""
+    messages = [{"role": "user", "content": "Write two sentences about the moon."}]
+    plain = client.chat.completions.create(model="default", messages=messages, max_tokens=48, temperature=0,
+                                           extra_body={"speculate": False})
+    text = plain.choices[0].message.content
+    edited = text.replace("moon", "Moon", 1)  # a prediction that is almost right
+    for speculate in (True, False):
+        out = client.chat.completions.create(model="default", messages=messages, max_tokens=48, temperature=0,
+                                             prediction={"type": "content", "content": edited},
+                                             extra_body={"speculate": speculate})
+        assert out.choices[0].message.content == text
+        ext = out.model_extra["knn_ssd"]
+        assert ext["lookup"] is speculate and (ext["lookup_tokens"] > 0) is speculate
+    assert ext["verify_steps"] == out.usage.completion_tokens - 1  # speculate false: a step per token after the 1st
+    predicted = client.chat.completions.create(model="default", messages=messages, max_tokens=48, temperature=0,
+                                               prediction={"type": "content", "content": text})
+    assert predicted.model_extra["knn_ssd"]["verify_steps"] <= predicted.usage.completion_tokens // 4
+
+
 def test_a_draft_copy_the_server_lacks_is_a_400():
     resolver = PolicyResolver(None, PLAIN, 30, ("full", "int8"))
     request = CompletionRequest(model="default", prompt="x", skip_layers={"attention": [1]}, draft_precision="int4")
