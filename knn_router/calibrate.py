@@ -193,11 +193,12 @@ def calibrate(engine: SpeculativeEngine, info: ModelInfo, domains: dict[str, lis
             for i, ids in enumerate(prompts):
                 seqs[name].append(engine.run(ids, continued if i < splits[name] else embedded, PLAIN))
                 bar.update(1)
-    per_domain_search = max(1, config.search_prompts // len(domains))
-    per_domain_holdout = max(1, config.holdout_prompts // len(domains))
-    mixed_search = [s for name in domains for s in seqs[name][:min(per_domain_search, splits[name])]]
-    mixed_holdout = [p for name, prompts in domains.items()
-                     for p in prompts[len(prompts) - per_domain_holdout:]]
+    # Mix is tuned on the union: every domain's search and held-out prompts (one prompt per domain, as
+    # before, let a few continuations decide between policies within a few percent of each other)
+    holdouts = {name: prompts[splits[name]:splits[name] + config.holdout_prompts] or prompts[:1]
+                for name, prompts in domains.items()}
+    mixed_search = [s for name in domains for s in seqs[name][:splits[name]]]
+    mixed_holdout = [p for name in domains for p in holdouts[name]]
     policies, report = {}, {}
     policies[MIXED], report[MIXED] = _policy_for(engine, MIXED, mixed_search, mixed_holdout, costs, config)
     anchors, labels = [], []
@@ -206,8 +207,7 @@ def calibrate(engine: SpeculativeEngine, info: ModelInfo, domains: dict[str, lis
         centres = anchors_of(emb, config.anchors_per_domain, config.seed)
         anchors.append(centres)
         labels += [name] * len(centres)
-        split = splits[name]
-        holdout = prompts[split:split + config.holdout_prompts] or prompts[:1]
+        split, holdout = splits[name], holdouts[name]
         policies[name], report[name] = _policy_for(engine, name, seqs[name][:split], holdout, costs, config,
                                                    mixed=policies[MIXED])
         report[name].update({"prompts": len(prompts), "anchors": len(centres), "search_prompts": split,

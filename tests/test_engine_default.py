@@ -148,4 +148,4 @@ def test_int8_draft_copy_only_where_it_pays():
     assert Int8Linear.pays_on(torch.device("cpu"))
     assert not Int8Linear.pays_on(torch.device("cuda"))
     assert fallback_policy(("full",)) == PLAIN
-    assert fallback_policy(("full", "int8", "int4")) == DraftPolicy(precision="int4")
+    assert fallback_policy(("full", "int8", "int4")) == DraftPolicy(precision="int4", lookup=True)
