@@ -83,7 +83,7 @@ class GrammarConstraint:
         for i in range(rows):
             bitmask[i] = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)[:words]
             if i + 1 < rows:
-                if self.matcher.is_stopped() or not self.matcher.consume_token(appended[i]):
+                if self.matcher.is_stopped() or not self.advance(appended[i]):
                     break
                 consumed += 1
         if consumed:
@@ -94,8 +94,10 @@ class GrammarConstraint:
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
     def advance(self, token: int) -> bool:
-        """Consume a token; False (and nothing consumed) if the grammar does not allow it here."""
-        return bool(self.matcher.consume_token(token))
+        """Consume a token; False (and nothing consumed) if the grammar does not allow it here. Checked
+        first: llguidance's matcher stays in an error state after consuming a token it refuses (an n-gram
+        lookup draft can be one)."""
+        return self.matcher.validate_tokens([token]) == 1 and bool(self.matcher.consume_token(token))
 
     def retract(self, count: int) -> None:
         """Undo the last ``count`` tokens (drafts consumed while drafting)."""

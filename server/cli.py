@@ -39,6 +39,9 @@ def _skip_set_args(p: argparse.ArgumentParser) -> None:
                    help="stop drafting when the draft's top-1 probability falls below this (default: %(default)s)")
     p.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT,
                    help="most tokens drafted per verify step (default: %(default)s)")
+    p.add_argument("--lookup", action="store_true",
+                   help="draft by n-gram lookup in the prompt and output first (no forward pass), the model "
+                        "where nothing matches")
 
 
 ENV_PREFIX = "KNN_SSD_"
@@ -79,7 +82,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     engine = SpeculativeEngine(runner, tokenizer)
     policy = DraftPolicy(SkipSet(_indices(args.skip_attention), _indices(args.skip_mlp)),
                          precision=args.draft_precision, threshold=args.threshold,
-                         max_draft=args.max_draft).validate(runner.num_layers)
+                         max_draft=args.max_draft, lookup=args.lookup).validate(runner.num_layers)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False)
                for _, text in spec_bench_prompts(Path(args.data), args.prompts)]

@@ -49,6 +49,15 @@ def test_any_json_object(default_engine):
     assert seq.finish_reason == "stop" and isinstance(json.loads(seq.text), dict)
 
 
+def test_a_refused_token_leaves_the_grammar_usable(default_engine):
+    """A token the grammar refuses (a lookup draft can be one) is not consumed and breaks nothing after."""
+    tok = default_engine.tokenizer
+    constraint = default_engine.grammars.constraint(json_schema_grammar({"type": "object"}))
+    assert constraint.advance(tok("{").input_ids[0])
+    assert not constraint.advance(tok(" x").input_ids[0])
+    assert all(constraint.advance(t) for t in tok('"a": 1}').input_ids) and constraint.stopped
+
+
 def test_a_broken_schema_is_refused(default_engine):
     with pytest.raises(GrammarError, match="nonsense"):
         default_engine.grammars.check(json_schema_grammar({"type": "nonsense"}))
