@@ -20,7 +20,7 @@ from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .grammar import GrammarCompiler, GrammarConstraint
 from .kv_cache import KVCache
 from .logprobs import TokenLogprob, token_logprobs
-from .lookup import ngram_lookup
+from .lookup import ngram_lookup, prediction_matches
 from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
 from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixCache
 from .runner import ForwardOutput, ModelRunner, Segment
@@ -444,6 +444,10 @@ class SpeculativeEngine:
             if seq.finished:
                 break
         seq.stats.finish_reason = seq.finish_reason
+        if seq.finished and seq.params.prediction:
+            matched = prediction_matches(seq.params.prediction, seq.generated)
+            seq.stats.accepted_prediction_tokens = matched
+            seq.stats.rejected_prediction_tokens = len(seq.params.prediction) - matched
         return StepOutput(committed, seq.stopper.pop(final=seq.finished), seq.finish_reason,
                           None if logprobs is None else logprobs[:len(committed)])
 

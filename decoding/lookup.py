@@ -8,6 +8,7 @@ output copies its input: summaries and answers quoting a document, edits of give
 from __future__ import annotations
 
 from collections.abc import Sequence
+from difflib import SequenceMatcher
 
 MAX_NGRAM, MIN_NGRAM = 4, 3  # shorter matches were wrong 40-58% of the time on the default model's outputs
 
@@ -33,3 +34,12 @@ def _last_occurrence(source: Sequence[int], tail: list[int], last_start: int) ->
         if source[start] == first and list(source[start:start + len(tail)]) == tail:
             return start
     return None
+
+
+def prediction_matches(prediction: Sequence[int], output: Sequence[int]) -> int:
+    """How many tokens of ``prediction`` appear, in order, in ``output`` (the matching blocks of a diff):
+    OpenAI's ``accepted_prediction_tokens``."""
+    if not prediction or not output:
+        return 0
+    blocks = SequenceMatcher(None, list(prediction), list(output), autojunk=False).get_matching_blocks()
+    return sum(block.size for block in blocks)

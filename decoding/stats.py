@@ -17,6 +17,8 @@ class RequestStats:
     draft_tokens: int = 0
     lookup_tokens: int = 0  # drafted by n-gram lookup (no forward pass), included in draft_tokens
     accepted_tokens: int = 0
+    accepted_prediction_tokens: int = 0  # tokens of the request's predicted output that the output contains
+    rejected_prediction_tokens: int = 0  # the rest of the predicted output
     draft_steps: int = 0  # verify steps that checked at least one drafted token
     draft_rejections: int = 0  # verify steps in which the full model rejected a drafted token
     step_tokens: int = 0  # tokens produced by verify steps, before stop/max_tokens truncation

@@ -243,11 +243,16 @@ def _api_error(exc: BaseException) -> APIError:
 
 def usage(choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
     """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` counts prompt tokens read from the
-    prefix cache (the most any choice got: they share the prompt)."""
-    completion = sum(c.stats.completion_tokens for c in choices if c.stats)
-    cached = max((c.stats.cached_tokens for c in choices if c.stats), default=0)
+    prefix cache (the most any choice got: they share the prompt); the prediction counts are summed over
+    choices, as completion tokens are."""
+    stats = [c.stats for c in choices if c.stats]
+    completion = sum(s.completion_tokens for s in stats)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+            "prompt_tokens_details": {"cached_tokens": max((s.cached_tokens for s in stats), default=0)},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "accepted_prediction_tokens": sum(s.accepted_prediction_tokens for s in stats),
+                "rejected_prediction_tokens": sum(s.rejected_prediction_tokens for s in stats)}}
 
 
 def knn_ssd_object(choices: list[Choice]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import decoding.engine
 from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
 from decoding.batching import generate_batch
 from decoding.grammar import json_schema_grammar
-from decoding.lookup import ngram_lookup
+from decoding.lookup import ngram_lookup, prediction_matches
 from knn_router.costs import DraftCost, StepCosts
 from knn_router.search import expected_speedup
 
@@ -44,6 +44,12 @@ def test_lookup_drafts_keep_greedy_output(default_engine, text):
         assert seq.stats.lookup_tokens > 0 and seq.stats.accepted_tokens > 0
 
 
+def test_prediction_matches_counts_the_predicted_tokens_the_output_keeps_in_order():
+    assert prediction_matches([1, 2, 3, 4, 5], [1, 2, 9, 4, 5, 6]) == 4  # 3 replaced by 9
+    assert prediction_matches([1, 2, 3], [3, 2, 1]) == 1
+    assert prediction_matches([], [1]) == 0 == prediction_matches([1], [])
+
+
 def test_a_prediction_of_the_output_is_drafted_and_accepted(default_engine):
     """OpenAI's predicted outputs: given the text it will write, lookup alone verifies it in big steps."""
     ids = chat_ids(default_engine.tokenizer, "Write a sentence about the sea.")
@@ -53,6 +59,7 @@ def test_a_prediction_of_the_output_is_drafted_and_accepted(default_engine):
                                    DraftPolicy(lookup=True, max_draft=16))
     assert predicted.generated == plain.generated
     assert predicted.stats.verify_steps <= 8 < plain.stats.verify_steps  # ~16 tokens a step once it matches
+    assert (predicted.stats.accepted_prediction_tokens, predicted.stats.rejected_prediction_tokens) == (40, 0)
 
 
 def test_lookup_under_a_grammar_and_in_a_batch_equals_plain_alone(default_engine):

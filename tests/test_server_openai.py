@@ -144,10 +144,15 @@ def test_predicted_output_is_verified_in_big_steps_with_the_same_text(client):
         assert out.choices[0].message.content == text
         ext = out.model_extra["knn_ssd"]
         assert ext["lookup"] is speculate and (ext["lookup_tokens"] > 0) is speculate
+        details = out.usage.completion_tokens_details  # the edit: one word of the prediction not in the output
+        assert 0 < details.accepted_prediction_tokens < out.usage.completion_tokens
+        assert 0 < details.rejected_prediction_tokens <= 3
     assert ext["verify_steps"] == out.usage.completion_tokens - 1  # speculate false: a step per token after the 1st
     predicted = client.chat.completions.create(model="default", messages=messages, max_tokens=48, temperature=0,
                                                prediction={"type": "content", "content": text})
     assert predicted.model_extra["knn_ssd"]["verify_steps"] <= predicted.usage.completion_tokens // 4
+    assert predicted.usage.completion_tokens_details.accepted_prediction_tokens >= predicted.usage.completion_tokens - 2
+    assert plain.usage.completion_tokens_details.accepted_prediction_tokens == 0  # no prediction
 
 
 def test_a_draft_copy_the_server_lacks_is_a_400():
