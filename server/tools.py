@@ -1,7 +1,10 @@
 """Tool calling in the Hermes format: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks.
 
 The format of Qwen2.5 (whose chat template renders ``tools`` and asks for these blocks), Hermes 2/3
-and the many models tuned like them. The chat template puts the tool definitions in the prompt;
+and the many models tuned like them; an output that is only call objects is read too: Llama 3.1-3.3's
+JSON calls (``{"name": ..., "parameters": {...}}``) and Mistral's (``[TOOL_CALLS] [{"name": ...,
+"arguments": {...}}]``; the marker is a special token, dropped by decoding, in its v3+ tokenizers).
+The chat template puts the tool definitions in the prompt;
 ``auto`` parses the blocks the model writes; ``required`` or a named function forces them with a
 grammar (the call's JSON follows the function's parameter schema), so a forced call always parses.
 """
@@ -17,6 +20,7 @@ from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _JSON_FENCE = "```json"
+_MISTRAL_MARKER = "[TOOL_CALLS]"
 _FENCE = re.compile(re.escape(_JSON_FENCE) + r"\s*(.*?)\s*```", re.DOTALL)
 _BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
 # the JSON the Hermes format writes (json.dumps' separators), with no room for runaway whitespace
@@ -78,6 +82,7 @@ def parse_tool_calls(text: str, names: Collection[str]) -> tuple[str | None, lis
 
 
 def _bare_calls(text: str, names: Collection[str]) -> list[ToolCall]:
+    text = text.strip().removeprefix(_MISTRAL_MARKER)
     fenced = _FENCE.fullmatch(text.strip())
     data = _json(fenced.group(1) if fenced else text)
     items = data if isinstance(data, list) else [data]
@@ -128,7 +133,7 @@ class ToolCallStream:
 
     def _safe_end(self) -> int:
         head = self._text.lstrip()
-        if not head or head[0] in "{[" or _JSON_FENCE.startswith(head[:len(_JSON_FENCE)]):
+        if not head or head[0] in "{[" or _JSON_FENCE.startswith(head[:len(_JSON_FENCE)]):  # [ holds [TOOL_CALLS]
             return self._sent  # a bare call may be coming: hold it all
         tag = self._text.find(OPEN)
         if tag >= 0:

@@ -76,6 +76,11 @@ def test_parse_bare_and_fenced_call_objects():
                                                                                            "unit": "celsius"})
     both = '[{"name": "get_time", "arguments": {"zone": "CET"}}, {"name": "get_weather", "arguments": {}}]'
     assert [c.name for c in parse_tool_calls(both, NAMES)[1]] == ["get_time", "get_weather"]
+    llama = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'  # Llama 3.1-3.3's JSON tool calls
+    assert [(c.name, json.loads(c.arguments)) for c in parse_tool_calls(llama, NAMES)[1]] == [("get_weather",
+                                                                                                {"city": "Oslo"})]
+    mistral = '[TOOL_CALLS] [{"name": "get_time", "arguments": {"zone": "CET"}}]'  # marker as text (old tokenizers)
+    assert parse_tool_calls(mistral, NAMES)[0] is None and parse_tool_calls(mistral, NAMES)[1][0].name == "get_time"
     for text in ('{"name": "unknown_tool", "arguments": {}}', '{"name": "get_time"}', '{"a": 1}', "[1, 2]",
                  '```python\nprint({"name": "get_time", "arguments": {}})\n```'):
         assert parse_tool_calls(text, NAMES) == (text, [])  # not a call of a given function: content
@@ -88,7 +93,8 @@ CALL_BODY = '\n{"name": "f", "arguments": {}}\n'
                                     ["Hi ", "<", "tool_call>", CALL_BODY, "</tool_call>"],
                                     ["a <b> c <tool_cal", "l and more text"],
                                     ["```js", "on\n", '{"name": "get_time", "arguments": {}}', "\n```"],
-                                    ["  {", '"a": 1}'], ["```python\n", "x = 1\n```"]])
+                                    ["  {", '"a": 1}'], ["```python\n", "x = 1\n```"],
+                                    ["[TOOL_", 'CALLS] [{"name": "f", ', '"arguments": {}}]']])
 def test_stream_sends_content_and_holds_calls(pieces):
     stream = ToolCallStream(NAMES)
     sent = "".join(stream.feed(p) for p in pieces)
