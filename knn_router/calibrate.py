@@ -37,13 +37,18 @@ class CalibrationConfig:
     anchors_per_domain: int = 10
     search_prompts: int = 8
     holdout_prompts: int = 4
-    tokens: int = 32
+    tokens: int = 32  # continuation tokens of each search prompt
+    confirm_tokens: int | None = None  # tokens decoded per held-out prompt (None: ``tokens``)
     budget: int = 40
     k: int = 1
     similarity_threshold: float = 0.0
     seed: int = 0
     min_speedup: float = 1.0  # below this measured speedup a domain decodes plainly
     domain_margin: float = 0.03  # a domain keeps its own policy only if expected this much above mixed's
+
+    @property
+    def held_out_tokens(self) -> int:
+        return self.confirm_tokens or self.tokens
 
 
 def read_domain_file(path: Path, tokenizer: Any) -> list[list[int]]:
@@ -159,7 +164,8 @@ def _policy_for(engine: SpeculativeEngine, name: str, search_seqs: list[Sequence
         policy, reason = PLAIN, "no candidate expected to beat plain decoding"
     else:
         rival = mixed if mixed is not None and not mixed.is_plain and policy != mixed else None
-        measured, *rival_measured = confirm(engine, holdout, [policy] + ([rival] if rival else []), config.tokens)
+        measured, *rival_measured = confirm(engine, holdout, [policy] + ([rival] if rival else []),
+                                            config.held_out_tokens)
         if rival_measured:
             report["mixed_measured_speedup"] = round(rival_measured[0]["measured_speedup"], 3)
             if measured["measured_speedup"] < rival_measured[0]["measured_speedup"]:
@@ -215,7 +221,8 @@ def calibrate(engine: SpeculativeEngine, info: ModelInfo, domains: dict[str, lis
     anchor_matrix = np.concatenate(anchors).astype(np.float32)
     router = Router(anchor_matrix, labels, policies, k=config.k, threshold=config.similarity_threshold)
     full_report = {
-        "domains": report, "costs": costs.to_dict(), "tokens": config.tokens,
+        "domains": report, "costs": costs.to_dict(),
+        "tokens": config.tokens, "confirm_tokens": config.held_out_tokens,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "device": info.device,
                     "dtype": info.dtype},
         "calibration_s": round(time.perf_counter() - t_start, 1),

@@ -133,7 +133,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               f"({', '.join(f'{name} {len(p)}' for name, p in clusters.items())})")
         domains.update(clusters)
     config = CalibrationConfig(anchors_per_domain=args.anchors, search_prompts=args.search_prompts,
-                               holdout_prompts=args.holdout_prompts, tokens=args.tokens, budget=args.budget,
+                               holdout_prompts=args.holdout_prompts, tokens=args.tokens,
+                               confirm_tokens=args.confirm_tokens, budget=args.budget,
                                k=args.k, similarity_threshold=args.similarity_threshold, seed=args.seed,
                                domain_margin=args.domain_margin)
     report = calibrate(engine, info, domains, Path(args.out), config)
@@ -339,7 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--anchors", type=int, default=10, help="KMeans anchors per domain")
     cal.add_argument("--search-prompts", type=int, default=8, help="prompts per domain for the policy search")
     cal.add_argument("--holdout-prompts", type=int, default=4, help="held-out prompts per domain for confirmation")
-    cal.add_argument("--tokens", type=int, default=32, help="continuation tokens per prompt")
+    cal.add_argument("--tokens", type=int, default=32,
+                     help="continuation tokens per search prompt (the search replays drafts on them)")
+    cal.add_argument("--confirm-tokens", type=int, default=None,
+                     help="tokens decoded per held-out prompt to confirm each domain's policy against the mixed one "
+                          "and plain decoding (default: --tokens); set it to the output lengths you serve, since "
+                          "what pays over 32 tokens (e.g. no lookup drafts) can lose over 128")
     cal.add_argument("--budget", type=int, default=40, help="candidate policies evaluated per domain")
     cal.add_argument("--k", type=int, default=1, help="nearest anchors voting at routing time")
     cal.add_argument("--similarity-threshold", type=float, default=0.0,

@@ -137,7 +137,8 @@ def test_calibration_end_to_end(tmp_path, default_model, default_engine):
         path.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": t}]}) for t in texts))
         files[name] = read_domain_file(path, tokenizer)
     out = tmp_path / "artifact"
-    config = CalibrationConfig(anchors_per_domain=2, search_prompts=2, holdout_prompts=1, tokens=8, budget=4)
+    config = CalibrationConfig(anchors_per_domain=2, search_prompts=2, holdout_prompts=1, tokens=8, budget=4,
+                               confirm_tokens=12)
     report = calibrate(default_engine, info, files, out, config)
     router = load_router(out, info.fingerprint)
     assert sorted(router.policies) == ["german", "math", MIXED] and len(router) == 4
@@ -155,6 +156,7 @@ def test_calibration_end_to_end(tmp_path, default_model, default_engine):
                 assert entry["measured_speedup"] >= entry["mixed_measured_speedup"]
     manifest = json.loads((out / "router.json").read_text())
     assert manifest["report"]["costs"]["verify_ms"]["1"] > 0  # measured on this machine
+    assert (manifest["report"]["tokens"], manifest["report"]["confirm_tokens"]) == (8, 12)
     assert manifest["model"]["fingerprint"] == info.fingerprint
     seq, _ = default_engine.start(files["german"][0], SamplingParams(max_tokens=1))
     assert router.route(seq.embedding.numpy()).label == "german"
