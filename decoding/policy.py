@@ -34,7 +34,8 @@ class SkipSet:
             bad = sorted(i for i in indices if not 0 <= i < num_layers)
             if bad:
                 raise ValueError(
-                    f"skip set {kind} indices {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
+                    f"skip set {kind} indices {bad} out of range: "
+                    f"the model has {num_layers} layers (0..{num_layers - 1})"
                 )
         return self
 

@@ -55,7 +55,8 @@ class StepCosts:
 
 
 def measure_costs(runner: ModelRunner, context: int = 256, repeats: int = 5, rounds: int = 3) -> StepCosts:
-    """Time full forwards of 1..13 tokens and draft forwards (each precision the runner serves) at ``context`` cached tokens.
+    """Time full forwards of 1..13 tokens and draft forwards (each precision the runner serves) at
+    ``context`` cached tokens.
 
     Every point is timed in ``rounds`` interleaved rounds and the median round kept, so
     a slow moment of the machine cannot distort one point alone; verify costs are

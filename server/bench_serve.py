@@ -4,8 +4,8 @@ Each client streams chat completions back to back (greedy, ``max_new_tokens`` ea
 ignored); aggregate tokens/s is all generated tokens over the level's wall time, time to first
 token is measured per request from the client side. Each run starts with an empty prefix cache
 (``POST /reset_prefix_cache``), so no run reuses an earlier run's prompts; prefixes shared
-within a run (the chat template's system prompt) are reused as in real traffic. Modes: ``speculative`` (each request as the
-server routes it) and ``plain`` (``speculate: false``, the baseline), run level by level on the
+within a run (the chat template's system prompt) are reused as in real traffic. Modes: ``speculative``
+(each request as the server routes it) and ``plain`` (``speculate: false``, the baseline), run level by level on the
 same server.
 """
 

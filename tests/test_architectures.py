@@ -44,7 +44,11 @@ def test_forward_matches_transformers(tiny):
     torch.testing.assert_close(out, ref[25:], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.precision}-a{sorted(p.skip.attention)}-m{sorted(p.skip.mlp)}")
+def _policy_id(p) -> str:
+    return f"{p.precision}-a{sorted(p.skip.attention)}-m{sorted(p.skip.mlp)}"
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=_policy_id)
 def test_speculative_greedy_equals_plain_and_generate(tiny, policy):
     model, engine = tiny
     params = SamplingParams(max_tokens=24, ignore_eos=True)

@@ -32,7 +32,8 @@ POLICIES = [PLAIN, DraftPolicy(precision="int8"), DraftPolicy(SkipSet([3, 5, 7],
 EXPENSIVE_VERIFY = StepCosts(verify=HingeCost(0.04, 0.004, 0.05),
                              drafts=dict.fromkeys(("int8", "int4"), HingeCost(0.01, c=0.01)), num_layers=30)
 # verify costs the same whatever the tokens and int8 drafts are nearly free: int8 rows draft fully -> uncapped
-FREE_VERIFY = StepCosts(verify=HingeCost(0.04), drafts=dict.fromkeys(("int8", "int4"), HingeCost(0.0001)), num_layers=30)
+FREE_VERIFY = StepCosts(verify=HingeCost(0.04), drafts=dict.fromkeys(("int8", "int4"), HingeCost(0.0001)),
+                        num_layers=30)
 
 
 def mixed_requests(tokenizer, long_prompt: bool = True) -> list[tuple[list[int], SamplingParams, DraftPolicy]]:

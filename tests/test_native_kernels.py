@@ -186,7 +186,8 @@ def test_cached_attention_rejects_mixed_kv_dtypes():
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 def test_cached_attention_is_batch_and_length_invariant(kv_dtype):
     """A token's output is the same alone, among a verify step's tokens, or packed with other sequences."""
-    cases = [_attention_case(seed, t, start, kv_dtype=kv_dtype) for seed, t, start in ((3, 4, 7), (4, 1, 20), (5, 2, 0))]
+    cases = [_attention_case(seed, t, start, kv_dtype=kv_dtype)
+             for seed, t, start in ((3, 4, 7), (4, 1, 20), (5, 2, 0))]
     packed_buffers = [(k.clone(), v.clone()) for k, v, *_ in cases]
     packed = KERNELS.cached_attention(torch.cat([c[2] for c in cases]), torch.cat([c[3] for c in cases]),
                                       torch.cat([c[4] for c in cases]), [k for k, _ in packed_buffers],

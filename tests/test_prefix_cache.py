@@ -95,7 +95,8 @@ def test_chunked_prefill_writes_the_same_kv_entries_as_one_prefill(default_engin
 def test_a_prompt_reuses_blocks_another_prompt_prefilled_after_both_were_admitted(default_engine, cached_engine):
     tok = default_engine.tokenizer
     cached_engine.prefix_cache.clear()
-    system = "You answer questions about this report. " + " ".join(f"Section {i}: figures rose by {i}%." for i in range(20))
+    sections = " ".join(f"Section {i}: figures rose by {i}%." for i in range(20))
+    system = "You answer questions about this report. " + sections
 
     def prompt(question: str) -> list[int]:
         ids = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": question}],
