@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, run from the repository root on a machine with a CUDA GPU:
 #   tests/cuda_check.sh [MODEL] [SPEC_BENCH_JSONL] [OUT_DIR]
-# 1. tests/test_cuda.py: greedy speculation = plain decoding (but at near-ties) in float32 and bfloat16,
-#    tiny Llama/Qwen2/Qwen3/Mistral/Gemma/Gemma2 configs, batching = solo, seeded sampling.
+# 1. tests/test_cuda.py: greedy speculation (layer-skip drafts, one with n-gram lookup first) = plain
+#    decoding (but at near-ties) in float32 and bfloat16, tiny Llama/Qwen2/Qwen3/Mistral/Gemma/Gemma2
+#    configs, batching = solo, seeded sampling.
 # 2. bench-decode in float32 and bfloat16: forward latencies (1-token, k-token verify, drafts) and plain
 #    vs speculative tokens/s with a draft skipping a quarter of the sub-layers (no quantised copy on CUDA).
 # 3. Forward latencies of a 1.5B-shaped Qwen2 (random weights, bf16), where the GPU is not launch-bound.

@@ -44,7 +44,8 @@ def engine(dtype: str) -> SpeculativeEngine:
 def policies(num_layers: int) -> list[DraftPolicy]:
     return [DraftPolicy(evenly_skipped(num_layers, 0.25), max_draft=8),
             DraftPolicy(evenly_skipped(num_layers, 0.5), threshold=0.6, max_draft=4),
-            DraftPolicy(evenly_skipped(num_layers, 0.25), threshold=0.3, max_draft=6)]
+            DraftPolicy(evenly_skipped(num_layers, 0.25), threshold=0.3, max_draft=6),
+            DraftPolicy(evenly_skipped(num_layers, 0.25), max_draft=8, lookup=True)]  # n-gram lookup first
 
 
 def test_no_quantised_draft_copy_on_cuda():
