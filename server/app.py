@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,7 +23,14 @@ from decoding.packaged import PackagedModelError
 from knn_router.artifact import ArtifactError
 
 from .prompt_log import PromptLogError
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
 from .scheduler import GenerationRequest
 from .serving import (
     Choice,
@@ -58,6 +66,7 @@ class ServerConfig:
     prefix_cache_mb: float = 256.0
     log_prompts: str | None = None
     chat_template: str | None = None
+    allowed_origins: list[str] | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
@@ -83,6 +92,10 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
             loaded.loop.stop()
 
     app = FastAPI(title="knn-ssd", version="0.1.0", lifespan=lifespan)
+    if config.allowed_origins:  # browser pages of these origins may call the API (preflights answered here)
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+        log.info("CORS: browser pages of %s may call the API", ", ".join(config.allowed_origins))
 
     def state(request: Request) -> ServerState:
         return request.app.state.server
@@ -120,7 +133,7 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Unknown paths and methods get OpenAI's error shape too (FastAPI's default is ``{"detail": ...}``)."""
         messages = {404: f"Unknown endpoint {request.url.path}: this server serves /v1/chat/completions, "
-                         "/v1/completions, /v1/models, /health and /metrics",
+                         "/v1/completions, /v1/models, /tokenize, /detokenize, /health and /metrics",
                     405: f"Method {request.method} is not allowed on {request.url.path}"}
         codes = {404: "unknown_url", 405: "method_not_allowed"}
         api = APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)), None,
@@ -155,6 +168,16 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         card = {"id": s.serving.model_name, "object": "model", "created": s.started, "owned_by": "knn-ssd",
                 "root": s.info.source, "max_model_len": s.serving.max_model_len}
         return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    async def tokenize(body: TokenizeRequest, srv: OpenAIServing = Depends(serving)) -> dict[str, Any]:
+        """Token ids of a prompt or of chat messages through the template (vLLM's endpoint of this name)."""
+        return srv.tokenize(body)
+
+    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    async def detokenize(body: DetokenizeRequest, srv: OpenAIServing = Depends(serving)) -> dict[str, Any]:
+        """Text of token ids (vLLM's endpoint of this name)."""
+        return srv.detokenize(body)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request, srv: OpenAIServing = Depends(serving)):

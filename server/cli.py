@@ -67,6 +67,10 @@ def env_defaults(parser: argparse.ArgumentParser) -> None:
                 parser.error(f"{name}={action.default!r}: choose from {', '.join(map(str, action.choices))}")
 
 
+def _origins(text: str) -> list[str]:
+    return [origin.strip() for origin in text.split(",") if origin.strip()]
+
+
 def _indices(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -296,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None,
                        help="model name clients send and see in /v1/models (default: the --model value)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    serve.add_argument("--allowed-origins", type=_origins, default=None, metavar="ORIGINS",
+                       help="comma-separated origins (e.g. 'https://app.example.com', or '*') whose browser pages "
+                            "may call the API (CORS); default: none, as browsers then refuse cross-origin calls")
     serve.add_argument("--max-batch-size", "--max-concurrency", type=int, default=8, dest="max_batch_size",
                        help="sequences decoded together in one batch (continuous batching); --max-concurrency is "
                             "its older name")

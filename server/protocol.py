@@ -280,6 +280,31 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
+class TokenizeRequest(OpenAIObject):
+    """``POST /tokenize`` (vLLM's shape): a completion ``prompt``, or chat ``messages`` (and ``tools``)
+    rendered by the chat template exactly as a chat request's prompt is."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[ToolDefinition] | None = None
+    add_generation_prompt: bool = True  # messages: end with the assistant turn's opening, as chat requests do
+    add_special_tokens: bool = True  # prompt: the tokenizer's special tokens (e.g. BOS), as completions add
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either 'prompt' or 'messages'")
+        return self
+
+
+class DetokenizeRequest(OpenAIObject):
+    """``POST /detokenize`` (vLLM's shape): token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class APIError(Exception):
     """An error returned to the client in OpenAI's shape."""
 

@@ -17,7 +17,15 @@ from decoding.grammar import GrammarError, json_schema_grammar
 from .logprobs import LogprobFormatter
 from .metrics import Metrics
 from .prompt_log import PromptLog
-from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
 from .routing import PolicyResolver
 from .scheduler import EngineLoop, GenerationEvent, GenerationRequest, QueueFullError, RouteDecision
 from .tools import forced_call_grammar, template_renders_tools
@@ -69,15 +77,21 @@ class OpenAIServing:
             prompts = [list(p) for p in prompt]
         else:
             raise APIError(400, "prompt must be a non-empty string, list of strings or list of token ids", "prompt")
-        vocab = len(self.tokenizer)
         for ids in prompts:
             if not ids:
                 raise APIError(400, "prompt must not be empty", "prompt")
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+            self.check_token_ids(ids, "prompt")
         return prompts
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """A 400 naming ``param`` unless every id is in the vocabulary."""
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"{param} token ids must be in [0, {vocab})", param)
+
+    def chat_prompt(self, req: ChatCompletionRequest | TokenizeRequest,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's token ids: ``req.messages`` (and ``req.tools``) through the chat template."""
         template = getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
@@ -90,10 +104,28 @@ class OpenAIServing:
             tools = [t.model_dump(exclude_none=True) for t in req.tools]
         try:
             ids = self.tokenizer.apply_chat_template([_template_message(m) for m in req.messages], tools=tools,
-                                                     add_generation_prompt=True, tokenize=True, return_dict=False)
+                                                     add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                     return_dict=False)
         except Exception as exc:  # templates raise on role orders they do not accept
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
         return list(ids)
+
+    def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        """``/tokenize``: the ids a completion or chat request with this prompt would decode from."""
+        if req.model is not None:
+            self.check_model(req.model)
+        if req.messages is not None:
+            ids = self.chat_prompt(req, req.add_generation_prompt)
+        else:
+            ids = self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": list(ids)}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        """``/detokenize``: the text of token ids (special tokens included)."""
+        if req.model is not None:
+            self.check_model(req.model)
+        self.check_token_ids(req.tokens, "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
 
     def sampling_params(self, req: SamplingFields, prompt_len: int, max_tokens: int | None, index: int,
                         grammar: str | None = None, prediction: tuple[int, ...] = ()) -> SamplingParams:

@@ -15,12 +15,14 @@ from decoding import DraftPolicy
 from knn_router.artifact import default_artifact_dir
 
 KEY = "sk-test-123"
+ORIGIN = "https://app.example.com"
 
 
 @pytest.fixture(scope="module")
 def small_server():
     with LiveServer("--index", "none", "--api-key", KEY, "--max-concurrency", "1", "--max-queue", "1",
-                    "--served-model-name", "smol", "--drain-timeout", "60") as live:
+                    "--served-model-name", "smol", "--drain-timeout", "60",
+                    "--allowed-origins", ORIGIN) as live:
         yield live
 
 
@@ -41,6 +43,21 @@ def test_served_model_name(small_server):
     assert r.json()["data"][0]["id"] == "smol"
     r = httpx.post(small_server.url + "/v1/completions", json={"model": "default", "prompt": "a"}, headers=_auth())
     assert r.status_code == 404
+
+
+def test_browser_pages_of_allowed_origins_only_may_call(small_server):
+    """CORS: the preflight needs no API key; the call itself still does."""
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(small_server.url + "/v1/chat/completions", headers={"Origin": ORIGIN, **preflight})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = httpx.options(small_server.url + "/v1/chat/completions",
+                      headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(small_server.url + "/v1/models", headers={"Origin": ORIGIN, **_auth()})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    assert httpx.get(small_server.url + "/v1/models", headers={"Origin": ORIGIN}).status_code == 401
 
 
 def test_full_queue_is_503_with_retry_after(small_server):

@@ -155,6 +155,26 @@ def test_predicted_output_is_verified_in_big_steps_with_the_same_text(client):
     assert plain.usage.completion_tokens_details.accepted_prediction_tokens == 0  # no prediction
 
 
+def test_tokenize_counts_the_prompt_a_request_decodes_from(client, server):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    chat = client.chat.completions.create(model="default", messages=messages, max_tokens=1)
+    r = httpx.post(server.url + "/tokenize", json={"model": "default", "messages": messages}).json()
+    assert r["count"] == len(r["tokens"]) == chat.usage.prompt_tokens and r["max_model_len"] == 8192
+    bare = httpx.post(server.url + "/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == r["tokens"][:bare["count"]] and bare["count"] < r["count"]
+    prompt = "The capital of France is"
+    completion = client.completions.create(model="default", prompt=prompt, max_tokens=1)
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": prompt}).json()["tokens"]
+    assert len(ids) == completion.usage.prompt_tokens
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json() == {"prompt": prompt}
+    for path, body, status, param in [("/tokenize", {"prompt": "a", "messages": messages}, 400, None),
+                                      ("/tokenize", {}, 400, None),
+                                      ("/tokenize", {"model": "other", "prompt": "a"}, 404, "model"),
+                                      ("/detokenize", {"tokens": [-1]}, 400, "tokens")]:
+        r = httpx.post(server.url + path, json=body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
 def test_a_draft_copy_the_server_lacks_is_a_400():
     resolver = PolicyResolver(None, PLAIN, 30, ("full", "int8"))
     request = CompletionRequest(model="default", prompt="x", skip_layers={"attention": [1]}, draft_precision="int4")
