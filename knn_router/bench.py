@@ -212,11 +212,14 @@ def machine() -> dict[str, Any]:
 
 
 def run_benchmark(engine: SpeculativeEngine, info: ModelInfo, router: Router, data: Path, per_domain: int,
-                  max_new_tokens: int, seed: int, streams: list[str]) -> dict[str, Any]:
-    """The whole benchmark; returns the report (see ``write_report`` for the files)."""
+                  max_new_tokens: int, seed: int, streams: list[str], stop_at_eos: bool = False) -> dict[str, Any]:
+    """The whole benchmark; returns the report (see ``write_report`` for the files).
+
+    Every output is ``max_new_tokens`` long (EOS ignored, as speculative decoding papers measure), or
+    with ``stop_at_eos`` ends where the model ends it, as a server returns it."""
     texts = split_prompts(data, per_domain)
     prompts = [BenchPrompt(d, t, chat_ids(engine.tokenizer, t)) for d, ts in texts.items() for t in ts]
-    params = SamplingParams(max_tokens=max_new_tokens, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_new_tokens, ignore_eos=not stop_at_eos)
     engine.run(prompts[0].ids, SamplingParams(max_tokens=4, ignore_eos=True), PLAIN)  # warm-up
     results: dict[str, StreamResult] = {}
     routes: list[dict[str, Any]] = []
@@ -238,7 +241,7 @@ def run_benchmark(engine: SpeculativeEngine, info: ModelInfo, router: Router, da
     return {
         "model": info.name, "device": info.device, "dtype": info.dtype, "machine": machine(),
         "model_info": info.to_dict(),
-        "max_new_tokens": max_new_tokens, "prompts_per_domain": per_domain,
+        "max_new_tokens": max_new_tokens, "stop_at_eos": stop_at_eos, "prompts_per_domain": per_domain,
         "prompts": len(prompts), "domains": sorted(texts), "seed": seed,
         "data": str(data), "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
         "lossless": non_ties == 0, "exact_match_rate": identical / compared if compared else 1.0,

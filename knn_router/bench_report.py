@@ -42,6 +42,12 @@ def _table(methods: dict[str, Any], domains: list[str], key: str, fmt: str) -> l
     return lines
 
 
+def _length(report: dict[str, Any]) -> str:
+    if report.get("stop_at_eos"):
+        return f"up to {report['max_new_tokens']} new tokens each (ending at EOS)"
+    return f"{report['max_new_tokens']} new tokens each"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables (the README embeds the latest one)."""
     m = report["machine"]
@@ -51,7 +57,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['model_info']['num_layers']} layers)",
         "",
         f"{report['prompts']} Spec-Bench prompts ({report['prompts_per_domain']} per domain, held-out half), "
-        f"{report['max_new_tokens']} new tokens each, greedy; {report['device']} {report['dtype']} on {m['cpu']} "
+        f"{_length(report)}, greedy; {report['device']} {report['dtype']} on {m['cpu']} "
         f"({m['threads']} threads, torch {m['torch']}, {m['cpu_capability']}). Wall time {report['wall_s']:.0f} s.",
         "",
         f"Lossless: **{report['lossless']}** (exact match rate {report['exact_match_rate']:.3f}, divergences at "
@@ -97,7 +103,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[0].legend(ncol=len(shown), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.18))
     axes[1].set_xticks(x, groups, rotation=15)
     fig.suptitle(f"{report['model']} ({report['dtype']}, {report['device']}), {report['prompts']} prompts x "
-                 f"{report['max_new_tokens']} tokens, {report['stream']} stream", y=0.995, fontsize=10)
+                 f"{'up to ' if report.get('stop_at_eos') else ''}{report['max_new_tokens']} tokens, "
+                 f"{report['stream']} stream", y=0.995, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

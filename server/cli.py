@@ -206,7 +206,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     router = _load_index(args.index, args.model, info.fingerprint)
     router.restrict_precisions(engine.runner.draft_precisions)  # e.g. int4 policies on CUDA
     report = run_benchmark(engine, info, router, Path(args.data), args.per_domain, args.max_new_tokens, args.seed,
-                           streams)
+                           streams, args.stop_at_eos)
     report["command"] = " ".join(["knn-ssd", *sys.argv[1:]])
     write_report(report, Path(args.out))
     print(markdown(report))
@@ -394,7 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibration artifact directory ('auto': the shipped one for the default model)")
     bench.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl (domain-labelled prompts)")
     bench.add_argument("--per-domain", type=int, default=5, help="held-out prompts per domain")
-    bench.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (EOS ignored)")
+    bench.add_argument("--max-new-tokens", type=int, default=128,
+                       help="tokens generated per prompt (EOS ignored unless --stop-at-eos)")
+    bench.add_argument("--stop-at-eos", action="store_true",
+                       help="end each output at the model's EOS, as the server does, instead of generating "
+                            "--max-new-tokens past it (papers' protocol; continuations past EOS are often "
+                            "repetitive, which flatters n-gram lookup drafts)")
     bench.add_argument("--streams", default="mixed,task_by_task",
                        help="comma-separated prompt orders: mixed (seeded shuffle) and/or task_by_task; the first "
                             "one is the report's main stream")

@@ -12,7 +12,8 @@ from live_server import ROOT
 
 from decoding.benchmark import SPEC_BENCH
 from decoding.divergence import tie_tolerance
-from knn_router.bench import split_prompts
+from knn_router.artifact import default_artifact_dir, load_router
+from knn_router.bench import run_benchmark, split_prompts
 from knn_router.evaluate import spec_bench_by_domain
 
 METRIC_KEYS = {"speedup", "tokens_per_s", "mean_accepted_tokens", "acceptance_rate"}
@@ -32,7 +33,7 @@ def test_quick_bench_report_structure(quick_report):
     for key in ("model", "device", "dtype", "max_new_tokens", "prompts_per_domain", "lossless", "exact_match_rate",
                 "divergences_at_non_ties", "methods", "routing", "streams"):
         assert key in report, key
-    assert report["max_new_tokens"] == 16 and report["prompts_per_domain"] == 1
+    assert report["max_new_tokens"] == 16 and report["prompts_per_domain"] == 1 and report["stop_at_eos"] is False
     domains = {"translation", "summarization", "qa", "math_reasoning", "rag", "chat"}
     assert set(report["domains"]) == domains
     methods = report["methods"]
@@ -73,3 +74,15 @@ def test_evaluation_prompts_exclude_the_calibration_half():
 def test_tie_tolerance_is_zero_in_fp32_and_a_few_ulps_in_bf16():
     assert tie_tolerance(torch.float32, 20.0) == 0.0
     assert tie_tolerance(torch.bfloat16, 20.0) == pytest.approx(4 * 2**-7 * 20.0)
+
+
+def test_bench_can_end_outputs_at_eos_and_stays_lossless(default_model, default_engine):
+    """``--stop-at-eos``: outputs end where the model ends them (as served), every method the same tokens."""
+    _, _, info = default_model
+    router = load_router(default_artifact_dir(), info.fingerprint)
+    report = run_benchmark(default_engine, info, router, SPEC_BENCH, per_domain=1, max_new_tokens=48, seed=0,
+                           streams=["mixed"], stop_at_eos=True)
+    assert report["stop_at_eos"] is True and report["lossless"] is True and report["exact_match_rate"] == 1.0
+    plain = report["methods"]["plain"]["overall"]["tokens"]
+    assert plain < 6 * 48  # some answers (translations at least) end before the limit
+    assert all(m["overall"]["tokens"] == plain for m in report["methods"].values())
