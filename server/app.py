@@ -43,7 +43,7 @@ from .serving import (
     usage,
 )
 from .state import ChatTemplateError, ServerState, build_state, reload_router
-from .tools import ToolCall, ToolCallStream, parse_tool_calls
+from .tools import ToolCallStream, parse_tool_calls
 
 log = logging.getLogger("knn_ssd.server")
 
@@ -244,15 +244,15 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         tool_streams = [ToolCallStream(body.tool_names()) for _ in gens] if body.calls_tools() else []
 
         def chunk(index: int, text: str, finish: str | None, items: list[TokenLogprob]) -> dict[str, Any]:
-            calls: list[ToolCall] = []
-            if tool_streams:  # content up to a tool call; the calls when the choice ends
-                text = tool_streams[index].feed(text)
+            calls: list[dict[str, Any]] = []
+            if tool_streams:  # content up to a tool call, then the call's name and its arguments as written
+                text, calls = tool_streams[index].feed(text)
                 if finish is not None:
-                    rest, calls = tool_streams[index].finish()
-                    text, finish = text + rest, "tool_calls" if calls else finish
+                    rest, more, called = tool_streams[index].finish()
+                    text, calls, finish = text + rest, calls + more, "tool_calls" if called else finish
             delta: dict[str, Any] = {"content": text} if text else {}
             if calls:
-                delta["tool_calls"] = [call.to_dict(i) for i, call in enumerate(calls)]
+                delta["tool_calls"] = calls
             return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs(items) if items else None,
                                          "finish_reason": finish}]}
 

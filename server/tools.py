@@ -23,6 +23,11 @@ _JSON_FENCE = "```json"
 _MISTRAL_MARKER = "[TOOL_CALLS]"
 _FENCE = re.compile(re.escape(_JSON_FENCE) + r"\s*(.*?)\s*```", re.DOTALL)
 _BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
+# a call object's opening up to its arguments object (name first, as Hermes templates show the format)
+_HEAD = r'\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*(?=\{)'
+_BODY_HEAD = re.compile(_HEAD)
+_BLOCK_HEAD = re.compile(re.escape(OPEN) + r"\s*" + _HEAD)
+_DECODER = json.JSONDecoder()
 # the JSON the Hermes format writes (json.dumps' separators), with no room for runaway whitespace
 _COMPACT_JSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
@@ -74,11 +79,34 @@ def parse_tool_calls(text: str, names: Collection[str]) -> tuple[str | None, lis
         return (None, calls) if calls else (text, [])
     calls = []
     for match in _BLOCK.finditer(text, start):
-        call = _call(_json(match.group(1)))
+        call = _block_call(match.group(1))
         if call is None:
             return text, []
         calls.append(call)
     return text[:start] or None, calls
+
+
+def _block_call(body: str) -> ToolCall | None:
+    """The call a ``<tool_call>`` block holds; its arguments as the model wrote them where the block
+    reads ``{"name": ..., "arguments": {...}}`` (what streaming sends piece by piece), else re-serialised."""
+    head = _BODY_HEAD.match(body)
+    if head is not None:
+        end = _value_end(body, head.end())
+        if end is not None and body[end:].strip() == "}":
+            return ToolCall(_new_id(), head.group(1), body[head.end():end])
+    return _call(_json(body))
+
+
+def _value_end(text: str, start: int) -> int | None:
+    """Where the JSON value starting at ``start`` ends, or None while it is incomplete (or not JSON)."""
+    try:
+        return _DECODER.raw_decode(text, start)[1]
+    except ValueError:
+        return None
+
+
+def _new_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def _bare_calls(text: str, names: Collection[str]) -> list[ToolCall]:
@@ -103,33 +131,75 @@ def _call(data: Any) -> ToolCall | None:
     arguments = data.get("arguments", data.get("parameters", {}))
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
-    return ToolCall(f"call_{uuid.uuid4().hex[:24]}", data["name"], arguments)
+    return ToolCall(_new_id(), data["name"], arguments)
+
+
+@dataclass
+class _OpenCall:
+    """A call whose name has been streamed; its arguments start at ``start`` in the text."""
+
+    index: int
+    start: int
+    sent: int = 0  # characters of the arguments streamed
 
 
 class ToolCallStream:
-    """Splits a streamed choice into content deltas and, at its end, its tool calls.
+    """Splits a streamed choice into content deltas and tool-call deltas, as OpenAI streams them.
 
     Text goes out as content until a ``<tool_call>`` tag starts (a tail that could begin one waits for
-    the next delta); from the tag on, it is held and parsed when the choice ends. An output that
-    begins like a bare call object (``{``, ``[`` or a ```json fence) is held whole until then.
+    the next delta). A block that reads ``{"name": ..., "arguments": {`` then streams as a call: its id
+    and name first, then its arguments as the model writes them; anything else (another key order, a
+    bare call object or a ```json fence, which cannot be told from text before the end) is held and
+    parsed when the choice ends. A block that turns out not to parse once streamed stays a call.
     """
 
     def __init__(self, names: Collection[str]) -> None:
         self._names = names
         self._text = ""
         self._sent = 0  # characters of ``_text`` sent as content
+        self._streamed: list[str] = []  # ids of the calls whose name went out
+        self._open: _OpenCall | None = None
+        self._next_block = 0  # where the next ``<tool_call>`` may start
 
-    def feed(self, delta: str) -> str:
-        """Content safe to send now."""
+    def feed(self, delta: str) -> tuple[str, list[dict[str, Any]]]:
+        """Content and tool-call deltas safe to send now."""
         self._text += delta
-        return self._send_upto(self._safe_end())
+        return self._send_upto(self._safe_end()), self._call_deltas()
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """The content still to send and the calls, once the choice has ended."""
+    def finish(self) -> tuple[str, list[dict[str, Any]], bool]:
+        """What is left to send once the choice has ended (content, call deltas) and whether it made calls."""
+        deltas = self._call_deltas()
         content, calls = parse_tool_calls(self._text, self._names)
         if not calls:
-            return self._send_upto(len(self._text)), []
-        return (content or "")[self._sent:], calls
+            if self._streamed:  # a streamed block did not parse in the end: the calls stand as sent
+                return "", deltas, True
+            return self._send_upto(len(self._text)), [], False
+        for index, call in enumerate(calls[len(self._streamed):], len(self._streamed)):
+            deltas.append(call.to_dict(index))
+        return (content or "")[self._sent:], _merged(deltas), True
+
+    def _call_deltas(self) -> list[dict[str, Any]]:
+        deltas = []
+        while True:
+            if self._open is None:
+                head = _BLOCK_HEAD.search(self._text, self._next_block)
+                if head is None or self._text.find(OPEN, self._next_block) != head.start():
+                    break  # no block yet, or one that streaming cannot read: it waits for the end
+                self._open = _OpenCall(len(self._streamed), head.end())
+                self._streamed.append(_new_id())
+                deltas.append({"index": self._open.index, "id": self._streamed[-1], "type": "function",
+                               "function": {"name": head.group(1), "arguments": ""}})
+            call = self._open
+            end = _value_end(self._text, call.start)
+            upto = len(self._text) if end is None else end  # an incomplete value: all of it is arguments
+            piece = self._text[call.start + call.sent:upto]
+            call.sent += len(piece)
+            if piece:
+                deltas.append({"index": call.index, "function": {"arguments": piece}})
+            if end is None:
+                break
+            self._open, self._next_block = None, end
+        return _merged(deltas)
 
     def _safe_end(self) -> int:
         head = self._text.lstrip()
@@ -144,3 +214,14 @@ class ToolCallStream:
     def _send_upto(self, end: int) -> str:
         text, self._sent = self._text[self._sent:end], max(self._sent, end)
         return text
+
+
+def _merged(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One delta per call index (a call's opening and its first arguments in one item)."""
+    out: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        if delta["index"] in out:
+            out[delta["index"]]["function"]["arguments"] += delta["function"]["arguments"]
+        else:
+            out[delta["index"]] = {**delta, "function": dict(delta["function"])}
+    return list(out.values())

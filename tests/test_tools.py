@@ -95,13 +95,52 @@ CALL_BODY = '\n{"name": "f", "arguments": {}}\n'
                                     ["```js", "on\n", '{"name": "get_time", "arguments": {}}', "\n```"],
                                     ["  {", '"a": 1}'], ["```python\n", "x = 1\n```"],
                                     ["[TOOL_", 'CALLS] [{"name": "f", ', '"arguments": {}}]']])
-def test_stream_sends_content_and_holds_calls(pieces):
+def test_stream_sends_content_and_the_calls_of_a_whole_parse(pieces):
     stream = ToolCallStream(NAMES)
-    sent = "".join(stream.feed(p) for p in pieces)
-    rest, calls = stream.finish()
+    sent, deltas = _stream(stream, pieces)
+    rest, more, called = stream.finish()
     content, expected = parse_tool_calls("".join(pieces), NAMES)
+    assert called == bool(expected)
     assert sent + rest == (content or "") if expected else sent + rest == "".join(pieces)
-    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in expected]
+    assert _accumulate(deltas + more) == [(c.name, c.arguments) for c in expected]
+
+
+def test_a_call_streams_its_name_then_its_arguments_as_written():
+    pieces = ["Checking. <tool", "_call>\n{\"name\": \"get_weather\", ", "\"arguments\": {\"ci", "ty\": \"Oslo\"",
+              ", \"unit\":\"celsius\"}", "}\n</tool_call>\n<tool_call>\n{\"arguments\": {}, \"name\": \"f\"}",
+              "\n</tool_call>"]
+    stream = ToolCallStream(NAMES)
+    steps = [stream.feed(p) for p in pieces]
+    assert [content for content, _ in steps] == ["Checking. ", "", "", "", "", "", ""]
+    assert steps[1][1] == [] and steps[2][1][0]["function"] == {"name": "get_weather", "arguments": '{"ci'}
+    assert [d[0]["function"]["arguments"] for _, d in steps[3:5]] == ['ty": "Oslo"', ', "unit":"celsius"}']
+    assert steps[5][1] == [] and steps[6][1] == []  # the second block (arguments first) waits for the end
+    rest, more, called = stream.finish()
+    assert rest == "" and called and [d["index"] for d in more] == [1] and more[0]["function"]["name"] == "f"
+    text = "".join(pieces)
+    assert _accumulate([d for _, ds in steps for d in ds] + more) == [(c.name, c.arguments)
+                                                                     for c in parse_tool_calls(text, NAMES)[1]]
+    assert parse_tool_calls(text, NAMES)[1][0].arguments == '{"city": "Oslo", "unit":"celsius"}'  # as written
+
+
+def _stream(stream: ToolCallStream, pieces: list[str]) -> tuple[str, list[dict]]:
+    sent, deltas = "", []
+    for piece in pieces:
+        content, calls = stream.feed(piece)
+        sent, deltas = sent + content, deltas + calls
+    return sent, deltas
+
+
+def _accumulate(deltas: list[dict]) -> list[tuple[str, str]]:
+    """What a client builds from tool-call deltas: per index, the name and the concatenated arguments."""
+    calls: dict[int, list[str]] = {}
+    for delta in deltas:
+        function = {"arguments": "", **delta["function"]}
+        if delta["index"] not in calls:
+            assert delta["id"].startswith("call_") and delta["type"] == "function"
+            calls[delta["index"]] = [function["name"], ""]
+        calls[delta["index"]][1] += function["arguments"]
+    return [tuple(call) for _, call in sorted(calls.items())]
 
 
 def test_template_detection():
@@ -163,8 +202,12 @@ def test_required_tool_choice_streams_the_same_calls(tools_client):
             assert not chunk.choices[0].delta.content
             finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls"
-    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [
-        (i, c.function.name, c.function.arguments) for i, c in enumerate(whole.message.tool_calls)]
+    assert len(deltas) > len(whole.message.tool_calls)  # arguments arrive piece by piece
+    streamed = _accumulate([d.model_dump(exclude_none=True) for d in deltas])
+    assert streamed == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    with tools_client.chat.completions.stream(**kwargs) as events:  # the SDK's own assembly of the deltas
+        final = events.get_final_completion().choices[0]
+    assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == streamed
 
 
 def test_auto_without_a_call_is_plain_content(tools_client):
