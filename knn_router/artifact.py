@@ -31,19 +31,26 @@ class ArtifactError(ValueError):
     """A calibration artifact that is missing, corrupted or made for another model."""
 
 
+SHIPPED_ARTIFACTS = {DEFAULT_MODEL: "smollm2-135m", "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b"}  # --model: directory
+
+
 def default_artifact_dir() -> Path:
     """The prebuilt artifact for the default model, shipped inside the package."""
-    return Path(__file__).resolve().parent / "artifacts" / "smollm2-135m"
+    return _shipped(DEFAULT_MODEL)
 
 
 def artifact_dir(index: str, model: str) -> Path | None:
-    """The artifact directory an ``--index`` value names: a path, ``auto`` (the shipped one for the
-    default model, else None) or ``none`` (None)."""
+    """The artifact directory an ``--index`` value names: a path, ``auto`` (the one shipped for
+    ``model``, the default or a packaged model; else None) or ``none`` (None)."""
     if index == "none":
         return None
     if index != "auto":
         return Path(index)
-    return default_artifact_dir() if model == DEFAULT_MODEL else None
+    return _shipped(model) if model in SHIPPED_ARTIFACTS else None
+
+
+def _shipped(model: str) -> Path:
+    return Path(__file__).resolve().parent / "artifacts" / SHIPPED_ARTIFACTS[model]
 
 
 def save_artifact(directory: Path, router: Router, anchors: np.ndarray, model: dict[str, Any],

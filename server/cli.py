@@ -180,7 +180,7 @@ def cmd_route_eval(args: argparse.Namespace) -> int:
 
 
 def _load_index(index: str, model: str, fingerprint: str):
-    """The router of ``--index`` (``auto``: the shipped artifact of the default model)."""
+    """The router of ``--index`` (``auto``: the artifact shipped for ``model``)."""
     from knn_router.artifact import artifact_dir, load_router
 
     directory = artifact_dir(index, model)
@@ -293,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(completions, chat, models, health, metrics).")
     _add_model_args(serve)
     serve.add_argument("--index", default="auto",
-                       help="calibration artifact directory for KNN routing; 'auto' uses the shipped one for the "
-                            "default model, 'none' disables routing")
+                       help="calibration artifact directory for KNN routing; 'auto' uses the one shipped for the "
+                            "model (the default one and qwen2.5-coder-1.5b), 'none' disables routing")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind")
     serve.add_argument("--port", type=int, default=8000, help="port to bind")
     serve.add_argument("--served-model-name", default=None,
@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Route Spec-Bench prompts with an artifact and report accuracy per domain; "
                                        "time lookups over many random anchors.")
     _add_model_args(route)
-    route.add_argument("--index", default="auto", help="artifact directory ('auto': the shipped default)")
+    route.add_argument("--index", default="auto", help="artifact directory ('auto': the one shipped for the model)")
     route.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl")
     route.add_argument("--per-domain", type=int, default=80,
                        help="prompts per domain, spread evenly (80: all 480 Spec-Bench questions)")
@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "decoding; write report.json, report.md and speedup.png.")
     _add_model_args(bench)
     bench.add_argument("--index", default="auto",
-                       help="calibration artifact directory ('auto': the shipped one for the default model)")
+                       help="calibration artifact directory ('auto': the one shipped for the model)")
     bench.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl (domain-labelled prompts)")
     bench.add_argument("--per-domain", type=int, default=5, help="held-out prompts per domain")
     bench.add_argument("--max-new-tokens", type=int, default=128,

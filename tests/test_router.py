@@ -12,7 +12,15 @@ import pytest
 from conftest import chat_ids
 
 from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
-from knn_router.artifact import ArtifactError, load_router, save_artifact
+from decoding.packaged import PACKAGED_MODELS
+from knn_router.artifact import (
+    SHIPPED_ARTIFACTS,
+    ArtifactError,
+    artifact_dir,
+    load_router,
+    read_manifest,
+    save_artifact,
+)
 from knn_router.calibrate import CalibrationConfig, calibrate, cluster_traffic, read_domain_file
 from knn_router.costs import fit_draft_cost
 from knn_router.router import MIXED, Router
@@ -96,6 +104,17 @@ def test_artifact_round_trip(tmp_path):
     assert router.route(np.array([1.0, 0.05, 0, 0])).label == "a"
     assert router.policies == POLICIES
     assert not list(tmp_path.glob("*.pkl"))
+
+
+@pytest.mark.parametrize("model", sorted(SHIPPED_ARTIFACTS))
+def test_auto_index_is_the_artifact_shipped_for_the_model(model, default_model):
+    directory = artifact_dir("auto", model)
+    made_for = read_manifest(directory)["model"]
+    assert made_for["name"] == model
+    expected = PACKAGED_MODELS[model].sha256[:32] if model in PACKAGED_MODELS else default_model[2].fingerprint
+    assert made_for["fingerprint"] == expected  # the GGUF's own hash: the artifact fits the model it names
+    load_router(directory, expected)
+    assert artifact_dir("auto", "/some/other/model") is None and artifact_dir("none", model) is None
 
 
 def test_artifact_for_another_model_is_refused(tmp_path):
