@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 from live_server import LiveServer
 from openai import BadRequestError, OpenAI
@@ -229,6 +230,14 @@ def test_tool_results_continue_the_conversation(tools_client):
                                                tool_choice="none", temperature=0)
     assert out.choices[0].message.content and not out.choices[0].message.tool_calls
     assert out.usage.prompt_tokens > 80  # the tool definitions, the call and its result are in the prompt
+
+
+def test_tokenize_counts_the_tool_definitions_too(tools_client, tool_server):
+    out = tools_client.chat.completions.create(model="default", messages=ASK, tools=[WEATHER, TIME], max_tokens=1,
+                                               tool_choice="none")
+    counted = httpx.post(tool_server.url + "/tokenize", json={"messages": ASK, "tools": [WEATHER, TIME]}).json()
+    assert counted["count"] == out.usage.prompt_tokens
+    assert counted["count"] > httpx.post(tool_server.url + "/tokenize", json={"messages": ASK}).json()["count"]
 
 
 def test_tool_requests_that_cannot_be_served(tools_client, client):
