@@ -58,8 +58,10 @@ async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_t
 
 
 async def run_level(url: str, model: str, prompts: list[str], clients: int, requests_per_client: int,
-                    max_tokens: int, ramp_s: float, bar: tqdm, mode: str = "speculative") -> dict[str, Any]:
-    """``clients`` concurrent clients, each sending ``requests_per_client`` requests one after another.
+                    max_tokens: int, ramp_s: float, bar: tqdm, mode: str = "speculative"
+                    ) -> tuple[list[RequestTiming], float]:
+    """``clients`` concurrent clients, each sending ``requests_per_client`` requests one after another;
+    returns every request's timing and the wall time.
 
     Client ``i`` starts after ``i * ramp_s / clients`` seconds (0: all at once, a burst).
     """
@@ -77,11 +79,17 @@ async def run_level(url: str, model: str, prompts: list[str], clients: int, requ
         await client.post("/reset_prefix_cache")  # a server without one answers 404: nothing to reset
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
-        wall = time.perf_counter() - t0
-    tokens = sum(t.tokens for t in timings)
+        return timings, time.perf_counter() - t0
+
+
+def level_summary(clients: int, mode: str, runs: list[tuple[list[RequestTiming], float]],
+                  ramp_s: float) -> dict[str, Any]:
+    """The figures of one level in one mode over its runs (tokens and wall time summed)."""
+    timings = [t for run, _ in runs for t in run]
+    tokens, wall = sum(t.tokens for t in timings), sum(w for _, w in runs)
     ttfts = sorted(t.ttft_s for t in timings)
-    return {"clients": clients, "mode": mode, "requests": len(timings), "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
+    return {"clients": clients, "mode": mode, "runs": len(runs), "requests": len(timings), "tokens": tokens,
+            "wall_s": wall, "tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
             "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
             "per_request_tokens_per_s": statistics.median(t.tokens / t.total_s for t in timings),
             "request_latency_p50_s": statistics.median(t.total_s for t in timings), "ramp_s": ramp_s,
@@ -90,11 +98,15 @@ async def run_level(url: str, model: str, prompts: list[str], clients: int, requ
 
 
 def bench_serve(url: str, model: str, prompts: list[str], levels: list[int], requests_per_client: int,
-                max_tokens: int, ramp_s: float | None = None, modes: tuple[str, ...] = ("speculative",)
-                ) -> dict[str, Any]:
+                max_tokens: int, ramp_s: float | None = None, modes: tuple[str, ...] = ("speculative",),
+                rounds: int = 1) -> dict[str, Any]:
     """Run every concurrency level in every mode; each client sends ``requests_per_client`` requests back
     to back. ``x first`` ratios compare a level with the first level of the same mode; with both modes,
     speculative levels also get ``vs_plain`` (their tokens/s over plain decoding's at that level).
+
+    Each level runs every mode ``rounds`` times, the order of the modes reversed every other round
+    (2 rounds: A B B A), so neither mode always runs first: the machine's drift and any warm-up hit
+    both alike; a mode's figures sum its rounds.
 
     ``ramp_s`` None staggers client starts over the first level's median request latency, so
     arrivals spread as in steady traffic instead of coming as synchronized waves (with a fixed
@@ -103,13 +115,20 @@ def bench_serve(url: str, model: str, prompts: list[str], levels: list[int], req
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
         raise ValueError(f"modes must be among {', '.join(MODES)}, got {', '.join(modes) or 'none'}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     results: list[dict[str, Any]] = []
-    with tqdm(total=sum(levels) * requests_per_client * len(modes), desc="bench-serve", unit="request") as bar:
+    total = sum(levels) * requests_per_client * len(modes) * rounds
+    with tqdm(total=total, desc="bench-serve", unit="request") as bar:
         for level, clients in enumerate(levels):
-            for mode in modes:  # every mode of a level arrives with the same stagger
-                ramp = 0.0 if level == 0 else (results[0]["request_latency_p50_s"] if ramp_s is None else ramp_s)
-                results.append(asyncio.run(run_level(url, model, prompts, clients, requests_per_client, max_tokens,
-                                                     ramp, bar, mode)))
+            # every mode of a level arrives with the same stagger
+            ramp = 0.0 if level == 0 else (results[0]["request_latency_p50_s"] if ramp_s is None else ramp_s)
+            runs: dict[str, list] = {mode: [] for mode in modes}
+            for round_ in range(rounds):
+                for mode in modes if round_ % 2 == 0 else modes[::-1]:
+                    runs[mode].append(asyncio.run(run_level(url, model, prompts, clients, requests_per_client,
+                                                            max_tokens, ramp, bar, mode)))
+            results += [level_summary(clients, mode, runs[mode], ramp) for mode in modes]
     for r in results:
         base = next(b for b in results if b["mode"] == r["mode"])
         r["throughput_vs_first"] = r["tokens_per_s"] / base["tokens_per_s"]
@@ -118,4 +137,4 @@ def bench_serve(url: str, model: str, prompts: list[str], levels: list[int], req
         if r["mode"] == "speculative" and plain:
             r["vs_plain"] = r["tokens_per_s"] / plain[0]["tokens_per_s"]
     return {"url": url, "max_new_tokens": max_tokens, "requests_per_client": requests_per_client,
-            "levels": results}
+            "rounds": rounds, "modes": list(modes), "levels": results}

@@ -244,7 +244,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     try:
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         report = bench_serve(url, model, prompts, levels, args.requests_per_client, args.max_new_tokens, args.ramp_s,
-                             tuple(args.modes.split(",")))
+                             tuple(args.modes.split(",")), args.rounds)
     finally:
         if server is not None:
             server.terminate()
@@ -431,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help="comma-separated: speculative (requests as the server routes them) and/or plain "
                                   "(speculate: false, the baseline); with both, each level runs in both modes on the "
                                   "same server and reports speculative over plain tokens/s")
+    serve_bench.add_argument("--rounds", type=int, default=1,
+                             help="runs of every mode per level, the order of --modes reversed every other round "
+                                  "(2: speculative plain plain speculative), summed per mode: the mode that runs "
+                                  "first at a level measured up to ~10%% slower here, so compare modes with 2")
     serve_bench.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl (prompts)")
     serve_bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
     serve_bench.set_defaults(func=cmd_bench_serve)

@@ -22,6 +22,7 @@ from decoding.batching import ContinuousBatcher, generate_batch
 from decoding.detokenizer import StopMatcher
 from decoding.grammar import json_schema_grammar
 from decoding.stats import RequestStats
+from server.bench_serve import bench_serve
 
 TEXTS = ["Translate to English: Guten Morgen, wie geht es dir heute?", "What is the capital of France?",
          "Write a haiku about rain.", "Explain photosynthesis in two sentences.", "List three prime numbers.",
@@ -228,3 +229,15 @@ def test_server_batches_concurrent_requests(server):
     rows = total(after, "knn_ssd_batch_size_sum") - total(before, "knn_ssd_batch_size_sum")
     assert rows / steps > 1.5  # steps advanced several requests at once
     assert together == [complete(text) for text in TEXTS[:6]]  # the same text as alone
+
+
+def test_bench_serve_runs_each_mode_in_both_orders(server):
+    """``bench-serve --rounds 2``: every level runs speculative, plain, plain, speculative; figures summed."""
+    report = bench_serve(server.url, "default", TEXTS, levels=[1, 2], requests_per_client=1, max_tokens=8,
+                         ramp_s=0.0, modes=("speculative", "plain"), rounds=2)
+    assert report["rounds"] == 2 and [(r["clients"], r["mode"]) for r in report["levels"]] == [
+        (1, "speculative"), (1, "plain"), (2, "speculative"), (2, "plain")]
+    for r in report["levels"]:
+        assert r["runs"] == 2 and r["requests"] == 2 * r["clients"] and r["tokens"] == 8 * r["requests"]
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
+    assert all("vs_plain" in r for r in report["levels"] if r["mode"] == "speculative")
