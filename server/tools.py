@@ -87,14 +87,13 @@ def parse_tool_calls(text: str, names: Collection[str]) -> tuple[str | None, lis
 
 
 def _block_call(body: str) -> ToolCall | None:
-    """The call a ``<tool_call>`` block holds; its arguments as the model wrote them where the block
-    reads ``{"name": ..., "arguments": {...}}`` (what streaming sends piece by piece), else re-serialised."""
+    """The call a ``<tool_call>`` block holds. Where it opens ``{"name": ..., "arguments": {`` (what streaming
+    sends piece by piece) its name and arguments are kept as the model wrote them, else re-serialised."""
+    call = _call(_json(body))
     head = _BODY_HEAD.match(body)
-    if head is not None:
-        end = _value_end(body, head.end())
-        if end is not None and body[end:].strip() == "}":
-            return ToolCall(_new_id(), head.group(1), body[head.end():end])
-    return _call(_json(body))
+    if call is None or head is None:
+        return call
+    return ToolCall(call.id, head.group(1), body[head.end():_value_end(body, head.end())])
 
 
 def _value_end(text: str, start: int) -> int | None:
@@ -175,8 +174,8 @@ class ToolCallStream:
                 return "", deltas, True
             return self._send_upto(len(self._text)), [], False
         for index, call in enumerate(calls[len(self._streamed):], len(self._streamed)):
-            deltas.append(call.to_dict(index))
-        return (content or "")[self._sent:], _merged(deltas), True
+            deltas.append(call.to_dict(index))  # calls streaming could not read, whole
+        return (content or "")[self._sent:], deltas, True
 
     def _call_deltas(self) -> list[dict[str, Any]]:
         deltas = []
