@@ -60,8 +60,9 @@ class OpenAIServing:
         self.metrics = metrics
 
     # ------------------------------------------------------------------ request preparation
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
+    def check_model(self, name: str | None) -> None:
+        """404 unless ``name`` is the served model's (None, where the field is optional, passes)."""
+        if name is not None and name != self.model_name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
                            "model", "model_not_found")
 
@@ -112,8 +113,7 @@ class OpenAIServing:
 
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         """``/tokenize``: the ids a completion or chat request with this prompt would decode from."""
-        if req.model is not None:
-            self.check_model(req.model)
+        self.check_model(req.model)
         if req.messages is not None:
             ids = self.chat_prompt(req, req.add_generation_prompt)
         else:
@@ -122,8 +122,7 @@ class OpenAIServing:
 
     def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
         """``/detokenize``: the text of token ids (special tokens included)."""
-        if req.model is not None:
-            self.check_model(req.model)
+        self.check_model(req.model)
         self.check_token_ids(req.tokens, "tokens")
         return {"prompt": self.tokenizer.decode(req.tokens)}
 
