@@ -64,27 +64,6 @@ def release_free_memory() -> None:
         pass
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory() -> bool:
-    """Have the C allocator (glibc) keep freed memory for reuse instead of handing it back to the OS: no
-    mmap'd chunks, no trimming (``mallopt``). By default every allocation over 32 MiB is a fresh mapping
-    whose pages fault in zeroed on first touch, so each big activation of a prefill costs page faults:
-    a 512-token chunk of the 1.5B model faulted in ~1 GiB per forward (~400k faults per 1,263
-    prompt tokens, ~0 with this). The resident set then keeps the largest working set it has needed.
-    Call it at process start; ``KNN_SSD_KEEP_FREED_MEMORY=0`` leaves the allocator as it is. Returns
-    whether it applied (glibc only)."""
-    if os.environ.get("KNN_SSD_KEEP_FREED_MEMORY", "1").lower() in ("0", "false", "no", "off"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
-
 def _build() -> Any | None:
     if os.environ.get("KNN_SSD_NATIVE", "1").lower() in ("0", "false", "no", "off"):
         log.info("native CPU kernels disabled by KNN_SSD_NATIVE")

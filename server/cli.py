@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from decoding.loading import DEFAULT_MODEL
-from decoding.native import keep_freed_memory
 from decoding.policy import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD
 
 
@@ -474,9 +473,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper() if hasattr(args, "log_level") else "INFO",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if keep_freed_memory():
-        logging.getLogger(__name__).info("C allocator keeps freed memory for reuse (no mmap'd chunks, no trimming; "
-                                         "KNN_SSD_KEEP_FREED_MEMORY=0 turns it off)")
     return args.func(args)
 
 

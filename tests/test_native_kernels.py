@@ -377,32 +377,3 @@ def test_kernel_builds_are_keyed_by_source_flags_and_torch(tmp_path):
     mtime = first.stat().st_mtime_ns
     assert _source_copy(tmp_path, "torch-x", ["-O3"]) == first and first.stat().st_mtime_ns == mtime  # untouched
     assert _source_copy(tmp_path, "torch-x", ["-O2"]).parent != first.parent
-
-
-_FAULTS_OF_REUSE = """
-import resource, sys, torch
-from decoding.native import keep_freed_memory
-kept = keep_freed_memory()
-def touch():  # a 64 MiB activation, written once and freed, as a prefill's MLP output is
-    torch.empty(16 * 2**20).fill_(1.0)
-touch()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-touch()
-print(int(kept), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_keep_freed_memory_reuses_pages_instead_of_faulting_in_new_ones():
-    """With the allocator left as it is, a second 64 MiB activation faults in all its pages again (a fresh
-    mapping); after keep_freed_memory it reuses the freed ones. The CLI calls it at start."""
-    def faults(keep: str) -> tuple[int, int]:
-        env = {**os.environ, "KNN_SSD_KEEP_FREED_MEMORY": keep}
-        out = subprocess.run([sys.executable, "-c", _FAULTS_OF_REUSE], env=env, capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
-        return int(out[0]), int(out[1])
-
-    kept, refaulted = faults("0")
-    assert kept == 0 and refaulted > 10_000  # 64 MiB in 4 KiB pages: 16,384
-    kept, refaulted = faults("1")
-    assert kept == 1 and refaulted < 1_000
