@@ -16,6 +16,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -136,5 +137,41 @@ def bench_serve(url: str, model: str, prompts: list[str], levels: list[int], req
         plain = [p for p in results if p["mode"] == "plain" and p["clients"] == r["clients"]]
         if r["mode"] == "speculative" and plain:
             r["vs_plain"] = r["tokens_per_s"] / plain[0]["tokens_per_s"]
-    return {"url": url, "max_new_tokens": max_tokens, "requests_per_client": requests_per_client,
+    return {"url": url, "model": model, "max_new_tokens": max_tokens, "requests_per_client": requests_per_client,
             "rounds": rounds, "modes": list(modes), "levels": results}
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Aggregate tokens/s and time to first token (p50 solid, p95 dashed) against concurrent clients, a line
+    per mode, each throughput point labelled with its multiple of the mode's first level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rate, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode in report["modes"]:
+        levels = [r for r in report["levels"] if r["mode"] == mode]
+        clients = [r["clients"] for r in levels]
+        line, = rate.plot(clients, [r["tokens_per_s"] for r in levels], marker="o", label=mode)
+        for r in levels:
+            rate.annotate(f"{r['throughput_vs_first']:.2f}x", (r["clients"], r["tokens_per_s"]), fontsize=8,
+                          textcoords="offset points", xytext=(4, -11 if mode == "plain" else 5))
+        ttft.plot(clients, [r["ttft_p50_s"] for r in levels], marker="o", color=line.get_color(), label=f"{mode} p50")
+        ttft.plot(clients, [r["ttft_p95_s"] for r in levels], marker=".", linestyle="--", color=line.get_color(),
+                  label=f"{mode} p95")
+    for ax, label in ((rate, "aggregate tokens/s"), (ttft, "time to first token (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["clients"] for r in report["levels"]}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    rate.set_ylim(bottom=0)
+    ttft.set_yscale("log")  # p95 under load is tens of times p50
+    fig.suptitle(f"{report.get('model', '')}: {report['max_new_tokens']} tokens per request, "
+                 f"{report['requests_per_client']} requests per client, {report['rounds']} round(s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -221,7 +221,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     from knn_router.evaluate import spec_bench_by_domain
 
-    from .bench_serve import bench_serve
+    from .bench_serve import bench_serve, plot
     from .readiness import NotReadyError, wait_ready
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress bar
@@ -260,6 +260,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
               f"{r['ttft_p50_vs_first']:>8.2f} {r['ttft_p95_s']:>9.3f} {vs_plain}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot(report, Path(args.plot))
     return 0
 
 
@@ -437,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "first at a level measured up to ~10%% slower here, so compare modes with 2")
     serve_bench.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl (prompts)")
     serve_bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    serve_bench.add_argument("--plot", default=None,
+                             help="also draw aggregate tokens/s and time to first token against clients, a line per "
+                                  "mode, into this PNG file")
     serve_bench.set_defaults(func=cmd_bench_serve)
 
     from decoding.packaged import PACKAGED_MODELS

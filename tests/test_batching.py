@@ -22,7 +22,7 @@ from decoding.batching import ContinuousBatcher, generate_batch
 from decoding.detokenizer import StopMatcher
 from decoding.grammar import json_schema_grammar
 from decoding.stats import RequestStats
-from server.bench_serve import bench_serve
+from server.bench_serve import bench_serve, plot
 
 TEXTS = ["Translate to English: Guten Morgen, wie geht es dir heute?", "What is the capital of France?",
          "Write a haiku about rain.", "Explain photosynthesis in two sentences.", "List three prime numbers.",
@@ -231,10 +231,13 @@ def test_server_batches_concurrent_requests(server):
     assert together == [complete(text) for text in TEXTS[:6]]  # the same text as alone
 
 
-def test_bench_serve_runs_each_mode_in_both_orders(server):
-    """``bench-serve --rounds 2``: every level runs speculative, plain, plain, speculative; figures summed."""
+def test_bench_serve_runs_each_mode_in_both_orders(server, tmp_path):
+    """``bench-serve --rounds 2``: every level runs speculative, plain, plain, speculative; figures summed;
+    ``--plot`` draws them."""
     report = bench_serve(server.url, "default", TEXTS, levels=[1, 2], requests_per_client=1, max_tokens=8,
                          ramp_s=0.0, modes=("speculative", "plain"), rounds=2)
+    plot(report, tmp_path / "serve.png")
+    assert (tmp_path / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["rounds"] == 2 and [(r["clients"], r["mode"]) for r in report["levels"]] == [
         (1, "speculative"), (1, "plain"), (2, "speculative"), (2, "plain")]
     for r in report["levels"]:
