@@ -90,7 +90,9 @@ def level_summary(clients: int, mode: str, runs: list[tuple[list[RequestTiming],
     tokens, wall = sum(t.tokens for t in timings), sum(w for _, w in runs)
     ttfts = sorted(t.ttft_s for t in timings)
     return {"clients": clients, "mode": mode, "runs": len(runs), "requests": len(timings), "tokens": tokens,
-            "wall_s": wall, "tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
+            "wall_s": wall, "tokens_per_s": tokens / wall,
+            "run_tokens_per_s": [sum(t.tokens for t in run) / w for run, w in runs],  # in the order they ran
+            "ttft_p50_s": statistics.median(ttfts),
             "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
             "per_request_tokens_per_s": statistics.median(t.tokens / t.total_s for t in timings),
             "request_latency_p50_s": statistics.median(t.total_s for t in timings), "ramp_s": ramp_s,

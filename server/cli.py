@@ -258,6 +258,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
               f"{r['prompt_tokens_mean']:>6.0f} {r['cached_tokens_mean']:>6.0f} {r['tokens']:>7} "
               f"{r['wall_s']:>7.1f} {r['tokens_per_s']:>9.1f} {r['throughput_vs_first']:>8.2f} {r['ttft_p50_s']:>9.3f} "
               f"{r['ttft_p50_vs_first']:>8.2f} {r['ttft_p95_s']:>9.3f} {vs_plain}")
+    if report["rounds"] > 1:  # the spread behind each sum, and any order effect
+        print("tokens/s of each mode's runs in order (modes alternate which runs first): " + "; ".join(
+            f"{r['clients']} {r['mode']} " + " ".join(f"{v:.1f}" for v in r["run_tokens_per_s"])
+            for r in report["levels"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.plot:

@@ -243,4 +243,6 @@ def test_bench_serve_runs_each_mode_in_both_orders(server, tmp_path):
     for r in report["levels"]:
         assert r["runs"] == 2 and r["requests"] == 2 * r["clients"] and r["tokens"] == 8 * r["requests"]
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
+        assert len(r["run_tokens_per_s"]) == 2 and min(r["run_tokens_per_s"]) <= r["tokens_per_s"] <= max(
+            r["run_tokens_per_s"])
     assert all("vs_plain" in r for r in report["levels"] if r["mode"] == "speculative")
