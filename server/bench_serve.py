@@ -172,7 +172,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     rate.set_ylim(bottom=0)
     ttft.set_yscale("log")  # p95 under load is tens of times p50
-    fig.suptitle(f"{report.get('model', '')}: {report['max_new_tokens']} tokens per request, "
+    fig.suptitle(f"{report['model']}: {report['max_new_tokens']} tokens per request, "
                  f"{report['requests_per_client']} requests per client, {report['rounds']} round(s)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -156,7 +156,7 @@ class ToolCallStream:
         self._names = names
         self._text = ""
         self._sent = 0  # characters of ``_text`` sent as content
-        self._streamed: list[str] = []  # ids of the calls whose name went out
+        self._streamed = 0  # calls whose name went out
         self._open: _OpenCall | None = None
         self._next_block = 0  # where the next ``<tool_call>`` may start
 
@@ -173,7 +173,7 @@ class ToolCallStream:
             if self._streamed:  # a streamed block did not parse in the end: the calls stand as sent
                 return "", deltas, True
             return self._send_upto(len(self._text)), [], False
-        for index, call in enumerate(calls[len(self._streamed):], len(self._streamed)):
+        for index, call in enumerate(calls[self._streamed:], self._streamed):
             deltas.append(call.to_dict(index))  # calls streaming could not read, whole
         return (content or "")[self._sent:], deltas, True
 
@@ -184,9 +184,9 @@ class ToolCallStream:
                 head = _BLOCK_HEAD.search(self._text, self._next_block)
                 if head is None or self._text.find(OPEN, self._next_block) != head.start():
                     break  # no block yet, or one that streaming cannot read: it waits for the end
-                self._open = _OpenCall(len(self._streamed), head.end())
-                self._streamed.append(_new_id())
-                deltas.append({"index": self._open.index, "id": self._streamed[-1], "type": "function",
+                self._open = _OpenCall(self._streamed, head.end())
+                self._streamed += 1
+                deltas.append({"index": self._open.index, "id": _new_id(), "type": "function",
                                "function": {"name": head.group(1), "arguments": ""}})
             call = self._open
             end = _value_end(self._text, call.start)
