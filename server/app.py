@@ -114,7 +114,7 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        if exc.status != 499:
+        if exc.status != 499:  # a disconnect is counted per choice where it is detected
             request.app.state.server.metrics.request_done(exc.status, None)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
@@ -302,6 +302,7 @@ async def _stream_events(srv: OpenAIServing, gens: list[GenerationRequest], queu
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     remaining = len(choices)
+    recorded = False  # the request's outcome is counted once, however the stream ends
     try:
         async for index, event in srv.events(gens, queue, request):
             c = choices[index]
@@ -318,15 +319,20 @@ async def _stream_events(srv: OpenAIServing, gens: list[GenerationRequest], queu
             if remaining == 0 and not include_usage:
                 data["knn_ssd"] = knn_ssd_object(choices)
             yield sse(data)
+        if not remaining:
+            srv.record(200, choices)
+            recorded = True
     except APIError as exc:
         srv.metrics.request_done(exc.status, None)
+        recorded = True
         yield sse(exc.body())
         yield sse("[DONE]")
         return
-    if remaining:  # client went away: nothing more to send
-        srv.record(499, choices)
+    finally:  # the client went away: the stream stopped early, or the server cancelled it at a yield
+        if not recorded:
+            srv.record(499, choices)
+    if remaining:
         return
-    srv.record(200, choices)
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)})
     yield sse("[DONE]")

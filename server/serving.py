@@ -209,15 +209,20 @@ class OpenAIServing:
 
     async def events(self, gens: list[GenerationRequest], queue: asyncio.Queue, request: Request | None,
                      ) -> AsyncIterator[tuple[int, GenerationEvent]]:
-        """Yield (index, event) until every choice finished; cancel all choices if the client goes away."""
-        pending = len(gens)
+        """Yield (index, event) until every choice finished; cancel all choices if the client goes away
+        (checked every ``DISCONNECT_POLL_S``, also while events keep coming)."""
+        pending, next_check = len(gens), time.monotonic() + DISCONNECT_POLL_S
         try:
             while pending:
                 try:
                     index, event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
+                    event = None
+                if request is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
+                    if await request.is_disconnected():
                         return
+                if event is None:
                     continue
                 if event.error is not None:
                     raise _api_error(event.error)
@@ -233,6 +238,7 @@ class OpenAIServing:
         async for index, event in self.events(gens, queue, request):
             apply_event(choices[index], event)
         if any(c.finish_reason is None for c in choices):
+            self.record(499, choices)  # counted here, per choice, as a stream that loses its client is
             raise APIError(499, "client disconnected")
         return choices
 
