@@ -73,12 +73,13 @@ class SamplingParams:
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """A per-request RNG so that concurrent requests never share random state."""
+    """A per-request RNG so that concurrent requests never share random state. A seed is taken modulo
+    2**64, as torch takes negative ones, so a seed near the 64-bit limit plus a choice's index still works."""
     gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
     else:
-        gen.manual_seed(seed)
+        gen.manual_seed(seed % 2**64)
     return gen
 
 

@@ -71,7 +71,7 @@ class SamplingFields(OpenAIObject):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1, description="a 64-bit signed integer, as OpenAI's")
     user: str | None = None
     ignore_eos: bool = False
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)

@@ -37,6 +37,7 @@ CASES = [
     ("token id out of vocab", COMP, {"model": "default", "prompt": [1, 999999]}, 400),
     ("image content part", CHAT, {"model": "default", "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400),
+    ("seed over 64 bits", COMP, {"model": "default", "prompt": "a", "seed": 2**70}, 400),
     ("unknown endpoint", "/v1/embeddings", {"model": "default", "input": "a"}, 404),
 ]
 
@@ -51,6 +52,15 @@ def test_malformed_request(server, name, path, body, status):
     assert set(error) == {"message", "type", "param", "code"}
     assert isinstance(error["message"], str) and error["message"]
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_seeds_at_the_64_bit_limits_sample(server):
+    """The largest and smallest 64-bit seeds work, also where a later choice's seed (seed + index) passes them."""
+    for seed in (2**63 - 1, -2**63):
+        r = httpx.post(server.url + COMP, json={"model": "default", "prompt": "a", "max_tokens": 2, "n": 2,
+                                                 "seed": seed}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 2
 
 
 def test_unknown_fields_are_ignored(server):
