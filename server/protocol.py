@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -14,9 +14,19 @@ MAX_N = 16
 
 
 class OpenAIObject(BaseModel):
-    """A request object: fields this server does not know are ignored, as OpenAI does."""
+    """A request object: fields this server does not know are ignored, and ``null`` stands for an omitted
+    field where the field takes no ``null`` of its own (``"n": null`` is ``n`` 1), as OpenAI does."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_omitted(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = {field.alias or name: field for name, field in cls.model_fields.items()}
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or type(None) in get_args(fields[key].annotation)}
 
 
 class StreamOptions(OpenAIObject):

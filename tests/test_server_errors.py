@@ -63,6 +63,16 @@ def test_seeds_at_the_64_bit_limits_sample(server):
         assert len(r.json()["choices"]) == 2
 
 
+def test_null_fields_mean_omitted(server):
+    """Clients that send every optional field, unset ones as null, get the defaults (OpenAI's behaviour)."""
+    nulls = {"n": None, "temperature": None, "top_p": None, "stop": None, "seed": None, "stream": None,
+             "stream_options": None, "presence_penalty": None, "logit_bias": None, "response_format": None}
+    r = httpx.post(server.url + CHAT, json={"model": "default", "messages": MSG, "max_tokens": 2, "logprobs": None,
+                                            "tools": None, "tool_choice": None, **nulls}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1
+
+
 def test_unknown_fields_are_ignored(server):
     r = httpx.post(server.url + COMP, json={"model": "default", "prompt": "a", "max_tokens": 2,
                                              "frobnicate": True, "temperature": 0}, timeout=60)
