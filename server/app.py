@@ -133,7 +133,8 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Unknown paths and methods get OpenAI's error shape too (FastAPI's default is ``{"detail": ...}``)."""
         messages = {404: f"Unknown endpoint {request.url.path}: this server serves /v1/chat/completions, "
-                         "/v1/completions, /v1/models, /tokenize, /detokenize, /health and /metrics",
+                         "/v1/completions, /v1/models[/{model}], /tokenize, /detokenize, /reset_prefix_cache, "
+                         "/health and /metrics",
                     405: f"Method {request.method} is not allowed on {request.url.path}"}
         codes = {404: "unknown_url", 405: "method_not_allowed"}
         api = APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)), None,
@@ -163,11 +164,19 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
 
         return await asyncio.wrap_future(s.loop.call(clear))
 
+    def model_card(s: ServerState) -> dict[str, Any]:
+        return {"id": s.serving.model_name, "object": "model", "created": s.started, "owned_by": "knn-ssd",
+                "root": s.info.source, "max_model_len": s.serving.max_model_len}
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models(s: ServerState = Depends(state)) -> dict[str, Any]:
-        card = {"id": s.serving.model_name, "object": "model", "created": s.started, "owned_by": "knn-ssd",
-                "root": s.info.source, "max_model_len": s.serving.max_model_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card(s)]}
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(authorize)])
+    async def model(model: str, s: ServerState = Depends(state)) -> dict[str, Any]:
+        """One model's card (the SDKs' ``models.retrieve``); 404 for a model this server does not serve."""
+        s.serving.check_model(model)
+        return model_card(s)
 
     @app.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(body: TokenizeRequest, srv: OpenAIServing = Depends(serving)) -> dict[str, Any]:

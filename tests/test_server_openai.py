@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import httpx
+import openai
 import pytest
 from conftest import chat_ids
 from openai import AsyncOpenAI, OpenAI
@@ -34,6 +35,11 @@ def _plain_text(engine, ids: list[int], max_tokens: int) -> str:
 def test_models_endpoint(client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["default"]
+    card = client.models.retrieve("default")
+    assert card.id == "default" and card.model_extra["max_model_len"] == models.data[0].model_extra["max_model_len"]
+    with pytest.raises(openai.NotFoundError) as lost:
+        client.models.retrieve("gpt-4o")
+    assert lost.value.body["code"] == "model_not_found"
 
 
 def test_completion_matches_plain_decoding(client, default_engine):
