@@ -52,8 +52,8 @@ class CalibrationConfig:
 
 
 def read_domain_file(path: Path, tokenizer: Any) -> list[list[int]]:
-    """Token ids of each JSONL line: ``messages`` through the chat template, raw ``prompt`` text or
-    ``prompt_ids`` (the lines ``serve --log-prompts`` writes are of these kinds)."""
+    """Token ids of each JSONL line: ``messages`` (and ``tools``, if any) through the chat template, raw
+    ``prompt`` text or ``prompt_ids`` (the lines ``serve --log-prompts`` writes are of these kinds)."""
     prompts = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -63,8 +63,8 @@ def read_domain_file(path: Path, tokenizer: Any) -> list[list[int]]:
         except ValueError as exc:
             raise ValueError(f"{path}:{n}: not valid JSON ({exc})") from exc
         if "messages" in row:
-            ids = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)
+            ids = tokenizer.apply_chat_template(row["messages"], tools=row.get("tools"), add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
         elif "prompt" in row:
             ids = tokenizer(row["prompt"]).input_ids
         elif "prompt_ids" in row:

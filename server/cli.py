@@ -121,6 +121,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from decoding import ModelRunner, SpeculativeEngine, load_model
     from knn_router.calibrate import CalibrationConfig, calibrate, cluster_traffic, read_domain_file
+    from server.state import ChatTemplateError, read_chat_template
 
     if not args.domain and not args.traffic:
         raise SystemExit("calibrate needs prompts: --domain NAME=FILE.jsonl (repeatable) and/or --traffic FILE.jsonl")
@@ -128,7 +129,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for spec, (name, sep, path) in zip(args.domain or (), specs):
         if not sep or not name or not path:
             raise SystemExit(f"--domain expects NAME=FILE.jsonl, got {spec!r}")
+    try:
+        template = read_chat_template(args.chat_template) if args.chat_template else None
+    except ChatTemplateError as exc:
+        raise SystemExit(str(exc)) from None
     hf_model, tokenizer, info = load_model(args.model, args.device, args.dtype)
+    if template is not None:
+        tokenizer.chat_template = template
     engine = SpeculativeEngine(ModelRunner(hf_model, int8_draft=True), tokenizer)
     domains = {name: read_domain_file(Path(path), tokenizer) for name, _, path in specs}
     if args.traffic:
@@ -354,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-traffic", type=int, default=500,
                      help="most distinct --traffic prompts used (a seeded random sample beyond it; each is "
                           "prefilled twice, to cluster and to calibrate)")
+    cal.add_argument("--chat-template", default=None, metavar="FILE",
+                     help="the Jinja chat template that renders 'messages' (and 'tools') lines, instead of the "
+                          "model's own: give the one `serve --chat-template` serves with, so anchors are "
+                          "embedded from the prompts the router will see")
     cal.add_argument("--out", required=True, help="artifact directory to write")
     cal.add_argument("--anchors", type=int, default=10, help="KMeans anchors per domain")
     cal.add_argument("--search-prompts", type=int, default=8, help="prompts per domain for the policy search")

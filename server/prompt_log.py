@@ -15,8 +15,9 @@ class PromptLogError(ValueError):
 
 
 class PromptLog:
-    """Appends one JSONL line per prompt of each accepted request: ``messages`` (chat, content as text),
-    ``prompt`` (completion text) or ``prompt_ids`` (completion token ids). Sampling settings and outputs
+    """Appends one JSONL line per prompt of each accepted request: ``messages`` (chat, as the template takes
+    them, with ``tools`` where the request had them), ``prompt`` (completion text) or ``prompt_ids``
+    (completion token ids). Sampling settings and outputs
     are not logged; the file holds user text, so it is written only when asked for."""
 
     def __init__(self, path: Path) -> None:
@@ -37,7 +38,12 @@ class PromptLog:
 
     @staticmethod
     def _chat(req: ChatCompletionRequest) -> dict[str, Any]:
-        return {"messages": [{"role": m.role, "content": m.text()} for m in req.messages]}
+        """The messages as the chat template took them (tool calls and results included) and the tools it
+        rendered, so that calibration re-renders the prompt the router saw."""
+        row: dict[str, Any] = {"messages": [m.for_template() for m in req.messages]}
+        if req.tools:
+            row["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        return row
 
     @staticmethod
     def _completion(req: CompletionRequest) -> list[dict[str, Any]]:

@@ -230,6 +230,17 @@ class ChatMessage(OpenAIObject):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it (a developer message is a system one)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [call.for_template() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.role == "tool" and self.name:
+            out["name"] = self.name
+        return out
+
 
 class Prediction(OpenAIObject):
     """OpenAI's predicted output: text the answer is expected to repeat, drafted by n-gram lookup."""

@@ -20,7 +20,6 @@ from .prompt_log import PromptLog
 from .protocol import (
     APIError,
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     SamplingFields,
@@ -104,7 +103,7 @@ class OpenAIServing:
                                "tools")
             tools = [t.model_dump(exclude_none=True) for t in req.tools]
         try:
-            ids = self.tokenizer.apply_chat_template([_template_message(m) for m in req.messages], tools=tools,
+            ids = self.tokenizer.apply_chat_template([m.for_template() for m in req.messages], tools=tools,
                                                      add_generation_prompt=add_generation_prompt, tokenize=True,
                                                      return_dict=False)
         except Exception as exc:  # templates raise on role orders they do not accept
@@ -245,19 +244,6 @@ class OpenAIServing:
     def record(self, status: int, choices: list[Choice]) -> None:
         for c in choices:
             self.metrics.request_done(status, c.finish_reason)
-
-
-def _template_message(message: ChatMessage) -> dict[str, Any]:
-    """A request message as chat templates take it (a developer message is a system one)."""
-    out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
-                           "content": message.text()}
-    if message.tool_calls:
-        out["tool_calls"] = [call.for_template() for call in message.tool_calls]
-    if message.tool_call_id is not None:
-        out["tool_call_id"] = message.tool_call_id
-    if message.role == "tool" and message.name:
-        out["name"] = message.name
-    return out
 
 
 def apply_event(choice: Choice, event: GenerationEvent) -> None:

@@ -4,6 +4,7 @@ speculation; a template that cannot render tools is a clear 400."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import httpx
@@ -11,6 +12,8 @@ import pytest
 from live_server import LiveServer
 from openai import BadRequestError, OpenAI
 
+from knn_router.calibrate import read_domain_file
+from server.cli import main as cli_main
 from server.tools import ToolCallStream, forced_call_grammar, parse_tool_calls, template_renders_tools
 
 # ChatML (the default model's prompt format) with the tools rendered as Hermes-style templates do
@@ -161,9 +164,11 @@ def test_forced_grammar_accepts_a_call_and_refuses_other_text(default_engine):
 
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory):
-    template = tmp_path_factory.mktemp("template") / "tools.jinja"
+    folder = tmp_path_factory.mktemp("template")
+    template = folder / "tools.jinja"
     template.write_text(TOOLS_TEMPLATE)
-    with LiveServer("--chat-template", str(template)) as live:
+    with LiveServer("--chat-template", str(template), "--log-prompts", str(folder / "prompts.jsonl")) as live:
+        live.template, live.prompt_log = template, folder / "prompts.jsonl"
         yield live
 
 
@@ -230,6 +235,29 @@ def test_tool_results_continue_the_conversation(tools_client):
                                                tool_choice="none", temperature=0)
     assert out.choices[0].message.content and not out.choices[0].message.tool_calls
     assert out.usage.prompt_tokens > 80  # the tool definitions, the call and its result are in the prompt
+
+
+def test_logged_tool_conversations_calibrate_on_the_served_prompt(tools_client, tool_server, default_engine):
+    """``--log-prompts`` keeps a conversation's tool calls, results and tools, so ``calibrate --chat-template``
+    re-renders exactly the prompt the router embedded."""
+    call = {"id": "call_7", "type": "function",
+            "function": {"name": "get_time", "arguments": json.dumps({"zone": "Europe/Oslo"})}}
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_7", "content": '{"time": "12:00"}'}]
+    tools_client.chat.completions.create(model="default", messages=messages, tools=[WEATHER, TIME], max_tokens=1,
+                                         tool_choice="none")
+    served = httpx.post(tool_server.url + "/tokenize", json={"messages": messages, "tools": [WEATHER, TIME]}).json()
+    row = json.loads(tool_server.prompt_log.read_text().splitlines()[-1])
+    assert [t["function"]["name"] for t in row["tools"]] == ["get_weather", "get_time"]
+    assert row["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"zone": "Europe/Oslo"}
+    traffic = tool_server.prompt_log.with_name("traffic.jsonl")
+    traffic.write_text(json.dumps(row) + "\n")
+    tokenizer = copy.copy(default_engine.tokenizer)  # the served template, on a copy the other tests do not see
+    tokenizer.chat_template = tool_server.template.read_text()
+    assert read_domain_file(traffic, tokenizer) == [served["tokens"]]
+    with pytest.raises(SystemExit, match="cannot read --chat-template"):
+        cli_main(["calibrate", "--traffic", str(traffic), "--out", str(traffic.parent / "art"),
+                  "--chat-template", str(traffic.parent / "missing.jinja")])
 
 
 def test_tokenize_counts_the_tool_definitions_too(tools_client, tool_server):
