@@ -17,8 +17,8 @@ class PromptLogError(ValueError):
 class PromptLog:
     """Appends one JSONL line per prompt of each accepted request: ``messages`` (chat, as the template takes
     them, with ``tools`` where the request had them), ``prompt`` (completion text) or ``prompt_ids``
-    (completion token ids). Sampling settings and outputs
-    are not logged; the file holds user text, so it is written only when asked for."""
+    (completion token ids). Sampling settings and outputs are not logged; the file holds user text, so it
+    is written only when asked for."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
