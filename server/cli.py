@@ -13,6 +13,21 @@ from decoding.loading import DEFAULT_MODEL
 from decoding.policy import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD
 
 
+def port_number(value: str) -> int:
+    """An argparse type: a TCP port (0 lets the system pick one)."""
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0-65535)")
+    return port
+
+
+def existing_file(value: str) -> str:
+    """An argparse type: the path of a file that exists (checked before any model loads)."""
+    if not Path(value).is_file():
+        raise argparse.ArgumentTypeError(f"{value}: no such file")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="'default' (embedded SmolLM2-135M-Instruct), a packaged model installed by "
@@ -129,6 +144,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for spec, (name, sep, path) in zip(args.domain or (), specs):
         if not sep or not name or not path:
             raise SystemExit(f"--domain expects NAME=FILE.jsonl, got {spec!r}")
+        if not Path(path).is_file():
+            raise SystemExit(f"--domain {spec}: no such file")
     try:
         template = read_chat_template(args.chat_template) if args.chat_template else None
     except ChatTemplateError as exc:
@@ -137,10 +154,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if template is not None:
         tokenizer.chat_template = template
     engine = SpeculativeEngine(ModelRunner(hf_model, int8_draft=True), tokenizer)
-    domains = {name: read_domain_file(Path(path), tokenizer) for name, _, path in specs}
-    if args.traffic:
-        clusters = cluster_traffic(engine, read_domain_file(Path(args.traffic), tokenizer), args.clusters, args.seed,
-                                   max_prompts=args.max_traffic)
+    try:  # a line that is not JSON, has no prompt or does not render
+        domains = {name: read_domain_file(Path(path), tokenizer) for name, _, path in specs}
+        traffic = read_domain_file(Path(args.traffic), tokenizer) if args.traffic else None
+    except ValueError as exc:
+        raise SystemExit(f"knn-ssd calibrate: {exc}") from None
+    if traffic is not None:
+        clusters = cluster_traffic(engine, traffic, args.clusters, args.seed, max_prompts=args.max_traffic)
         print(f"traffic: {sum(map(len, clusters.values()))} prompts in {len(clusters)} clusters "
               f"({', '.join(f'{name} {len(p)}' for name, p in clusters.items())})")
         domains.update(clusters)
@@ -309,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibration artifact directory for KNN routing; 'auto' uses the one shipped for the "
                             "model (the default one and qwen2.5-coder-1.5b), 'none' disables routing")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind")
-    serve.add_argument("--port", type=int, default=8000, help="port to bind")
+    serve.add_argument("--port", type=port_number, default=8000, help="port to bind")
     serve.add_argument("--served-model-name", default=None,
                        help="model name clients send and see in /v1/models (default: the --model value)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
@@ -353,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--domain", action="append", metavar="NAME=FILE.jsonl",
                      help="a domain and its prompts (JSONL lines with 'prompt', 'prompt_ids' or 'messages'); "
                           "repeatable")
-    cal.add_argument("--traffic", metavar="FILE.jsonl",
+    cal.add_argument("--traffic", type=existing_file, metavar="FILE.jsonl",
                      help="unlabelled prompts, e.g. the file of `serve --log-prompts`: clustered by prompt "
                           "embedding into --clusters groups (traffic-1, traffic-2, ...) calibrated as domains")
     cal.add_argument("--clusters", type=int, default=6,
@@ -361,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-traffic", type=int, default=500,
                      help="most distinct --traffic prompts used (a seeded random sample beyond it; each is "
                           "prefilled twice, to cluster and to calibrate)")
-    cal.add_argument("--chat-template", default=None, metavar="FILE",
+    cal.add_argument("--chat-template", type=existing_file, default=None, metavar="FILE",
                      help="the Jinja chat template that renders 'messages' (and 'tools') lines, instead of the "
                           "model's own: give the one `serve --chat-template` serves with, so anchors are "
                           "embedded from the prompts the router will see")
@@ -391,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "time lookups over many random anchors.")
     _add_model_args(route)
     route.add_argument("--index", default="auto", help="artifact directory ('auto': the one shipped for the model)")
-    route.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl")
+    route.add_argument("--data", type=existing_file, default=str(SPEC_BENCH), help="Spec-Bench question.jsonl")
     route.add_argument("--per-domain", type=int, default=80,
                        help="prompts per domain, spread evenly (80: all 480 Spec-Bench questions)")
     route.add_argument("--anchors", type=int, default=10_000, help="anchors for the latency benchmark")
@@ -409,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bench)
     bench.add_argument("--index", default="auto",
                        help="calibration artifact directory ('auto': the one shipped for the model)")
-    bench.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl (domain-labelled prompts)")
+    bench.add_argument("--data", type=existing_file, default=str(SPEC_BENCH),
+                       help="Spec-Bench question.jsonl (domain-labelled prompts)")
     bench.add_argument("--per-domain", type=int, default=5, help="held-out prompts per domain")
     bench.add_argument("--max-new-tokens", type=int, default=128,
                        help="tokens generated per prompt (EOS ignored unless --stop-at-eos)")
@@ -432,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "Without --url it starts its own server.")
     serve_bench.add_argument("--url", default=None, help="a running server's base URL (default: start one)")
     serve_bench.add_argument("--model", default=DEFAULT_MODEL, help="model of the server it starts")
-    serve_bench.add_argument("--port", type=int, default=8765, help="port of the server it starts")
+    serve_bench.add_argument("--port", type=port_number, default=8765, help="port of the server it starts")
     serve_bench.add_argument("--serve-args", default="", help="extra flags for the server it starts, one string")
     serve_bench.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
     serve_bench.add_argument("--requests-per-client", type=int, default=6,
@@ -452,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="runs of every mode per level, the order of --modes reversed every other round "
                                   "(2: speculative plain plain speculative), summed per mode: the mode that runs "
                                   "first at a level measured up to ~10%% slower here, so compare modes with 2")
-    serve_bench.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl (prompts)")
+    serve_bench.add_argument("--data", type=existing_file, default=str(SPEC_BENCH),
+                             help="Spec-Bench question.jsonl (prompts)")
     serve_bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
     serve_bench.add_argument("--plot", default=None,
                              help="also draw aggregate tokens/s and time to first token against clients, a line per "
@@ -479,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "plain vs self-speculative decoding on Spec-Bench prompts.")
     _add_model_args(bench_decode)
     _skip_set_args(bench_decode)
-    bench_decode.add_argument("--data", default=str(SPEC_BENCH), help="Spec-Bench question.jsonl")
+    bench_decode.add_argument("--data", type=existing_file, default=str(SPEC_BENCH), help="Spec-Bench question.jsonl")
     bench_decode.add_argument("--prompts", type=int, default=10, help="number of prompts")
     bench_decode.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     bench_decode.add_argument("--no-transformers", action="store_true",

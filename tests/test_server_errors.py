@@ -99,3 +99,29 @@ def test_unwritable_prompt_log_fails_fast_with_a_message(tmp_path):
     blocker.write_text("")
     with pytest.raises(SystemExit, match="--log-prompts .*cannot write there"):
         main(["serve", "--log-prompts", str(blocker / "prompts.jsonl")])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["serve", "--port", "80000"], "not a port"),
+    (["bench-serve", "--clients", "1", "--port", "-1"], "not a port"),
+    (["bench", "--quick", "--data", "/no/such/question.jsonl"], "no such file"),
+    (["route-eval", "--data", "/no/such/question.jsonl"], "no such file"),
+    (["calibrate", "--traffic", "/no/such/traffic.jsonl", "--out", "x"], "no such file"),
+])
+def test_bad_cli_arguments_fail_before_loading_with_a_message(argv, message, capsys):
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_calibrate_names_a_missing_or_malformed_prompt_file(tmp_path):
+    from server.cli import main
+
+    with pytest.raises(SystemExit, match="--domain qa=.*: no such file"):
+        main(["calibrate", "--domain", f"qa={tmp_path / 'missing.jsonl'}", "--out", str(tmp_path / "art")])
+    broken = tmp_path / "qa.jsonl"
+    broken.write_text('{"prompt": "What is 2 + 2?"}\n{"prompt": \n')
+    with pytest.raises(SystemExit, match=r"qa.jsonl:2: not valid JSON"):
+        main(["calibrate", "--domain", f"qa={broken}", "--out", str(tmp_path / "art")])

@@ -255,9 +255,11 @@ def test_logged_tool_conversations_calibrate_on_the_served_prompt(tools_client, 
     tokenizer = copy.copy(default_engine.tokenizer)  # the served template, on a copy the other tests do not see
     tokenizer.chat_template = tool_server.template.read_text()
     assert read_domain_file(traffic, tokenizer) == [served["tokens"]]
-    with pytest.raises(SystemExit, match="cannot read --chat-template"):
+    unreadable = traffic.with_name("latin1.jinja")
+    unreadable.write_bytes(b"{{ '\xe9t\xe9' }}")
+    with pytest.raises(SystemExit, match="cannot read --chat-template"):  # before any model loads
         cli_main(["calibrate", "--traffic", str(traffic), "--out", str(traffic.parent / "art"),
-                  "--chat-template", str(traffic.parent / "missing.jinja")])
+                  "--chat-template", str(unreadable)])
 
 
 def test_tokenize_counts_the_tool_definitions_too(tools_client, tool_server):
