@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from decoding.loading import DEFAULT_MODEL
 from decoding.policy import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD
@@ -19,6 +21,28 @@ def port_number(value: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a port (0-65535)")
     return port
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` (int or float) no smaller than ``minimum``."""
+    def parse(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the least allowed value, {minimum}")
+        return number
+    return parse
+
+
+POSITIVE, NON_NEGATIVE, NON_NEGATIVE_FLOAT = at_least(1), at_least(0), at_least(0, float)
+
+
+def counts(value: str) -> list[int]:
+    """An argparse type: comma-separated positive integers (``1,8,32``)."""
+    return [POSITIVE(part.strip()) for part in value.split(",")]
 
 
 def existing_file(value: str) -> str:
@@ -53,7 +77,7 @@ def _skip_set_args(p: argparse.ArgumentParser) -> None:
                         "(groups of 32, as GGUF's Q4 blocks; CPUs with the native kernels)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="stop drafting when the draft's top-1 probability falls below this (default: %(default)s)")
-    p.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT,
+    p.add_argument("--max-draft", type=POSITIVE, default=DEFAULT_MAX_DRAFT,
                    help="most tokens drafted per verify step (default: %(default)s)")
     p.add_argument("--lookup", action="store_true",
                    help="draft by n-gram lookup in the prompt and output first (no forward pass), the model "
@@ -207,14 +231,17 @@ def cmd_route_eval(args: argparse.Namespace) -> int:
 
 
 def _load_index(index: str, model: str, fingerprint: str):
-    """The router of ``--index`` (``auto``: the artifact shipped for ``model``)."""
-    from knn_router.artifact import artifact_dir, load_router
+    """The router of ``--index`` (``auto``: the artifact shipped for ``model``); a clear exit where there is none."""
+    from knn_router.artifact import ArtifactError, artifact_dir, load_router
 
     directory = artifact_dir(index, model)
     if directory is None:
         raise SystemExit(f"--index {index}: no shipped artifact for model {model!r}; pass --index DIR "
                          "(made by 'knn-ssd calibrate')")
-    return load_router(directory, fingerprint)
+    try:
+        return load_router(directory, fingerprint)
+    except ArtifactError as exc:
+        raise SystemExit(f"--index {index}: {exc}") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -252,7 +279,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from .readiness import NotReadyError, wait_ready
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress bar
-    levels = [int(x) for x in args.clients.split(",")]
+    levels = args.clients
     # domains in turn, so every level that sends a multiple of their count gets the same mix
     prompts = [t for group in zip(*(texts[1::2] for texts in spec_bench_by_domain(Path(args.data)).values()))
                for t in group]
@@ -336,20 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-origins", type=_origins, default=None, metavar="ORIGINS",
                        help="comma-separated origins (e.g. 'https://app.example.com', or '*') whose browser pages "
                             "may call the API (CORS); default: none, as browsers then refuse cross-origin calls")
-    serve.add_argument("--max-batch-size", "--max-concurrency", type=int, default=8, dest="max_batch_size",
+    serve.add_argument("--max-batch-size", "--max-concurrency", type=POSITIVE, default=8, dest="max_batch_size",
                        help="sequences decoded together in one batch (continuous batching); --max-concurrency is "
                             "its older name")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=512,
+    serve.add_argument("--max-num-batched-tokens", type=POSITIVE, default=512,
                        help="token budget of one engine step: decode rows plus prompt chunks; longer prompts are "
                             "prefilled in chunks so running requests keep streaming")
     serve.add_argument("--no-adaptive-speculation", action="store_true",
                        help="always draft as each request's policy says, instead of choosing the draft length per "
                             "step from the batch size and verify costs measured at startup")
-    serve.add_argument("--max-queue", type=int, default=64,
+    serve.add_argument("--max-queue", type=NON_NEGATIVE, default=64,
                        help="requests waiting beyond --max-batch-size before new ones get 503")
-    serve.add_argument("--max-model-len", type=int, default=None,
+    serve.add_argument("--max-model-len", type=POSITIVE, default=None,
                        help="context length cap in tokens (default: the model's own)")
-    serve.add_argument("--prefix-cache-mb", type=float, default=256.0,
+    serve.add_argument("--prefix-cache-mb", type=NON_NEGATIVE_FLOAT, default=256.0,
                        help="memory for automatic prefix caching: prompts that start like an earlier prompt (a "
                             "shared system prompt, a chat's earlier turns) reuse its KV entries in blocks of 16 "
                             "tokens instead of prefilling them, with the same output; least recently used blocks "
@@ -360,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a Jinja chat template to use instead of the model's own, e.g. one that renders "
                             "`tools` for OpenAI tool calling (calls are read in the Hermes <tool_call> format)")
-    serve.add_argument("--drain-timeout", type=float, default=30.0,
+    serve.add_argument("--drain-timeout", type=NON_NEGATIVE_FLOAT, default=30.0,
                        help="seconds SIGTERM waits for in-flight requests before exiting")
     serve.set_defaults(func=cmd_serve)
     env_defaults(serve)
@@ -376,9 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--traffic", type=existing_file, metavar="FILE.jsonl",
                      help="unlabelled prompts, e.g. the file of `serve --log-prompts`: clustered by prompt "
                           "embedding into --clusters groups (traffic-1, traffic-2, ...) calibrated as domains")
-    cal.add_argument("--clusters", type=int, default=6,
+    cal.add_argument("--clusters", type=POSITIVE, default=6,
                      help="most clusters --traffic is split into (fewer where a cluster would hold < 2 prompts)")
-    cal.add_argument("--max-traffic", type=int, default=500,
+    cal.add_argument("--max-traffic", type=POSITIVE, default=500,
                      help="most distinct --traffic prompts used (a seeded random sample beyond it; each is "
                           "prefilled twice, to cluster and to calibrate)")
     cal.add_argument("--chat-template", type=existing_file, default=None, metavar="FILE",
@@ -386,17 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "model's own: give the one `serve --chat-template` serves with, so anchors are "
                           "embedded from the prompts the router will see")
     cal.add_argument("--out", required=True, help="artifact directory to write")
-    cal.add_argument("--anchors", type=int, default=10, help="KMeans anchors per domain")
-    cal.add_argument("--search-prompts", type=int, default=8, help="prompts per domain for the policy search")
-    cal.add_argument("--holdout-prompts", type=int, default=4, help="held-out prompts per domain for confirmation")
-    cal.add_argument("--tokens", type=int, default=32,
+    cal.add_argument("--anchors", type=POSITIVE, default=10, help="KMeans anchors per domain")
+    cal.add_argument("--search-prompts", type=POSITIVE, default=8, help="prompts per domain for the policy search")
+    cal.add_argument("--holdout-prompts", type=POSITIVE, default=4, help="held-out prompts per domain for confirmation")
+    cal.add_argument("--tokens", type=POSITIVE, default=32,
                      help="continuation tokens per search prompt (the search replays drafts on them)")
-    cal.add_argument("--confirm-tokens", type=int, default=None,
+    cal.add_argument("--confirm-tokens", type=POSITIVE, default=None,
                      help="tokens decoded per held-out prompt to confirm each domain's policy against the mixed one "
                           "and plain decoding (default: --tokens); set it to the output lengths you serve, since "
                           "what pays over 32 tokens (e.g. no lookup drafts) can lose over 128")
-    cal.add_argument("--budget", type=int, default=40, help="candidate policies evaluated per domain")
-    cal.add_argument("--k", type=int, default=1, help="nearest anchors voting at routing time")
+    cal.add_argument("--budget", type=POSITIVE, default=40, help="candidate policies evaluated per domain")
+    cal.add_argument("--k", type=POSITIVE, default=1, help="nearest anchors voting at routing time")
     cal.add_argument("--similarity-threshold", type=float, default=0.0,
                      help="below this cosine similarity a request gets the 'mixed' policy")
     cal.add_argument("--domain-margin", type=float, default=0.03,
@@ -412,9 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(route)
     route.add_argument("--index", default="auto", help="artifact directory ('auto': the one shipped for the model)")
     route.add_argument("--data", type=existing_file, default=str(SPEC_BENCH), help="Spec-Bench question.jsonl")
-    route.add_argument("--per-domain", type=int, default=80,
+    route.add_argument("--per-domain", type=POSITIVE, default=80,
                        help="prompts per domain, spread evenly (80: all 480 Spec-Bench questions)")
-    route.add_argument("--anchors", type=int, default=10_000, help="anchors for the latency benchmark")
+    route.add_argument("--anchors", type=POSITIVE, default=10_000, help="anchors for the latency benchmark")
     route.add_argument("--latency-only", action="store_true", help="only the lookup latency benchmark")
     route.add_argument("--json", default=None, help="also write the figures to this JSON file")
     route.set_defaults(func=cmd_route_eval)
@@ -431,8 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibration artifact directory ('auto': the one shipped for the model)")
     bench.add_argument("--data", type=existing_file, default=str(SPEC_BENCH),
                        help="Spec-Bench question.jsonl (domain-labelled prompts)")
-    bench.add_argument("--per-domain", type=int, default=5, help="held-out prompts per domain")
-    bench.add_argument("--max-new-tokens", type=int, default=128,
+    bench.add_argument("--per-domain", type=POSITIVE, default=5, help="held-out prompts per domain")
+    bench.add_argument("--max-new-tokens", type=POSITIVE, default=128,
                        help="tokens generated per prompt (EOS ignored unless --stop-at-eos)")
     bench.add_argument("--stop-at-eos", action="store_true",
                        help="end each output at the model's EOS, as the server does, instead of generating "
@@ -455,13 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--model", default=DEFAULT_MODEL, help="model of the server it starts")
     serve_bench.add_argument("--port", type=port_number, default=8765, help="port of the server it starts")
     serve_bench.add_argument("--serve-args", default="", help="extra flags for the server it starts, one string")
-    serve_bench.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
-    serve_bench.add_argument("--requests-per-client", type=int, default=6,
+    serve_bench.add_argument("--clients", type=counts, default="1,8,32", help="comma-separated concurrency levels")
+    serve_bench.add_argument("--requests-per-client", type=POSITIVE, default=6,
                              help="requests each client sends back to back (the first wave arrives at once, later "
                                   "ones are staggered as in steady traffic); prompts take the Spec-Bench domains in "
                                   "turn, so with a multiple of 6 requests every level has the same domain mix")
-    serve_bench.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per request")
-    serve_bench.add_argument("--ramp-s", type=float, default=None,
+    serve_bench.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="tokens generated per request")
+    serve_bench.add_argument("--ramp-s", type=NON_NEGATIVE_FLOAT, default=None,
                              help="stagger client starts of every level after the first over this many seconds (0: "
                                   "all at once, a burst; default: the first level's median request latency, for "
                                   "steady-state arrivals); the first level always starts as a burst")
@@ -469,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="comma-separated: speculative (requests as the server routes them) and/or plain "
                                   "(speculate: false, the baseline); with both, each level runs in both modes on the "
                                   "same server and reports speculative over plain tokens/s")
-    serve_bench.add_argument("--rounds", type=int, default=1,
+    serve_bench.add_argument("--rounds", type=POSITIVE, default=1,
                              help="runs of every mode per level, the order of --modes reversed every other round "
                                   "(2: speculative plain plain speculative), summed per mode: the mode that runs "
                                   "first at a level measured up to ~10%% slower here, so compare modes with 2")
@@ -502,8 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bench_decode)
     _skip_set_args(bench_decode)
     bench_decode.add_argument("--data", type=existing_file, default=str(SPEC_BENCH), help="Spec-Bench question.jsonl")
-    bench_decode.add_argument("--prompts", type=int, default=10, help="number of prompts")
-    bench_decode.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    bench_decode.add_argument("--prompts", type=POSITIVE, default=10, help="number of prompts")
+    bench_decode.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens generated per prompt")
     bench_decode.add_argument("--no-transformers", action="store_true",
                               help="skip timing transformers' generate() as a reference")
     bench_decode.add_argument("--json", default=None, help="also write the figures to this JSON file")

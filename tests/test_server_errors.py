@@ -107,6 +107,10 @@ def test_unwritable_prompt_log_fails_fast_with_a_message(tmp_path):
     (["bench", "--quick", "--data", "/no/such/question.jsonl"], "no such file"),
     (["route-eval", "--data", "/no/such/question.jsonl"], "no such file"),
     (["calibrate", "--traffic", "/no/such/traffic.jsonl", "--out", "x"], "no such file"),
+    (["serve", "--max-batch-size", "0"], "below the least allowed value, 1"),
+    (["serve", "--prefix-cache-mb", "-5"], "below the least allowed value, 0"),
+    (["bench-serve", "--clients", "1,eight"], "'eight' is not an integer"),
+    (["bench-decode", "--prompts", "0"], "below the least allowed value, 1"),
 ])
 def test_bad_cli_arguments_fail_before_loading_with_a_message(argv, message, capsys):
     from server.cli import main
@@ -125,3 +129,10 @@ def test_calibrate_names_a_missing_or_malformed_prompt_file(tmp_path):
     broken.write_text('{"prompt": "What is 2 + 2?"}\n{"prompt": \n')
     with pytest.raises(SystemExit, match=r"qa.jsonl:2: not valid JSON"):
         main(["calibrate", "--domain", f"qa={broken}", "--out", str(tmp_path / "art")])
+
+
+def test_bench_names_an_index_that_is_not_an_artifact(tmp_path):
+    from server.cli import main
+
+    with pytest.raises(SystemExit, match="--index .*router.json: file missing"):
+        main(["bench", "--quick", "--index", str(tmp_path), "--out", str(tmp_path / "out")])
