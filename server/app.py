@@ -194,7 +194,7 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         prompts = srv.completion_prompts(body)
         gens, queue = srv.submit(prompts, body, body.max_tokens)
         rid, created = new_id("cmpl"), now()
-        prompt_tokens = sum(len(p) for p in prompts) * body.n
+        prompt_tokens = sum(len(p) for p in prompts)  # each prompt once, whatever n (as OpenAI and vLLM)
         echoes = [srv.tokenizer.decode(p) if body.echo else "" for p in prompts]
         base = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name}
         offsets = [0] * len(gens)  # characters before each choice's next reported token
@@ -237,7 +237,7 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         prompt = srv.chat_prompt(body)
         gens, queue = srv.submit([prompt], body, body.token_limit())
         rid, created = new_id("chatcmpl"), now()
-        prompt_tokens = len(prompt) * body.n
+        prompt_tokens = len(prompt)  # once, whatever n
         base = {"id": rid, "object": "chat.completion", "created": created, "model": srv.model_name,
                 "system_fingerprint": None}
 

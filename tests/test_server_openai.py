@@ -42,6 +42,21 @@ def test_models_endpoint(client):
     assert lost.value.body["code"] == "model_not_found"
 
 
+def test_usage_counts_each_prompt_once_whatever_n(client, server):
+    """OpenAI (and vLLM) count a prompt once however many choices it gets; completion tokens add up."""
+    messages = [{"role": "user", "content": "Name a colour."}]
+    counted = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["count"]
+    chat = client.chat.completions.create(model="default", messages=messages, max_tokens=3, n=3, seed=1,
+                                          logprobs=True)
+    assert chat.usage.prompt_tokens == counted
+    assert chat.usage.completion_tokens == sum(len(c.logprobs.content) for c in chat.choices)
+    prompts = ["Hello", "Bye"]
+    lengths = [httpx.post(f"{server.url}/tokenize", json={"prompt": p}).json()["count"] for p in prompts]
+    out = client.completions.create(model="default", prompt=prompts, max_tokens=2, n=2, temperature=0)
+    assert out.usage.prompt_tokens == sum(lengths)
+    assert len(out.choices) == 4 and out.usage.total_tokens == sum(lengths) + out.usage.completion_tokens
+
+
 def test_completion_matches_plain_decoding(client, default_engine):
     prompt = "The three primary colours are"
     out = client.completions.create(model="default", prompt=prompt, max_tokens=24, temperature=0)
