@@ -42,7 +42,7 @@ class PromptLog:
         rendered, so that calibration re-renders the prompt the router saw."""
         row: dict[str, Any] = {"messages": [m.for_template() for m in req.messages]}
         if req.tools:
-            row["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+            row["tools"] = [t.for_template() for t in req.tools]
         return row
 
     @staticmethod

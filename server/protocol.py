@@ -175,6 +175,10 @@ class ToolDefinition(OpenAIObject):
     type: Literal["function"]
     function: FunctionDefinition
 
+    def for_template(self) -> dict[str, Any]:
+        """The tool as chat templates render it (and the prompt log keeps it)."""
+        return self.model_dump(exclude_none=True)
+
 
 class FunctionName(OpenAIObject):
     name: str

@@ -101,7 +101,7 @@ class OpenAIServing:
                 raise APIError(400, "this model's chat template does not render tools: serve it with "
                                     "--chat-template FILE naming a template that does (Hermes <tool_call> format)",
                                "tools")
-            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            tools = [t.for_template() for t in req.tools]
         try:
             ids = self.tokenizer.apply_chat_template([m.for_template() for m in req.messages], tools=tools,
                                                      add_generation_prompt=add_generation_prompt, tokenize=True,
