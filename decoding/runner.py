@@ -8,6 +8,7 @@ absolute positions. Verification and plain decoding always use the original weig
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import native
 from .kv_cache import KVCache
@@ -22,6 +24,10 @@ from .linear import DraftCopy, Int4Linear, Int8Linear, Linear
 from .policy import DraftPolicy, SkipSet
 
 NO_SKIP = SkipSet()
+# torch's attention kernels the runner lets SDPA choose from on CUDA: all but cuDNN's, which torch 2.11
+# prefers for bf16 on Hopper and which made bf16 decoding of Spec-Bench prompts 4.4x slower on an H200
+# (the default model: 17.0 tokens/s with it, 75.0 without; float32 never takes it).
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class RMSNorm:
@@ -351,12 +357,8 @@ class ModelRunner:
         if stack is not None:
             h = self._stacked_layers(stack, h, cos[:, 0], sin[:, 0], segments, lengths, skip)
         else:
-            for index, layer in enumerate(self.layers):
-                lin = layer.drafts[quantised] if quantised else None
-                if index not in skip.attention:
-                    h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, segments, lengths)
-                if index not in skip.mlp:
-                    h = h + self._mlp(layer, lin, layer.mlp_norm(h))
+            with self._sdpa_backends():
+                h = self._layers(h, quantised, cos, sin, segments, lengths, skip)
         h = self.final_norm(h)
         counts = [n if seg.all_logits else 1 for seg, n in zip(segments, lengths)]  # logit rows per segment
         if len(segments) == 1:  # a slice, not an index tensor: no host-to-device copy on CUDA
@@ -374,6 +376,21 @@ class ModelRunner:
             offset += n
             row += count
         return outputs
+
+    def _layers(self, h: torch.Tensor, quantised: str | None, cos: torch.Tensor, sin: torch.Tensor,
+                segments: list[Segment], lengths: list[int], skip: SkipSet) -> torch.Tensor:
+        """The decoder layers one at a time (where the one-call native stack does not serve the forward)."""
+        for index, layer in enumerate(self.layers):
+            lin = layer.drafts[quantised] if quantised else None
+            if index not in skip.attention:
+                h = h + self._attention(layer, lin, index, layer.attn_norm(h), cos, sin, segments, lengths)
+            if index not in skip.mlp:
+                h = h + self._mlp(layer, lin, layer.mlp_norm(h))
+        return h
+
+    def _sdpa_backends(self) -> contextlib.AbstractContextManager[None]:
+        """The attention kernels torch's SDPA may use in this forward (``CUDA_SDPA_BACKENDS`` on CUDA)."""
+        return sdpa_kernel(CUDA_SDPA_BACKENDS) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _stack_for(self, quantised: str | None) -> _LayerStack | None:
         """The one-call layer stack for this forward (quantised drafts; full-precision forwards, prefill
