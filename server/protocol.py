@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from decoding import MAX_TOP_LOGPROBS
 
@@ -14,19 +14,28 @@ MAX_N = 16
 
 
 class OpenAIObject(BaseModel):
-    """A request object: fields this server does not know are ignored, and ``null`` stands for an omitted
-    field where the field takes no ``null`` of its own (``"n": null`` is ``n`` 1), as OpenAI does."""
+    """A request object: fields this server does not know are ignored (``ignored_fields`` names them), and
+    ``null`` stands for an omitted field where the field takes no ``null`` of its own (``"n": null`` is
+    ``n`` 1), as OpenAI does."""
 
     model_config = ConfigDict(extra="ignore")
+    _ignored_fields: tuple[str, ...] = PrivateAttr(default=())
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _null_means_omitted(cls, data: Any) -> Any:
+    def _null_means_omitted(cls, data: Any, handler: Any) -> Any:
         if not isinstance(data, dict):
-            return data
+            return handler(data)
         fields = {field.alias or name: field for name, field in cls.model_fields.items()}
-        return {key: value for key, value in data.items()
-                if value is not None or key not in fields or type(None) in get_args(fields[key].annotation)}
+        obj = handler({key: value for key, value in data.items()
+                       if value is not None or key not in fields or type(None) in get_args(fields[key].annotation)})
+        obj._ignored_fields = tuple(sorted(set(data) - set(fields) - set(cls.model_fields)))
+        return obj
+
+    @property
+    def ignored_fields(self) -> tuple[str, ...]:
+        """The fields of the request body this server does not know (and so ignores)."""
+        return self._ignored_fields
 
 
 class StreamOptions(OpenAIObject):
@@ -266,6 +275,12 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     prediction: Prediction | None = None
+    # OpenAI fields this server refuses rather than silently drop: honouring them changes the output
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -286,6 +301,16 @@ class ChatCompletionRequest(SamplingFields):
         if self.forced_tools() and self.response_format and self.response_format.type != "text":
             raise ValueError("a forced tool call ('tool_choice') cannot be combined with 'response_format'")
         return self
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.functions is not None or self.function_call is not None:
+            field = "functions" if self.functions is not None else "function_call"
+            return field, f"the deprecated '{field}' is not supported (send 'tools' and 'tool_choice')"
+        if self.audio is not None or any(kind != "text" for kind in self.modalities or ()):
+            return "audio" if self.audio is not None else "modalities", "audio output is not supported"
+        if self.web_search_options is not None:
+            return "web_search_options", "web search is not supported"
+        return super().unsupported()
 
     def tool_names(self) -> list[str]:
         return [t.function.name for t in self.tools or ()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from .protocol import (
 from .routing import PolicyResolver
 from .scheduler import EngineLoop, GenerationEvent, GenerationRequest, QueueFullError, RouteDecision
 from .tools import forced_call_grammar, template_renders_tools
+
+log = logging.getLogger("knn_ssd.server")
 
 DISCONNECT_POLL_S = 0.25
 
@@ -171,9 +174,13 @@ class OpenAIServing:
         return grammar
 
     def check_supported(self, req: SamplingFields) -> None:
+        """Refuse a field this server cannot honour (400); log the fields it ignores (as vLLM does)."""
         bad = req.unsupported()
         if bad:
             raise APIError(400, f"{bad[1]} by this server", bad[0])
+        if req.ignored_fields:
+            log.warning("the following fields were present in the request but ignored: %s",
+                        ", ".join(req.ignored_fields))
 
     # ------------------------------------------------------------------ running
     def submit(self, prompts: list[list[int]], req: CompletionRequest | ChatCompletionRequest,

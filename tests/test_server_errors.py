@@ -38,6 +38,10 @@ CASES = [
     ("image content part", CHAT, {"model": "default", "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400),
     ("seed over 64 bits", COMP, {"model": "default", "prompt": "a", "seed": 2**70}, 400),
+    ("deprecated functions", CHAT, {"model": "default", "messages": MSG, "functions": [{"name": "f"}]}, 400),
+    ("deprecated function_call", CHAT, {"model": "default", "messages": MSG, "function_call": "auto"}, 400),
+    ("audio output", CHAT, {"model": "default", "messages": MSG, "modalities": ["text", "audio"]}, 400),
+    ("web search", CHAT, {"model": "default", "messages": MSG, "web_search_options": {}}, 400),
     ("unknown endpoint", "/v1/embeddings", {"model": "default", "input": "a"}, 404),
 ]
 
@@ -73,10 +77,23 @@ def test_null_fields_mean_omitted(server):
     assert len(r.json()["choices"]) == 1
 
 
-def test_unknown_fields_are_ignored(server):
+def test_unknown_fields_are_ignored_and_logged(server):
     r = httpx.post(server.url + COMP, json={"model": "default", "prompt": "a", "max_tokens": 2,
                                              "frobnicate": True, "temperature": 0}, timeout=60)
     assert r.status_code == 200
+    r = httpx.post(server.url + CHAT, json={"model": "default", "messages": MSG, "max_tokens": 2, "store": False,
+                                            "metadata": {"team": "a"}, "modalities": ["text"]}, timeout=60)
+    assert r.status_code == 200, r.text
+    log = server.log_text()
+    assert "present in the request but ignored: frobnicate" in log
+    assert "present in the request but ignored: metadata, store" in log
+
+
+def test_refused_openai_fields_name_the_alternative(server):
+    r = httpx.post(server.url + CHAT, json={"model": "default", "messages": MSG,
+                                            "functions": [{"name": "f", "parameters": {"type": "object"}}]})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "functions" and "'tools'" in error["message"]
 
 
 def test_error_messages_name_the_problem(server):
