@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from decoding.policy import MAX_DRAFT_LIMIT
 from decoding.prefix_cache import PrefixCache
@@ -18,6 +18,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CAP_BUCKETS = (0, 1, 2, 4, 8, 12, 16)
 ROUTER_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
 PLAIN_DOMAIN = "plain"
+
+# No `_created` sample beside every counter and histogram (a timestamp series per label set that no
+# dashboard reads; vLLM drops them too). prometheus_client's switch is process-wide.
+disable_created_metrics()
 
 
 class Metrics:

@@ -46,6 +46,11 @@ def test_counters_move_by_request_amounts(server):
     assert total(after, "knn_ssd_speedup", domain="plain") == 1.0
 
 
+def test_no_created_timestamp_series(server):
+    names = {name for name, _ in scrape(server.url)}
+    assert "knn_ssd_requests_total" in names and not any(name.endswith("_created") for name in names)
+
+
 def test_error_requests_are_counted(server):
     before = scrape(server.url)
     httpx.post(server.url + "/v1/completions", json={"model": "default", "prompt": "a", "top_p": 3})
