@@ -125,6 +125,10 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         message = err.get("msg", "invalid request").removeprefix("Value error, ")  # our validators' own words
         if err.get("type") == "json_invalid":  # its location is a character offset, not a parameter
             message, loc = "We could not parse the JSON body of your request.", []
+        elif not loc and err.get("type") == "model_attributes_type":  # the body is no JSON object
+            content_type = request.headers.get("content-type", "")
+            message = "The request body must be a JSON object" + ("" if "json" in content_type else
+                      f" sent with 'Content-Type: application/json' (this one's is {content_type or 'missing'})")
         api = APIError(400, f"{message}" + (f" (at {'.'.join(loc)})" if loc else ""),
                        ".".join(loc) or None, err.get("type"))
         return await api_error(request, api)

@@ -104,6 +104,13 @@ def test_error_messages_name_the_problem(server):
     assert r.json()["error"]["param"] is None and "parse the JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + CHAT, json={"model": "default", "messages": MSG, "top_logprobs": 2})
     assert r.json()["error"]["message"].startswith("'logprobs' must be set to true")
+    body = b'{"model": "default", "prompt": "a"}'
+    for content_type, says in (("text/plain", "(this one's is text/plain)"), (None, "(this one's is missing)")):
+        r = httpx.post(server.url + COMP, content=body, headers={"content-type": content_type} if content_type else {})
+        assert r.status_code == 400 and r.json()["error"]["message"].endswith(says), r.text
+        assert "'Content-Type: application/json'" in r.json()["error"]["message"]
+    r = httpx.post(server.url + COMP, json=[1, 2])
+    assert r.json()["error"]["message"] == "The request body must be a JSON object"
     r = httpx.get(server.url + CHAT)
     assert r.status_code == 405 and "POST" in r.headers["allow"]
     assert r.json()["error"]["code"] == "method_not_allowed"
