@@ -14,6 +14,8 @@ from typing import Any
 from decoding.loading import DEFAULT_MODEL
 from decoding.policy import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD
 
+from . import package_version
+
 
 def port_number(value: str) -> int:
     """An argparse type: a TCP port (0 lets the system pick one)."""
@@ -345,8 +347,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from decoding.benchmark import SPEC_BENCH
 
-    parser = argparse.ArgumentParser(prog="knn-ssd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="knn-ssd", description="An OpenAI-compatible LLM inference server that decodes with self-speculative "
+        "decoding, its skipped layers chosen per request by a K-nearest-neighbour router. "
+        "`knn-ssd COMMAND --help` explains each command's flags.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server",
                            description="Run the OpenAI-compatible HTTP server "

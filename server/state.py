@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import transformers
 
 from decoding import (
     PLAIN,
@@ -27,6 +28,7 @@ from decoding.prefix_cache import PrefixCache
 from knn_router.artifact import ArtifactError, artifact_dir, load_router
 from knn_router.router import Router
 
+from . import package_version
 from .metrics import PLAIN_DOMAIN, Metrics
 from .prompt_log import PromptLog
 from .routing import PolicyResolver
@@ -112,6 +114,8 @@ def build_state(config: "ServerConfig") -> ServerState:
 
 def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolExecutor) -> ServerState:
     t0 = time.perf_counter()
+    log.info("knn-ssd %s (torch %s, transformers %s): loading model %s", package_version(), torch.__version__,
+             transformers.__version__, config.model)
     prompt_log = PromptLog(Path(config.log_prompts)) if config.log_prompts else None  # before the slow load
     template = read_chat_template(config.chat_template) if config.chat_template else None
     hf_model, tokenizer, info = load_model(config.model, config.device, config.dtype)

@@ -159,3 +159,15 @@ def test_bad_model_stops_startup_with_one_line():
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert "knn-ssd serve: model path /nonexistent/model does not exist" in run.stderr
+    from server import package_version  # the first log line says what is running, for bug reports
+    assert f"knn-ssd {package_version()} (torch " in run.stderr and "loading model /nonexistent/model" in run.stderr
+
+
+def test_version(capsys):
+    from server import package_version
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"knn-ssd {package_version()}\n"
+    assert package_version() != "unknown"  # the suite runs in the installed (editable) package
