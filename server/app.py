@@ -33,6 +33,7 @@ from .protocol import (
 )
 from .scheduler import GenerationRequest
 from .serving import (
+    REQUEST_ID_HEADER,
     Choice,
     OpenAIServing,
     apply_event,
@@ -193,11 +194,12 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         return srv.detokenize(body)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(body: CompletionRequest, request: Request, srv: OpenAIServing = Depends(serving)):
+    async def completions(body: CompletionRequest, request: Request, response: Response,
+                          srv: OpenAIServing = Depends(serving)):
         srv.check_model(body.model)
         prompts = srv.completion_prompts(body)
-        gens, queue = srv.submit(prompts, body, body.max_tokens)
         rid, created = new_id("cmpl"), now()
+        gens, queue = srv.submit(prompts, body, body.max_tokens, rid)
         prompt_tokens = sum(len(p) for p in prompts)  # each prompt once, whatever n (as OpenAI and vLLM)
         echoes = [srv.tokenizer.decode(p) if body.echo else "" for p in prompts]
         base = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name}
@@ -211,6 +213,7 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
             return out
 
         if not body.stream:
+            response.headers[REQUEST_ID_HEADER] = rid
             choices = await srv.collect(gens, queue, request)
             srv.record(200, choices)
             return {**base, "choices": [{"index": c.index, "text": echoes[c.index // body.n] + c.text,
@@ -233,14 +236,15 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
             async for data in _stream_events(srv, gens, queue, request, body, prompt_tokens, base, chunk):
                 yield data
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={REQUEST_ID_HEADER: rid})
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(body: ChatCompletionRequest, request: Request, srv: OpenAIServing = Depends(serving)):
+    async def chat(body: ChatCompletionRequest, request: Request, response: Response,
+                   srv: OpenAIServing = Depends(serving)):
         srv.check_model(body.model)
         prompt = srv.chat_prompt(body)
-        gens, queue = srv.submit([prompt], body, body.token_limit())
         rid, created = new_id("chatcmpl"), now()
+        gens, queue = srv.submit([prompt], body, body.token_limit(), rid)
         prompt_tokens = len(prompt)  # once, whatever n
         base = {"id": rid, "object": "chat.completion", "created": created, "model": srv.model_name,
                 "system_fingerprint": None}
@@ -249,6 +253,7 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
             return srv.logprob_format.chat(items) if body.logprobs else None
 
         if not body.stream:
+            response.headers[REQUEST_ID_HEADER] = rid
             choices = await srv.collect(gens, queue, request)
             srv.record(200, choices)
             return {**base, "choices": [_chat_choice(c, body, logprobs(c.logprobs)) for c in choices],
@@ -278,7 +283,7 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
             async for data in _stream_events(srv, gens, queue, request, body, prompt_tokens, base, chunk):
                 yield data
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={REQUEST_ID_HEADER: rid})
 
     return app
 

@@ -184,8 +184,10 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ running
     def submit(self, prompts: list[list[int]], req: CompletionRequest | ChatCompletionRequest,
-               max_tokens: int | None) -> tuple[list[GenerationRequest], asyncio.Queue]:
-        """Queue ``n`` choices per prompt; events arrive on the returned queue as (choice index, event)."""
+               max_tokens: int | None, request_id: str) -> tuple[list[GenerationRequest], asyncio.Queue]:
+        """Queue ``n`` choices per prompt; events arrive on the returned queue as (choice index, event).
+
+        Choice ``i`` is ``{request_id}-{i}`` in the log (``request_id`` is the response's ``id``)."""
         self.check_supported(req)
         chooser = self.resolver.for_request(req)
         grammar = self.grammar(req)
@@ -193,7 +195,6 @@ class OpenAIServing:
         predicted = tuple(self.tokenizer(prediction.text(), add_special_tokens=False).input_ids) if prediction else ()
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        request_id = uuid.uuid4().hex
         gens = []
         for p, ids in enumerate(prompts):
             for i in range(req.n):
@@ -318,6 +319,9 @@ def knn_ssd_object(choices: list[Choice]) -> dict[str, Any]:
                            "policy": "plain" if not c.route or c.route.policy.is_plain else "speculative"}
                           for c in choices]
     return out
+
+
+REQUEST_ID_HEADER = "x-request-id"  # the response's id, as OpenAI's API sends one
 
 
 def new_id(prefix: str) -> str:

@@ -57,6 +57,20 @@ def test_usage_counts_each_prompt_once_whatever_n(client, server):
     assert len(out.choices) == 4 and out.usage.total_tokens == sum(lengths) + out.usage.completion_tokens
 
 
+def test_responses_carry_their_id_as_x_request_id_and_the_log_names_it(client, server):
+    """A client can match a response (streamed or not) with the server's log lines about it."""
+    raw = client.chat.completions.with_raw_response.create(
+        model="default", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    chat = raw.parse()
+    assert raw.headers["x-request-id"] == chat.id
+    with client.completions.with_streaming_response.create(model="default", prompt="Once", max_tokens=3,
+                                                           n=2, stream=True) as streamed:
+        stream_id = streamed.headers["x-request-id"]
+        assert {chunk.id for chunk in streamed.parse()} == {stream_id}
+    log = server.log_text()
+    assert all(f"request {rid}-{i} length:" in log for rid, i in ((chat.id, 0), (stream_id, 0), (stream_id, 1)))
+
+
 def test_completion_matches_plain_decoding(client, default_engine):
     prompt = "The three primary colours are"
     out = client.completions.create(model="default", prompt=prompt, max_tokens=24, temperature=0)
