@@ -22,6 +22,7 @@ from decoding import ModelLoadError, TokenLogprob
 from decoding.packaged import PackagedModelError
 from knn_router.artifact import ArtifactError
 
+from . import package_version
 from .prompt_log import PromptLogError
 from .protocol import (
     APIError,
@@ -139,7 +140,7 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         """Unknown paths and methods get OpenAI's error shape too (FastAPI's default is ``{"detail": ...}``)."""
         messages = {404: f"Unknown endpoint {request.url.path}: this server serves /v1/chat/completions, "
                          "/v1/completions, /v1/models[/{model}], /tokenize, /detokenize, /reset_prefix_cache, "
-                         "/health and /metrics",
+                         "/health, /version and /metrics",
                     405: f"Method {request.method} is not allowed on {request.url.path}"}
         codes = {404: "unknown_url", 405: "method_not_allowed"}
         api = APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)), None,
@@ -150,6 +151,11 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
     async def health(s: ServerState = Depends(state)) -> Response:
         ok = s.loop.alive
         return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        """The server's knn-ssd version (vLLM's endpoint of this name); open like /health."""
+        return {"version": package_version()}
 
     @app.get("/metrics")
     async def metrics(s: ServerState = Depends(state)) -> Response:

@@ -163,6 +163,13 @@ def test_bad_model_stops_startup_with_one_line():
     assert f"knn-ssd {package_version()} (torch " in run.stderr and "loading model /nonexistent/model" in run.stderr
 
 
+def test_version_endpoint(server):
+    from server import package_version
+
+    r = httpx.get(server.url + "/version")
+    assert r.status_code == 200 and r.json() == {"version": package_version()}
+
+
 def test_version(capsys):
     from server import package_version
     from server.cli import main
