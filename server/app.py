@@ -32,6 +32,7 @@ from .protocol import (
     SamplingFields,
     TokenizeRequest,
 )
+from .responses import ResponseBuilder, ResponsesRequest, stream_response
 from .scheduler import GenerationRequest
 from .serving import (
     REQUEST_ID_HEADER,
@@ -139,8 +140,8 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Unknown paths and methods get OpenAI's error shape too (FastAPI's default is ``{"detail": ...}``)."""
         messages = {404: f"Unknown endpoint {request.url.path}: this server serves /v1/chat/completions, "
-                         "/v1/completions, /v1/models[/{model}], /tokenize, /detokenize, /reset_prefix_cache, "
-                         "/health, /version and /metrics",
+                         "/v1/completions, /v1/responses, /v1/models[/{model}], /tokenize, /detokenize, "
+                         "/reset_prefix_cache, /health, /version and /metrics",
                     405: f"Method {request.method} is not allowed on {request.url.path}"}
         codes = {404: "unknown_url", 405: "method_not_allowed"}
         api = APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)), None,
@@ -243,6 +244,25 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
                 yield data
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={REQUEST_ID_HEADER: rid})
+
+    @app.post("/v1/responses", dependencies=[Depends(authorize)])
+    async def responses(body: ResponsesRequest, request: Request, response: Response,
+                        srv: OpenAIServing = Depends(serving)):
+        """OpenAI's Responses API for text: generated as the equivalent chat request (``server.responses``)."""
+        srv.check_model(body.model)
+        srv.check_supported(body)
+        chat = body.chat_request()
+        prompt = srv.chat_prompt(chat)
+        rid, created = new_id("resp", "_"), now()
+        gens, queue = srv.submit([prompt], chat, chat.token_limit(), rid)
+        builder = ResponseBuilder(body, rid, created, srv.model_name, len(prompt))
+        if not body.stream:
+            response.headers[REQUEST_ID_HEADER] = rid
+            choices = await srv.collect(gens, queue, request)
+            srv.record(200, choices)
+            return builder.response(choices[0])
+        return StreamingResponse(stream_response(srv, gens, queue, request, builder), media_type="text/event-stream",
+                                 headers={REQUEST_ID_HEADER: rid})
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: ChatCompletionRequest, request: Request, response: Response,

@@ -160,9 +160,9 @@ class CompletionRequest(SamplingFields):
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.best_of not in (None, 1) and self.best_of != self.n:
-            return "best_of", "best_of is not supported"
+            return "best_of", "best_of is not supported by this server"
         if self.suffix:
-            return "suffix", "suffix (insertion) is not supported"
+            return "suffix", "suffix (insertion) is not supported by this server"
         return super().unsupported()
 
 
@@ -305,11 +305,11 @@ class ChatCompletionRequest(SamplingFields):
     def unsupported(self) -> tuple[str, str] | None:
         if self.functions is not None or self.function_call is not None:
             field = "functions" if self.functions is not None else "function_call"
-            return field, f"the deprecated '{field}' is not supported (send 'tools' and 'tool_choice')"
+            return field, f"the deprecated '{field}' is not supported by this server: send 'tools' and 'tool_choice'"
         if self.audio is not None or any(kind != "text" for kind in self.modalities or ()):
-            return "audio" if self.audio is not None else "modalities", "audio output is not supported"
+            return "audio" if self.audio is not None else "modalities", "audio output is not supported by this server"
         if self.web_search_options is not None:
-            return "web_search_options", "web search is not supported"
+            return "web_search_options", "web search is not supported by this server"
         return super().unsupported()
 
     def tool_names(self) -> list[str]:

@@ -177,7 +177,7 @@ class OpenAIServing:
         """Refuse a field this server cannot honour (400); log the fields it ignores (as vLLM does)."""
         bad = req.unsupported()
         if bad:
-            raise APIError(400, f"{bad[1]} by this server", bad[0])
+            raise APIError(400, bad[1], bad[0])
         if req.ignored_fields:
             log.warning("the following fields were present in the request but ignored: %s",
                         ", ".join(req.ignored_fields))
@@ -324,8 +324,9 @@ def knn_ssd_object(choices: list[Choice]) -> dict[str, Any]:
 REQUEST_ID_HEADER = "x-request-id"  # the response's id, as OpenAI's API sends one
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+def new_id(prefix: str, separator: str = "-") -> str:
+    """A fresh object id as OpenAI spells them (``chatcmpl-...``; the Responses API's ``resp_...``)."""
+    return f"{prefix}{separator}{uuid.uuid4().hex[:24]}"
 
 
 def sse(data: dict[str, Any] | str) -> str:
