@@ -24,6 +24,7 @@ class OpenAIObject(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _null_means_omitted(cls, data: Any, handler: Any) -> Any:
+        """Validate without the nulls that stand for omitted fields; note the fields this class does not know."""
         if not isinstance(data, dict):
             return handler(data)
         fields = {field.alias or name: field for name, field in cls.model_fields.items()}
