@@ -264,6 +264,13 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         return StreamingResponse(stream_response(srv, gens, queue, request, builder), media_type="text/event-stream",
                                  headers={REQUEST_ID_HEADER: rid})
 
+    @app.api_route("/v1/responses/{response_id:path}", methods=["GET", "DELETE", "POST"],
+                   dependencies=[Depends(authorize)])
+    async def stored_response(response_id: str) -> None:
+        """Stored responses (retrieve, delete, cancel, input items): none exist, as none are stored."""
+        raise APIError(404, f"No response found with id '{response_id.split('/')[0]}': this server stores no "
+                            "responses", None, "not_found")
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: ChatCompletionRequest, request: Request, response: Response,
                    srv: OpenAIServing = Depends(serving)):

@@ -91,3 +91,11 @@ def test_what_the_server_cannot_do_is_a_400_naming_it(client, fields, param):
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(**{"model": "default", "input": "Hi", "max_output_tokens": 2, **fields})
     assert refused.value.body["param"] == param and "not" in refused.value.body["message"]
+
+
+def test_stored_responses_are_a_404_that_says_none_are_stored(client):
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.retrieve("resp_123")
+    assert missing.value.body["code"] == "not_found" and "stores no responses" in missing.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete("resp_123")
