@@ -7,7 +7,7 @@ import asyncio
 import logging
 import secrets
 import signal
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -38,7 +38,6 @@ from .serving import (
     REQUEST_ID_HEADER,
     Choice,
     OpenAIServing,
-    apply_event,
     knn_ssd_object,
     new_id,
     now,
@@ -222,7 +221,6 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         if not body.stream:
             response.headers[REQUEST_ID_HEADER] = rid
             choices = await srv.collect(gens, queue, request)
-            srv.record(200, choices)
             return {**base, "choices": [{"index": c.index, "text": echoes[c.index // body.n] + c.text,
                                          "logprobs": logprobs(c.index, c.logprobs), "finish_reason": c.finish_reason}
                                         for c in choices],
@@ -259,7 +257,6 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         if not body.stream:
             response.headers[REQUEST_ID_HEADER] = rid
             choices = await srv.collect(gens, queue, request)
-            srv.record(200, choices)
             return builder.response(choices[0])
         return StreamingResponse(stream_response(srv, gens, queue, request, builder), media_type="text/event-stream",
                                  headers={REQUEST_ID_HEADER: rid})
@@ -288,7 +285,6 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
         if not body.stream:
             response.headers[REQUEST_ID_HEADER] = rid
             choices = await srv.collect(gens, queue, request)
-            srv.record(200, choices)
             return {**base, "choices": [_chat_choice(c, body, logprobs(c.logprobs)) for c in choices],
                     "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)}
         base = {**base, "object": "chat.completion.chunk"}
@@ -353,36 +349,27 @@ async def _stream_events(srv: OpenAIServing, gens: list[GenerationRequest], queu
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     remaining = len(choices)
-    recorded = False  # the request's outcome is counted once, however the stream ends
     try:
-        async for index, event in srv.events(gens, queue, request):
-            c = choices[index]
-            apply_event(c, event)
-            if event.finish_reason is None:
-                if event.text:
-                    yield sse({**chunk(index, event.text, None, new_logprobs(c)),
-                               **({"usage": None} if include_usage else {})})
-                continue
-            remaining -= 1
-            data = chunk(index, event.text, event.finish_reason, new_logprobs(c))
-            if include_usage:
-                data["usage"] = None
-            if remaining == 0 and not include_usage:
-                data["knn_ssd"] = knn_ssd_object(choices)
-            yield sse(data)
-        if not remaining:
-            srv.record(200, choices)
-            recorded = True
+        async with aclosing(srv.choice_events(gens, queue, request, choices)) as events:
+            async for index, event in events:
+                c = choices[index]
+                if event.finish_reason is None:
+                    if event.text:
+                        yield sse({**chunk(index, event.text, None, new_logprobs(c)),
+                                   **({"usage": None} if include_usage else {})})
+                    continue
+                remaining -= 1
+                data = chunk(index, event.text, event.finish_reason, new_logprobs(c))
+                if include_usage:
+                    data["usage"] = None
+                if remaining == 0 and not include_usage:
+                    data["knn_ssd"] = knn_ssd_object(choices)
+                yield sse(data)
     except APIError as exc:
-        srv.metrics.request_done(exc.status, None)
-        recorded = True
         yield sse(exc.body())
         yield sse("[DONE]")
         return
-    finally:  # the client went away: the stream stopped early, or the server cancelled it at a yield
-        if not recorded:
-            srv.record(499, choices)
-    if remaining:
+    if remaining:  # the client went away
         return
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)})

@@ -13,6 +13,16 @@ MAX_STOP_STRINGS = 16
 MAX_N = 16
 
 
+def check_text_parts(content: Any, text_kinds: set[str]) -> Any:
+    """``content`` unchanged, unless it is a list of parts with kinds other than ``text_kinds`` (an image, a
+    file): then a ValueError naming them."""
+    parts = content if isinstance(content, list) else []
+    others = sorted({str(part.get("type")) for part in parts if isinstance(part, dict)} - text_kinds)
+    if others:
+        raise ValueError(f"only text content parts are supported by this server, not {', '.join(others)}")
+    return content
+
+
 class OpenAIObject(BaseModel):
     """A request object: fields this server does not know are ignored (``ignored_fields`` names them), and
     ``null`` stands for an omitted field where the field takes no ``null`` of its own (``"n": null`` is
@@ -233,11 +243,7 @@ class ChatMessage(OpenAIObject):
     @classmethod
     def _text_parts_only(cls, content: Any) -> Any:
         """Name the unsupported part (an image, audio) instead of pydantic's union error about strings."""
-        if isinstance(content, list):
-            kinds = sorted({str(part.get("type")) for part in content if isinstance(part, dict)} - {"text"})
-            if kinds:
-                raise ValueError(f"only text content parts are supported by this server, not {', '.join(kinds)}")
-        return content
+        return check_text_parts(content, {"text"})
 
     def text(self) -> str:
         if isinstance(self.content, list):

@@ -9,14 +9,15 @@ tools, images and files) is refused with a 400 rather than dropped.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, Literal
 
 from fastapi import Request
 from pydantic import Field, field_validator
 
-from .protocol import APIError, ChatCompletionRequest, OpenAIObject, SamplingFields
+from .protocol import APIError, ChatCompletionRequest, OpenAIObject, SamplingFields, check_text_parts
 from .scheduler import GenerationRequest
-from .serving import Choice, OpenAIServing, apply_event, knn_ssd_object, new_id, sse, usage
+from .serving import Choice, OpenAIServing, knn_ssd_object, new_id, sse, usage
 
 
 TEXT_PARTS = {"input_text", "output_text"}
@@ -82,12 +83,7 @@ class ResponsesRequest(SamplingFields):
             if item.get("type", "message") != "message":
                 raise ValueError(f"input items of type {item['type']!r} are not supported by this server "
                                  "(only messages)")
-            content = item.get("content")
-            parts = {str(part.get("type")) for part in content if isinstance(part, dict)} if isinstance(content, list) \
-                else set()
-            if parts - TEXT_PARTS:
-                raise ValueError(f"only text content parts are supported by this server, "
-                                 f"not {', '.join(sorted(parts - TEXT_PARTS))}")
+            check_text_parts(item.get("content"), TEXT_PARTS)
         return value
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -169,29 +165,22 @@ class ResponseBuilder:
 async def stream_response(srv: OpenAIServing, gens: list[GenerationRequest], queue: Any, request: Request,
                           builder: ResponseBuilder) -> AsyncIterator[str]:
     """The Responses API's event stream: created, the message and its text deltas, then completed."""
-    choice, recorded = Choice(0), False
+    choice = Choice(0)
     yield builder.event("response.created", response=builder.response())
     yield builder.event("response.in_progress", response=builder.response())
     yield builder.event("response.output_item.added", output_index=0,
                         item={**builder.message(choice, "in_progress"), "content": []})
     yield builder.text_event("response.content_part.added", part=builder.text_part(""))
     try:
-        async for _, event in srv.events(gens, queue, request):
-            apply_event(choice, event)
-            if event.text:
-                yield builder.text_event("response.output_text.delta", delta=event.text, logprobs=[])
-        if choice.finish_reason is None:
-            return  # the client went away
-        srv.record(200, [choice])
-        recorded = True
+        async with aclosing(srv.choice_events(gens, queue, request, [choice])) as events:
+            async for _, event in events:
+                if event.text:
+                    yield builder.text_event("response.output_text.delta", delta=event.text, logprobs=[])
     except APIError as exc:
-        srv.metrics.request_done(exc.status, None)
-        recorded = True
         yield builder.event("error", code=exc.code, message=exc.message, param=exc.param)
         return
-    finally:
-        if not recorded:
-            srv.record(499, [choice])
+    if choice.finish_reason is None:
+        return  # the client went away
     final = builder.response(choice)
     yield builder.text_event("response.output_text.done", text=choice.text, logprobs=[])
     yield builder.text_event("response.content_part.done", part=builder.text_part(choice.text))

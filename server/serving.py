@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -240,12 +241,34 @@ class OpenAIServing:
             for g in gens:
                 g.cancelled.set()
 
+    async def choice_events(self, gens: list[GenerationRequest], queue: asyncio.Queue, request: Request | None,
+                            choices: list[Choice]) -> AsyncIterator[tuple[int, GenerationEvent]]:
+        """``events`` applied to ``choices`` as they come, the request's outcome counted once however it ends:
+        200 per choice when all finished, the error's status, or 499 per choice when the client left (also
+        when the caller stops iterating: close it with ``contextlib.aclosing``)."""
+        recorded = False
+        try:
+            async for index, event in self.events(gens, queue, request):
+                apply_event(choices[index], event)
+                yield index, event
+            if all(c.finish_reason is not None for c in choices):
+                self.record(200, choices)
+                recorded = True
+        except APIError as exc:
+            self.metrics.request_done(exc.status, None)
+            recorded = True
+            raise
+        finally:
+            if not recorded:
+                self.record(499, choices)
+
     async def collect(self, gens: list[GenerationRequest], queue: asyncio.Queue, request: Request) -> list[Choice]:
+        """Every choice's whole output (the request counted); a 499 if the client left first."""
         choices = [Choice(i) for i in range(len(gens))]
-        async for index, event in self.events(gens, queue, request):
-            apply_event(choices[index], event)
+        async with contextlib.aclosing(self.choice_events(gens, queue, request, choices)) as events:
+            async for _ in events:
+                pass
         if any(c.finish_reason is None for c in choices):
-            self.record(499, choices)  # counted here, per choice, as a stream that loses its client is
             raise APIError(499, "client disconnected")
         return choices
 
