@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .benchmark import median_ms, wait_for
 from .engine import Sequence
 from .policy import DraftPolicy
 from .runner import ModelRunner, Segment
 from .stats import RequestStats
+from .timing import median_ms, wait_for
 
 CAP_CANDIDATES = (0, 1, 2, 3, 4, 6, 8, 12, 16)
 # Pseudo-counts before a row has drafted anything: a per-token acceptance of 0.7.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from .engine import SpeculativeEngine
 from .policy import PLAIN, DraftPolicy, SkipSet
 from .runner import ModelRunner
 from .sampling import SamplingParams
+from .timing import ForwardTimers, interleaved_median_ms
 
 SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 
@@ -35,63 +35,11 @@ def evenly_skipped(num_layers: int, fraction: float) -> SkipSet:
     return SkipSet([i for i, k in chosen if k == "attention"], [i for i, k in chosen if k == "mlp"])
 
 
-def median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``fn`` in ms over ``repeats`` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
-
-
-def interleaved_median_ms(timers: dict[Any, Callable[[], Any]], rounds: int, repeats: int) -> dict[Any, float]:
-    """Median ms of every timer over ``rounds`` rounds that each time all timers in turn (``median_ms``
-    of ``repeats`` runs each), so a slow spell of a shared machine lands on all points alike instead
-    of skewing the ratios between them."""
-    samples: dict[Any, list[float]] = {key: [] for key in timers}
-    for _ in range(rounds):
-        for key, fn in timers.items():
-            samples[key].append(median_ms(fn, repeats))
-    return {key: statistics.median(values) for key, values in samples.items()}
-
-
-def wait_for(device: torch.device) -> None:
-    """Block until ``device`` has finished its queued work (CUDA runs asynchronously; a timer that does not
-    wait measures only the kernel launches). A no-op on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class ForwardTimers:
-    """Timers of single forward passes at ``context`` cached tokens of random ids, for latency tables;
-    each waits for the device (``wait_for``)."""
-
-    def __init__(self, runner: ModelRunner, context: int = 256) -> None:
-        self.runner, self.context = runner, context
-        self.cache = runner.new_cache(context + 16)
-        runner.forward(self.tokens(context), self.cache, 0)
-
-    def tokens(self, k: int) -> torch.Tensor:
-        """``k`` random token ids on the runner's device."""
-        return torch.randint(10, 1000, (k,), device=self.runner.device)
-
-    def timer(self, k: int, policy: DraftPolicy | None = None) -> Callable[[], None]:
-        """A forward of ``k`` tokens after the cached context (``policy`` None: the full model, all logits)."""
-        tokens = self.tokens(k)
-
-        def run() -> None:
-            self.runner.forward(tokens, self.cache, self.context, policy=policy, all_logits=k > 1)
-            wait_for(self.runner.device)
-        return run
-
-
 def forward_latencies(runner: ModelRunner, context: int = 256, rounds: int = 9,
                       repeats: int = 5) -> dict[str, float]:
     """Median ms of 1-token and k-token full forwards and of draft forwards, at ``context`` cached tokens,
-    timed in interleaved rounds (see ``interleaved_median_ms``; 9 rounds: with 5, one slow spell of this
-    VM in four runs put verify_12 at 1.39x against 0.96-1.12x in the others)."""
+    timed in interleaved rounds (see ``interleaved_median_ms``; 9 rounds, as one slow spell of a shared VM
+    skewed a ratio with 5)."""
     forwards = ForwardTimers(runner, context)
     timers: dict[str, Callable[[], Any]] = {"forward_1": forwards.timer(1)}
     for k in (2, 4, 8, 12):

@@ -112,6 +112,15 @@ class SpeculativeEngine:
         self.vocab_size = runner.lm_head.weight.shape[0]  # logit rows (may exceed the tokenizer's length)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_ids)
 
+    def clear_prefix_cache(self) -> dict[str, Any]:
+        """Drop every prefix cache block; what was dropped (``/reset_prefix_cache`` answers with it)."""
+        cache = self.prefix_cache
+        if cache is None:
+            return {"enabled": False, "cleared_blocks": 0, "freed_bytes": 0}
+        cleared = {"enabled": True, "cleared_blocks": len(cache), "freed_bytes": cache.nbytes}
+        cache.clear()
+        return cleared
+
     # ------------------------------------------------------------------ lifecycle
     def admit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Check the prompt and reserve its KV cache; nothing runs until ``prefill``."""

@@ -21,6 +21,7 @@ import torch
 
 from . import native
 from .packaged import PACKAGED_MODELS, PackagedModelError, installed_gguf
+from .paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,6 @@ class ModelInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def cache_root() -> Path:
-    """Where converted weights and tuning results live (``$KNN_SSD_CACHE`` overrides)."""
-    return Path(os.environ.get("KNN_SSD_CACHE", Path.home() / ".cache" / "knn-ssd"))
 
 
 def resolve_device(device: str = "auto") -> torch.device:

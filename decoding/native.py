@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .paths import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
@@ -73,8 +75,6 @@ def _build() -> Any | None:
         log.info("native CPU kernels need AVX2 (CPU capability %s): using torch's kernels", capability)
         return None
     from torch.utils import cpp_extension
-
-    from .loading import cache_root
 
     cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
     source = _source_copy(cache_root() / "kernels", f"torch-{torch.__version__}", cflags)

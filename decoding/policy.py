@@ -61,12 +61,9 @@ def _as_indices(values: Any, kind: str) -> list[int]:
 
 
 # The built-in speculative shape (no skips, no early stop, 12 tokens; the server adds the 4-bit or int8
-# draft copy): what calibration chose for every domain of the default model on CPU, with the 4-bit copy.
-# With a quantised draft at ~0.3x of a full step, stopping at low confidence costs more than it saves:
-# bench-decode (10 prompts x 64 tokens) 1.64x plain at threshold 0.0 vs 1.44-1.57x at 0.3 (four runs the
-# same hour), 8.6 vs 5.1 accepted tokens per step. The 4-bit drafts are accepted often enough (0.93 of
-# drafted tokens) that 12 tokens pay: knn-ssd bench 1.80x plain with them against 1.68x for int8 drafts
-# of 8 tokens (same hour, 30 prompts x 128 tokens, fp32).
+# draft copy): what calibration chose for every domain of the default model on CPU. With a quantised draft
+# far cheaper than a full step, stopping at low confidence costs more than it saves, and the 4-bit drafts
+# are accepted often enough that 12 tokens pay (docs/measurements.md, "Why the code is as it is").
 DEFAULT_THRESHOLD, DEFAULT_MAX_DRAFT = 0.0, 12
 
 
@@ -108,6 +105,17 @@ class DraftPolicy:
     def validate(self, num_layers: int) -> "DraftPolicy":
         self.skip.validate(num_layers)
         return self
+
+    def describe(self) -> str:
+        """The policy in words, for logs and tables: ``int4 draft, skip attention [3] mlp [], threshold 0.0,
+        max draft 12, lookup first`` or ``plain decoding``."""
+        if self.is_plain:
+            return "plain decoding"
+        if not self.drafts_with_model:
+            return f"n-gram lookup drafts only, max draft {self.max_draft}"
+        lookup = ", lookup first" if self.lookup else ""
+        return (f"{self.precision} draft, skip attention {sorted(self.skip.attention)} mlp {sorted(self.skip.mlp)}, "
+                f"threshold {self.threshold}, max draft {self.max_draft}{lookup}")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from decoding import DraftPolicy, ModelRunner, SkipSet
-from decoding.benchmark import ForwardTimers, interleaved_median_ms
+from decoding.timing import ForwardTimers, interleaved_median_ms
 
 VERIFY_POINTS = (1, 2, 4, 8, 13)
 

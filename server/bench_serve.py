@@ -143,6 +143,23 @@ def bench_serve(url: str, model: str, prompts: list[str], levels: list[int], req
             "rounds": rounds, "modes": list(modes), "levels": results}
 
 
+def print_report(report: dict[str, Any]) -> None:
+    """The report as a table: one line per level and mode."""
+    print(f"{'clients':>7} {'mode':>11} {'ramp s':>6} {'requests':>8} {'prompt':>6} {'cached':>6} {'tokens':>7} "
+          f"{'wall s':>7} {'tokens/s':>9} {'x first':>8} {'TTFT p50':>9} {'x first':>8} {'TTFT p95':>9} "
+          f"{'vs plain':>8}")
+    for r in report["levels"]:
+        vs_plain = f"{r['vs_plain']:>8.2f}" if "vs_plain" in r else f"{'':>8}"
+        print(f"{r['clients']:>7} {r['mode']:>11} {r['ramp_s']:>6.1f} {r['requests']:>8} "
+              f"{r['prompt_tokens_mean']:>6.0f} {r['cached_tokens_mean']:>6.0f} {r['tokens']:>7} "
+              f"{r['wall_s']:>7.1f} {r['tokens_per_s']:>9.1f} {r['throughput_vs_first']:>8.2f} {r['ttft_p50_s']:>9.3f} "
+              f"{r['ttft_p50_vs_first']:>8.2f} {r['ttft_p95_s']:>9.3f} {vs_plain}")
+    if report["rounds"] > 1:  # the spread behind each sum, and any order effect
+        print("tokens/s of each mode's runs in order (modes alternate which runs first): " + "; ".join(
+            f"{r['clients']} {r['mode']} " + " ".join(f"{v:.1f}" for v in r["run_tokens_per_s"])
+            for r in report["levels"]))
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """Aggregate tokens/s and time to first token (p50 solid, p95 dashed) against concurrent clients, a line
     per mode, each throughput point labelled with its multiple of the mode's first level."""
