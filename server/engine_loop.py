@@ -17,8 +17,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from decoding import (DraftPolicy, RequestStats, SamplingParams, Sequence, SpeculativeEngine, StepOutput,
-                      TokenLogprob)
+from decoding import DraftPolicy, RequestStats, SamplingParams, Sequence, SpeculativeEngine, StepOutput, TokenLogprob
 from decoding.batching import ContinuousBatcher
 
 log = logging.getLogger(__name__)
@@ -71,9 +70,9 @@ class GenerationRequest:
         stats, route = self.seq.stats, self.route
         policy = route.policy
         lookup = f", {stats.lookup_tokens} drafted by lookup" if policy.lookup else ""
-        how = "plain decoding" if policy.is_plain else (
-            f"{policy.precision} draft, {len(policy.skip)} sub-layers skipped{lookup}, "
-            f"{stats.mean_accepted_tokens:.1f} tokens per step, acceptance {stats.acceptance_rate:.2f}")
+        how = policy.describe() if policy.is_plain else (
+            f"{policy.describe()}{lookup}, {stats.mean_accepted_tokens:.1f} tokens per step, acceptance "
+            f"{stats.acceptance_rate:.2f}")
         cached = f" ({stats.cached_tokens} cached)" if stats.cached_tokens else ""
         return (f"request {self.request_id} {stats.finish_reason}: {stats.prompt_tokens} prompt tokens{cached}, "
                 f"{stats.completion_tokens} generated; domain {route.domain or '-'}, {how}; queued "

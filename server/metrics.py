@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from decoding.policy import MAX_DRAFT_LIMIT
 from decoding.prefix_cache import PrefixCache
 
-from .scheduler import GenerationRequest, RouteDecision
+from .engine_loop import GenerationRequest, RouteDecision
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
                    7.5, 10.0, 20.0, 40.0, 80.0)

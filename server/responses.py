@@ -15,10 +15,9 @@ from typing import Any, Literal
 from fastapi import Request
 from pydantic import Field, field_validator
 
+from .engine_loop import GenerationRequest
 from .protocol import APIError, ChatCompletionRequest, OpenAIObject, SamplingFields, check_text_parts
-from .scheduler import GenerationRequest
-from .serving import Choice, OpenAIServing, knn_ssd_object, new_id, sse, usage
-
+from .serving import Choice, OpenAIServing, knn_ssd_object, new_id, now, sse, usage
 
 TEXT_PARTS = {"input_text", "output_text"}
 
@@ -114,11 +113,14 @@ class ResponsesRequest(SamplingFields):
 class ResponseBuilder:
     """The response object and the stream's events for one request's single choice."""
 
-    def __init__(self, body: ResponsesRequest, response_id: str, created: int, model: str, prompt_tokens: int) -> None:
-        self.body, self.id, self.created, self.model = body, response_id, created, model
+    def __init__(self, srv: OpenAIServing, body: ResponsesRequest, response_id: str, prompt_tokens: int) -> None:
+        self.srv, self.body, self.id, self.created, self.model = srv, body, response_id, now(), srv.model_name
         self.prompt_tokens = prompt_tokens
         self.item_id = new_id("msg", "_")
         self.sequence = 0
+
+    def complete(self, choices: list[Choice]) -> dict[str, Any]:
+        return self.response(choices[0])
 
     def response(self, choice: Choice | None = None) -> dict[str, Any]:
         """The response object: in progress (no ``choice`` yet), or completed / incomplete with its output."""
@@ -161,29 +163,26 @@ class ResponseBuilder:
         """An event about the output message's text part."""
         return self.event(kind, item_id=self.item_id, output_index=0, content_index=0, **fields)
 
-
-async def stream_response(srv: OpenAIServing, gens: list[GenerationRequest], queue: Any, request: Request,
-                          builder: ResponseBuilder) -> AsyncIterator[str]:
-    """The Responses API's event stream: created, the message and its text deltas, then completed."""
-    choice = Choice(0)
-    yield builder.event("response.created", response=builder.response())
-    yield builder.event("response.in_progress", response=builder.response())
-    yield builder.event("response.output_item.added", output_index=0,
-                        item={**builder.message(choice, "in_progress"), "content": []})
-    yield builder.text_event("response.content_part.added", part=builder.text_part(""))
-    try:
-        async with aclosing(srv.choice_events(gens, queue, request, [choice])) as events:
-            async for _, event in events:
-                if event.text:
-                    yield builder.text_event("response.output_text.delta", delta=event.text, logprobs=[])
-    except APIError as exc:
-        yield builder.event("error", code=exc.code, message=exc.message, param=exc.param)
-        return
-    if choice.finish_reason is None:
-        return  # the client went away
-    final = builder.response(choice)
-    yield builder.text_event("response.output_text.done", text=choice.text, logprobs=[])
-    yield builder.text_event("response.content_part.done", part=builder.text_part(choice.text))
-    yield builder.event("response.output_item.done", output_index=0, item=final["output"][0])
-    yield builder.event(f"response.{final['status']}", response=final)
-
+    async def stream(self, gens: list[GenerationRequest], queue: Any, request: Request) -> AsyncIterator[str]:
+        """The Responses API's event stream: created, the message and its text deltas, then completed."""
+        choice = Choice(0)
+        yield self.event("response.created", response=self.response())
+        yield self.event("response.in_progress", response=self.response())
+        yield self.event("response.output_item.added", output_index=0,
+                            item={**self.message(choice, "in_progress"), "content": []})
+        yield self.text_event("response.content_part.added", part=self.text_part(""))
+        try:
+            async with aclosing(self.srv.choice_events(gens, queue, request, [choice])) as events:
+                async for _, event in events:
+                    if event.text:
+                        yield self.text_event("response.output_text.delta", delta=event.text, logprobs=[])
+        except APIError as exc:
+            yield self.event("error", code=exc.code, message=exc.message, param=exc.param)
+            return
+        if choice.finish_reason is None:
+            return  # the client went away
+        final = self.response(choice)
+        yield self.text_event("response.output_text.done", text=choice.text, logprobs=[])
+        yield self.text_event("response.content_part.done", part=self.text_part(choice.text))
+        yield self.event("response.output_item.done", output_index=0, item=final["output"][0])
+        yield self.event(f"response.{final['status']}", response=final)

@@ -10,8 +10,8 @@ import torch
 from decoding import PLAIN, DraftPolicy, SkipSet
 from knn_router.router import Router
 
+from .engine_loop import RouteDecision
 from .protocol import APIError, SamplingFields
-from .scheduler import RouteDecision
 
 
 class PolicyResolver:

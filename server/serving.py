@@ -16,6 +16,7 @@ from fastapi import Request
 from decoding import RequestStats, SamplingParams, TokenLogprob
 from decoding.grammar import GrammarError, json_schema_grammar
 
+from .engine_loop import EngineLoop, GenerationEvent, GenerationRequest, QueueFullError, RouteDecision
 from .logprobs import LogprobFormatter
 from .metrics import Metrics
 from .prompt_log import PromptLog
@@ -28,7 +29,6 @@ from .protocol import (
     TokenizeRequest,
 )
 from .routing import PolicyResolver
-from .scheduler import EngineLoop, GenerationEvent, GenerationRequest, QueueFullError, RouteDecision
 from .tools import forced_call_grammar, template_renders_tools
 
 log = logging.getLogger("knn_ssd.server")

@@ -7,51 +7,37 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import transformers
 
-from decoding import (
-    PLAIN,
-    DraftPolicy,
-    ModelInfo,
-    ModelRunner,
-    SamplingParams,
-    SpeculativeEngine,
-    load_model,
-    native,
-)
+from decoding import PLAIN, DraftPolicy, ModelInfo, ModelRunner, SamplingParams, SpeculativeEngine, native
 from decoding.adaptive import SpeculationPlanner, measure_step_costs
 from decoding.batching import ContinuousBatcher
-from decoding.prefix_cache import PrefixCache
+from decoding.build import load_engine
 from knn_router.artifact import ArtifactError, artifact_dir, load_router
 from knn_router.router import Router
 
 from . import package_version
+from .config import ServerConfig
+from .engine_loop import EngineLoop
 from .metrics import PLAIN_DOMAIN, Metrics
 from .prompt_log import PromptLog
 from .routing import PolicyResolver
-from .scheduler import EngineLoop
 from .serving import OpenAIServing
 from .tools import template_renders_tools
 
-if TYPE_CHECKING:
-    from .app import ServerConfig
-
 log = logging.getLogger("knn_ssd.server")
 
-# Without a router: a quantised draft copy with no skipped layers and the default threshold and draft
-# length, the best single policy measured on the default model on CPU (see README). The 4-bit copy first:
-# on the default model its drafts were accepted more often than the int8 copy's (0.93 vs 0.86 of drafted
-# tokens, 30 Spec-Bench prompts) at the same cost per draft token.
+# Without a router: a quantised draft copy with no skipped layers, the 4-bit copy first (its drafts are
+# accepted more often than the int8 copy's at the same cost; docs/measurements.md has the figures).
 FALLBACK_PRECISIONS = ("int4", "int8")
 
 
 def fallback_policy(precisions: tuple[str, ...]) -> DraftPolicy:
-    """The built-in policy for a runner serving draft ``precisions`` (with n-gram lookup drafts first: 1.81x
-    plain against 1.75x without in one ``knn-ssd bench`` run of the default model); plain decoding where it
-    has no quantised copy (lookup alone is unmeasured on CUDA, where there is none)."""
+    """The built-in policy for a runner serving draft ``precisions``, with n-gram lookup drafts first (they
+    paid on the default model); plain decoding where it has no quantised copy (lookup alone is unmeasured on
+    CUDA, where there is none)."""
     usable = [p for p in FALLBACK_PRECISIONS if p in precisions]
     return DraftPolicy(precision=usable[0], lookup=True) if usable else PLAIN
 
@@ -67,7 +53,7 @@ class ServerState:
     started: int
 
 
-def _router(config: "ServerConfig", info: ModelInfo) -> Router | None:
+def _router(config: ServerConfig, info: ModelInfo) -> Router | None:
     """The router of ``--index``: an explicit artifact must fit the model; ``auto`` degrades to no routing."""
     directory = artifact_dir(config.index, config.model)
     if config.index not in ("auto", "none"):
@@ -84,54 +70,64 @@ def _router(config: "ServerConfig", info: ModelInfo) -> Router | None:
         return None
 
 
-class ChatTemplateError(ValueError):
-    """``--chat-template`` names a file that cannot be read."""
-
-
-def read_chat_template(path: str) -> str:
-    """The Jinja source of a ``--chat-template`` file."""
-    try:
-        return Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ChatTemplateError(f"cannot read --chat-template {path}: {exc}") from exc
-
-
 def engine_thread() -> concurrent.futures.ThreadPoolExecutor:
     """The one thread that runs every torch call of the server, from loading to decoding.
 
-    Measured here: once the main thread has run parallel torch ops, the same decoding run
-    from another thread is ~35% slower (two OpenMP thread teams on the cores), so the
-    model is loaded, measured and decoded on this thread only.
+    Once the main thread has run parallel torch ops, decoding from another thread is markedly slower
+    (two OpenMP thread teams on the cores; docs/measurements.md), so the model is loaded, measured and
+    decoded on this thread only.
     """
     return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="knn-ssd-engine")
 
 
-def build_state(config: "ServerConfig") -> ServerState:
+def build_state(config: ServerConfig) -> ServerState:
     """Load everything on a fresh engine thread; the engine loop later runs on the same thread."""
     thread = engine_thread()
     return thread.submit(_build_state, config, thread).result()
 
 
-def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolExecutor) -> ServerState:
+def _build_state(config: ServerConfig, thread: concurrent.futures.ThreadPoolExecutor) -> ServerState:
     t0 = time.perf_counter()
     log.info("knn-ssd %s (torch %s, transformers %s): loading model %s", package_version(), torch.__version__,
              transformers.__version__, config.model)
     prompt_log = PromptLog(Path(config.log_prompts)) if config.log_prompts else None  # before the slow load
-    template = read_chat_template(config.chat_template) if config.chat_template else None
-    hf_model, tokenizer, info = load_model(config.model, config.device, config.dtype)
-    if template is not None:
-        tokenizer.chat_template = template
-    runner = ModelRunner(hf_model, int8_draft=True)
-    max_len = min(runner.max_context, config.max_model_len or runner.max_context)
-    prefix_cache = PrefixCache(int(config.prefix_cache_mb * 2**20)) if config.prefix_cache_mb > 0 else None
-    engine = SpeculativeEngine(runner, tokenizer, max_context=max_len, prefix_cache=prefix_cache)
+    engine, info = load_engine(config.model, config.device, config.dtype, chat_template=config.chat_template,
+                               max_model_len=config.max_model_len, prefix_cache_mb=config.prefix_cache_mb)
+    _log_engine(config, engine, info, time.perf_counter() - t0)
+    runner = engine.runner
+    router = _router(config, info)
+    fallback = fallback_policy(runner.draft_precisions)
+    if router is None:
+        log.info("index: none; speculative requests use the built-in policy: %s", fallback.describe())
+    else:
+        _fit_to_runner(router, runner)
+    name = config.served_model_name or config.model
+    metrics = Metrics(name)
+    if engine.prefix_cache is not None:
+        metrics.track_prefix_cache(engine.prefix_cache)
+    if router is not None:
+        metrics.declare_domains(router.policies)
+    batcher = ContinuousBatcher(engine, config.max_batch_size, config.max_num_batched_tokens, _planner(config, runner))
+    loop = EngineLoop(engine, batcher, config.max_queue, metrics, thread)
+    resolver = PolicyResolver(router, fallback, runner.num_layers, runner.draft_precisions)
+    if prompt_log is not None:
+        log.info("logging each accepted request's prompt to %s (the input of `knn-ssd calibrate --traffic`)",
+                 prompt_log.path)
+    serving = OpenAIServing(loop, engine.tokenizer, name, engine.max_context, resolver, metrics, prompt_log)
+    _warm_up(engine, metrics)
+    return ServerState(info, engine, router, metrics, loop, serving, int(time.time()))
+
+
+def _log_engine(config: ServerConfig, engine: SpeculativeEngine, info: ModelInfo, load_s: float) -> None:
+    """Startup lines saying what runs: model, device and precision, kernels, drafts, templates, caches."""
+    runner = engine.runner
     log.info("model %s: %s, %d layers, hidden %d, %.0fM parameters, fingerprint %s", info.name, info.architecture,
              info.num_layers, info.hidden_size, info.parameters / 1e6, info.fingerprint)
-    log.info("device %s, dtype %s, context %d tokens, %s (loaded in %.1fs); %s", info.device, info.dtype, max_len,
-             runner.draft_copies_summary, time.perf_counter() - t0, runner.kernel_summary)
+    log.info("device %s, dtype %s, context %d tokens, %s (loaded in %.1fs); %s", info.device, info.dtype,
+             engine.max_context, runner.draft_copies_summary, load_s, runner.kernel_summary)
     if runner.kernels is not None and native.transparent_huge_pages() == "never":
         log.warning("transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled): the weights "
-                    "stream through 4 KiB pages, ~5% slower steps; 'madvise' or 'always' lets the kernels use "
+                    "stream through 4 KiB pages, slower steps; 'madvise' or 'always' lets the kernels use "
                     "2 MiB ones")
     if runner.device.type == "cpu" and runner.dtype == torch.float32 and native.bf16_kernels() is not None:
         log.info("this CPU runs bf16 weights natively (AVX512-BF16): --dtype bfloat16 halves the weight bytes "
@@ -139,24 +135,17 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
     t0 = time.perf_counter()  # now, not at the first response_format request (it would stall the event loop)
     engine.grammars.prepare()
     log.info("structured output (response_format): llguidance tokenizer built in %.1fs", time.perf_counter() - t0)
-    source = f"from {config.chat_template}" if template is not None else "the model's own"
+    source = f"from {config.chat_template}" if config.chat_template else "the model's own"
     log.info("chat template: %s; tool calling: %s", source,
-             "on (the template renders tools)" if template_renders_tools(str(tokenizer.chat_template or ""))
+             "on (the template renders tools)" if template_renders_tools(str(engine.tokenizer.chat_template or ""))
              else "off (the template does not render tools; --chat-template FILE can give one that does)")
-    log.info("prefix cache: %s", f"{config.prefix_cache_mb:g} MiB, blocks of {prefix_cache.block_tokens} tokens"
-             if prefix_cache is not None else "off")  # an empty cache has len 0: test for None
-    router = _router(config, info)
-    fallback = fallback_policy(runner.draft_precisions)
-    if router is None:
-        log.info("index: none; speculative requests use the built-in policy %s", fallback.to_dict())
-    else:
-        _fit_to_runner(router, runner)
-    name = config.served_model_name or config.model
-    metrics = Metrics(name)
-    if prefix_cache is not None:
-        metrics.track_prefix_cache(prefix_cache)
-    if router is not None:
-        metrics.declare_domains(router.policies)
+    cache = engine.prefix_cache
+    log.info("prefix cache: %s", f"{config.prefix_cache_mb:g} MiB, blocks of {cache.block_tokens} tokens"
+             if cache is not None else "off")  # an empty cache has len 0: test for None
+
+
+def _planner(config: ServerConfig, runner: ModelRunner) -> SpeculationPlanner | None:
+    """Load-adaptive speculation's planner over step costs measured now (None with it off)."""
     planner = None
     if config.adaptive_speculation:
         t0 = time.perf_counter()
@@ -164,17 +153,9 @@ def _build_state(config: "ServerConfig", thread: concurrent.futures.ThreadPoolEx
         planner = SpeculationPlanner(costs)
         log.info("adaptive speculation: step costs measured in %.1fs (%s)", time.perf_counter() - t0,
                  costs.describe())
-    batcher = ContinuousBatcher(engine, config.max_batch_size, config.max_num_batched_tokens, planner)
     log.info("continuous batching: up to %d sequences, %d tokens per step, adaptive speculation %s",
              config.max_batch_size, config.max_num_batched_tokens, "on" if planner else "off")
-    loop = EngineLoop(engine, batcher, config.max_queue, metrics, thread)
-    resolver = PolicyResolver(router, fallback, runner.num_layers, runner.draft_precisions)
-    if prompt_log is not None:
-        log.info("logging each accepted request's prompt to %s (the input of `knn-ssd calibrate --traffic`)",
-                 prompt_log.path)
-    serving = OpenAIServing(loop, tokenizer, name, max_len, resolver, metrics, prompt_log)
-    _warm_up(engine, metrics)
-    return ServerState(info, engine, router, metrics, loop, serving, int(time.time()))
+    return planner
 
 
 def _fit_to_runner(router: Router, runner: ModelRunner) -> None:
@@ -183,12 +164,12 @@ def _fit_to_runner(router: Router, runner: ModelRunner) -> None:
              router.k, router.threshold)
     for domain, calibrated in router.restrict_precisions(runner.draft_precisions).items():
         log.warning("policy %s drafts on the %s copy, which this runner lacks (%s): using %s instead", domain,
-                    calibrated.precision, runner.kernel_summary, _describe(router.policies[domain]))
+                    calibrated.precision, runner.kernel_summary, router.policies[domain].describe())
     for domain, policy in sorted(router.policies.items()):
-        log.info("  policy %-14s %s", domain, _describe(policy))
+        log.info("  policy %-14s %s", domain, policy.describe())
 
 
-def reload_router(state: ServerState, config: "ServerConfig") -> bool:
+def reload_router(state: ServerState, config: ServerConfig) -> bool:
     """Re-read the artifact of ``--index`` (on SIGHUP), so a recalibrated index serves without a restart.
     Requests see the old router or the new one, never a mix; on failure the running router stays.
     Returns whether the new one was installed."""
@@ -221,10 +202,3 @@ def _warm_up(engine: SpeculativeEngine, metrics: Metrics) -> None:
                      SamplingParams(max_tokens=16, ignore_eos=True), PLAIN)
     metrics.record_rate(PLAIN_DOMAIN, seq.stats.step_tokens, seq.stats.decode_s)
     log.info("warm-up: plain decoding %.1f tokens/s", seq.stats.step_tokens / seq.stats.decode_s)
-
-
-def _describe(policy: DraftPolicy) -> str:
-    if policy.is_plain:
-        return "plain decoding"
-    return (f"{policy.precision} draft, skip attention {sorted(policy.skip.attention)} mlp {sorted(policy.skip.mlp)}, "
-            f"threshold {policy.threshold}, max draft {policy.max_draft}")
