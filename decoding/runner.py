@@ -25,8 +25,8 @@ from .policy import DraftPolicy, SkipSet
 
 NO_SKIP = SkipSet()
 # torch's attention kernels the runner lets SDPA choose from on CUDA: all but cuDNN's, which torch 2.11
-# prefers for bf16 on Hopper and which made bf16 decoding of Spec-Bench prompts 4.4x slower on an H200
-# (the default model: 17.0 tokens/s with it, 75.0 without; float32 never takes it).
+# prefers for bf16 on Hopper and which made bf16 decoding several times slower on an H200 (float32 never
+# takes it; docs/measurements.md, "Why the code is as it is").
 CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -149,8 +149,8 @@ class ModelRunner:
         self.lm_head = Linear(hf_model.lm_head.weight.detach(), getattr(hf_model.lm_head, "bias", None))
         with torch.no_grad():
             self.layers = [self._build_layer(layer) for layer in hf_model.model.layers]
-        # Quantised drafts share one int8 copy of the LM head: a 4-bit head lost too many top-1s
-        # (0.86 agreement on the default model, whose embedding is not stored in 4-bit groups).
+        # Quantised drafts share one int8 copy of the LM head: a 4-bit head lost too many top-1s (the default
+        # model's embedding is not stored in 4-bit groups; docs/measurements.md).
         self.draft_lm_head: Int8Linear | None = None
         self._into_huge_pages([lin for lin in self._full_linears if lin.kernel_bytes], "kernel_weight")
         self._full_stack = self._layer_stack(None)
@@ -428,8 +428,8 @@ class ModelRunner:
     def _native_attention(self, layer: _Layer) -> bool:
         """Whether ``layer`` attends with the native kernel, for every forward (prefill, draft, verify): each
         (token, head) is computed alone, so a position's KV entries and output never depend on the
-        chunk, batch or cached prefix around it. Measured here it is also as fast as torch's SDPA
-        for prefill (423 vs SDPA's 445 ms for 207 tokens, 6.9 s both for 2048)."""
+        chunk, batch or cached prefix around it. It is also as fast as torch's SDPA for prefill
+        (docs/measurements.md)."""
         return self.kernels is not None and layer.q_norm is None and layer.softcap is None
 
     def _sdpa_attention(self, layer: _Layer, index: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

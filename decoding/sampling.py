@@ -130,8 +130,7 @@ def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
 
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
     """The argmax of each row of ``logits`` ((V,) or (rows, V)): the first index at ties, like torch's, on the
-    native kernel for float32 CPU logits (torch's argmax reads ~1 GB/s there: 47 vs 8 us for one
-    49,152-token row, 430 vs 31 us for a 13-row verify)."""
+    native kernel for float32 CPU logits (torch's argmax is several times slower there; docs/measurements.md)."""
     rows = logits.reshape(-1, logits.shape[-1])
     kernels = native.cpu_kernels() if rows.device.type == "cpu" and rows.dtype == torch.float32 else None
     return (kernels.argmax_rows(rows) if kernels is not None else rows.argmax(dim=-1)).tolist()
