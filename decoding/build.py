@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from . import native
 from .engine import SpeculativeEngine
-from .loading import ModelInfo, load_model
+from .gguf_blocks import read_stored_tensors
+from .loading import ModelInfo, ModelLoadError, gguf_file, load_model
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner
 
@@ -22,19 +25,49 @@ def read_chat_template(path: str) -> str:
         raise ChatTemplateError(f"cannot read --chat-template {path}: {exc}") from exc
 
 
-def load_engine(model: str, device: str = "auto", dtype: str = "auto", *, draft_copies: bool = True,
-                chat_template: str | None = None, max_model_len: int | None = None,
+TARGETS = ("auto", "native", "exact")
+
+
+def load_engine(model: str, device: str = "auto", dtype: str = "auto", *, target: str = "auto",
+                draft_copies: bool = True, chat_template: str | None = None, max_model_len: int | None = None,
                 prefix_cache_mb: float = 0.0) -> tuple[SpeculativeEngine, ModelInfo]:
     """The engine every command and the server decode with, and what was loaded.
 
+    ``target`` is what plain decoding runs and verification checks: ``native`` reads a GGUF file's weights
+    in their stored blocks; ``exact`` the weights dequantised (fp32, or bf16 where the model is converted
+    to it). ``auto`` is exact: measured end to end on Spec-Bench prompts it is still the faster of the two
+    (native prefill and verify steps cost more; docs/measurements.md), native the faster for single-stream
+    decoding of short prompts.
     ``draft_copies`` False skips the quantised draft copies (commands that never draft); ``chat_template``
     is the path of a template replacing the model's own (read before the slow load, so a bad path fails
     fast); ``max_model_len`` caps the context; ``prefix_cache_mb`` > 0 turns on automatic prefix caching.
     """
+    if target not in TARGETS:
+        raise ModelLoadError(f"unknown target {target!r}; choose {', '.join(TARGETS)}")
     template = read_chat_template(chat_template) if chat_template else None
     hf_model, tokenizer, info = load_model(model, device, dtype)
     if template is not None:
         tokenizer.chat_template = template
-    runner = ModelRunner(hf_model, int8_draft=draft_copies, int4_draft=draft_copies)
+    stored = _stored_tensors(model, hf_model, target)
+    runner = ModelRunner(hf_model, int8_draft=draft_copies, int4_draft=draft_copies, stored=stored)
     cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
     return SpeculativeEngine(runner, tokenizer, max_context=max_model_len, prefix_cache=cache), info
+
+
+def load_engine_for(args: Any, **options: Any) -> tuple[SpeculativeEngine, ModelInfo]:
+    """``load_engine`` with a command's ``--model``, ``--device``, ``--dtype`` and ``--target``."""
+    return load_engine(args.model, args.device, args.dtype, target=args.target, **options)
+
+
+def _stored_tensors(model: str, hf_model: object, target: str) -> dict | None:
+    """The GGUF file's tensors where the target is native (None: the exact target)."""
+    if target in ("exact", "auto"):
+        return None
+    path = gguf_file(model)
+    runs = path is not None and native.cpu_kernels() is not None and next(hf_model.parameters()).device.type == "cpu"
+    if not runs:
+        if target == "native":
+            raise ModelLoadError("--target native needs a .gguf model on a CPU with the native kernels (AVX2 and a "
+                                 "C++ compiler); use --target exact")
+        return None
+    return read_stored_tensors(path, hf_model)

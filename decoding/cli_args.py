@@ -75,6 +75,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA; on CPU the checkpoint's bf16 where the CPU runs bf16 weights natively, "
                         "i.e. has AVX512-BF16, else fp32), float32, bfloat16 or float16")
+    p.add_argument("--target", default="auto", choices=["auto", "native", "exact"],
+                   help="what plain decoding runs and speculation verifies against: 'native' reads a GGUF model's "
+                        "weights in their stored blocks (Q4_0 ... Q8_0, Q4_K, Q5_K, Q6_K) with the native CPU "
+                        "kernels, the fastest for single-stream decoding of short prompts; 'exact' dequantises "
+                        "them (fp32, or bf16 per --dtype), still the fastest end to end on long prompts and "
+                        "under load; 'auto' is exact for now")
     add_log_level(p)
 
 

@@ -109,7 +109,7 @@ class SpeculativeEngine:
         eos = getattr(runner.model.generation_config, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {t for t in [*eos, tokenizer.eos_token_id] if t is not None}
-        self.vocab_size = runner.lm_head.weight.shape[0]  # logit rows (may exceed the tokenizer's length)
+        self.vocab_size = runner.vocab_size
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_ids)
 
     def clear_prefix_cache(self) -> dict[str, Any]:

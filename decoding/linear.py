@@ -67,6 +67,52 @@ class Linear:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+class BlockLinear:
+    """``y = x @ W.T + b`` with W as a GGUF file stores it (the native target): blocks of Q4_0 ... Q8_0,
+    Q4_K, Q5_K or Q6_K, read in place by ``qblock_linear``, never widened. ``parts`` are the fused
+    weights' (GGML type id, rows) in output order, e.g. Q4_K query and key rows then Q6_K value rows.
+
+    Like ``Linear``'s kernels it is batch-invariant: each output row is one fixed chain of arithmetic
+    over the row's own int16-quantised inputs, whatever the rows computed with it.
+    """
+
+    native = True
+
+    def __init__(self, parts: list[tuple[int, torch.Tensor]], in_features: int,
+                 bias: torch.Tensor | None = None) -> None:
+        kernels = native.cpu_kernels()
+        if kernels is None:
+            raise RuntimeError("the native target needs the native CPU kernels (AVX2 and a C++ compiler)")
+        self._kernel = kernels.qblock_linear
+        self.kernel_weight = torch.cat([rows.reshape(-1) for _, rows in parts]).contiguous()
+        self.parts = torch.tensor([[type_id, rows.shape[0]] for type_id, rows in parts], dtype=torch.int64)
+        self.in_features = in_features
+        self.out_features = sum(rows.shape[0] for _, rows in parts)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    @property
+    def kernel_bytes(self) -> int:
+        return self.kernel_weight.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._kernel(x.float(), self.kernel_weight, self.parts, self.bias)
+
+
+class BlockEmbedding:
+    """Token embeddings read from a GGUF file's blocks (the native target): each looked-up row dequantised
+    as ggml does, the table itself never widened. ``scale`` is the model's embedding multiplier (Gemma's)."""
+
+    def __init__(self, stored: Any, scale: torch.Tensor | None = None) -> None:
+        self._rows = native.cpu_kernels().qblock_rows
+        self.weight_blocks, self.type_id, self.dim = stored.rows.reshape(-1).contiguous(), stored.type_id, \
+            stored.in_features
+        self.scale = scale
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(self.weight_blocks, self.type_id, self.dim, ids)
+        return rows * self.scale.to(rows.dtype) if self.scale is not None else rows
+
+
 def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
     """oneDNN-packed copy of ``weight`` on CPU, or None where that path is unavailable."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():

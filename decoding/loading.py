@@ -193,6 +193,19 @@ def _model_directory(model: str) -> tuple[Path, list[Path]]:
     raise ModelLoadError(f"model path {path} is neither a directory nor a .gguf file")
 
 
+def gguf_file(model: str) -> Path | None:
+    """The GGUF file a model spec loads from (None for a Hugging Face directory)."""
+    if model == DEFAULT_MODEL:
+        return default_gguf_path()
+    if model in PACKAGED_MODELS:
+        try:
+            return installed_gguf(model)
+        except PackagedModelError as exc:
+            raise ModelLoadError(str(exc)) from exc
+    path = Path(model).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
 def converted_gguf(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Dequantise ``gguf`` to safetensors once; later calls return the cached directory.
 

@@ -27,6 +27,7 @@ from .paths import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+HEADERS = sorted(SOURCE.parent.glob("*.h"))  # included by SOURCE: copied beside it
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -99,13 +100,14 @@ def _source_copy(root: Path, prefix: str, cflags: list[str]) -> Path:
     installation it builds against (once): checkouts and virtual environments sharing a cache each
     keep their own build instead of rebuilding each other's on every start (ninja rebuilds when the
     source's path or an include path changes) or overwriting it."""
-    text = SOURCE.read_bytes()
-    key = text + " ".join([*cflags, torch.__file__, sys.prefix]).encode()
+    files = {path.name: path.read_bytes() for path in (SOURCE, *HEADERS)}
+    key = b"".join(files.values()) + " ".join([*cflags, torch.__file__, sys.prefix]).encode()
     folder = root / f"{prefix}-{hashlib.sha256(key).hexdigest()[:12]}"
-    target = folder / SOURCE.name
-    if not target.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{SOURCE.name}.{os.getpid()}"
-        tmp.write_bytes(text)
-        tmp.replace(target)  # atomic: a concurrent builder sees the whole file or none
-    return target
+    for name, text in files.items():
+        target = folder / name
+        if not target.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{name}.{os.getpid()}"
+            tmp.write_bytes(text)
+            tmp.replace(target)  # atomic: a concurrent builder sees the whole file or none
+    return folder / SOURCE.name

@@ -140,3 +140,7 @@ class DraftPolicy:
 
 
 PLAIN = DraftPolicy(speculative=False)
+
+# Where the runner has no quantised draft copy (the native target), n-gram lookup drafts alone, at most this
+# many tokens: verifying more costs more than their acceptance pays there (docs/measurements.md).
+LOOKUP_ONLY = DraftPolicy(lookup=True, max_draft=4)

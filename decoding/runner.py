@@ -20,7 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import native
 from .kv_cache import KVCache
-from .linear import DraftCopy, Int4Linear, Int8Linear, Linear
+from .gguf_blocks import BLOCK_TYPES, StoredTensor
+from .linear import BlockEmbedding, BlockLinear, DraftCopy, Int4Linear, Int8Linear, Linear
 from .policy import DraftPolicy, SkipSet
 
 NO_SKIP = SkipSet()
@@ -121,8 +122,15 @@ def _fuse(modules: list[torch.nn.Linear]) -> Linear:
 class ModelRunner:
     """Runs forward passes of one loaded model; stateless between calls (state lives in ``KVCache``)."""
 
-    def __init__(self, hf_model: Any, int8_draft: bool = True, int4_draft: bool = True) -> None:
+    def __init__(self, hf_model: Any, int8_draft: bool = True, int4_draft: bool = True,
+                 stored: dict[str, StoredTensor] | None = None) -> None:
+        """``stored``: the GGUF file's tensors (``gguf_blocks.read_stored_tensors``) for a native target, whose
+        linears, LM head and embedding read the file's blocks as stored; the model's widened copies of them
+        are freed, and no quantised draft copy is made (it would cost what the target does)."""
         self.model = hf_model
+        self.target = "native" if stored is not None else "exact"
+        self._stored = stored or {}
+        self._names = {id(module): name for name, module in hf_model.named_modules()}
         config = hf_model.config
         self.config = config
         self.num_layers = config.num_hidden_layers
@@ -132,7 +140,7 @@ class ModelRunner:
         self.head_dim = first_attn.head_dim
         self.kv_heads = config.num_key_value_heads
         self.max_context = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
-        self.embed = hf_model.model.embed_tokens
+        self.embed = self._embedding(hf_model.model.embed_tokens)
         self.final_norm = RMSNorm(hf_model.model.norm)
         # The engine's own CPU kernels (see native.py) for float32 models, and bfloat16 ones where the CPU
         # has AVX512-BF16: draft linears and norms, attention, and the linears of decode/verify steps.
@@ -146,18 +154,20 @@ class ModelRunner:
             cos, sin = hf_model.model.rotary_emb(torch.ones(1, dtype=self.act_dtype, device=self.device), positions)
         self.cos, self.sin = cos[0], sin[0]  # (max_context, head_dim)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
-        self.lm_head = Linear(hf_model.lm_head.weight.detach(), getattr(hf_model.lm_head, "bias", None))
+        tied = "lm_head.weight" not in self._stored and bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = self._linear([hf_model.lm_head], hf_model.model.embed_tokens if tied else None)
         with torch.no_grad():
             self.layers = [self._build_layer(layer) for layer in hf_model.model.layers]
+        self._release_widened()
         # Quantised drafts share one int8 copy of the LM head: a 4-bit head lost too many top-1s (the default
         # model's embedding is not stored in 4-bit groups; docs/measurements.md).
         self.draft_lm_head: Int8Linear | None = None
         self._into_huge_pages([lin for lin in self._full_linears if lin.kernel_bytes], "kernel_weight")
         self._full_stack = self._layer_stack(None)
         self._draft_stacks: dict[str, _LayerStack | None] = {}
-        if int8_draft:
+        if int8_draft and stored is None:
             self.enable_int8_draft()
-        if int4_draft:
+        if int4_draft and stored is None:
             self.enable_int4_draft()
 
     def _build_layer(self, layer: Any) -> _Layer:
@@ -171,10 +181,10 @@ class ModelRunner:
             mlp_norm=RMSNorm(layer.pre_feedforward_layernorm if gemma2_norms else layer.post_attention_layernorm),
             attn_out_norm=RMSNorm(layer.post_attention_layernorm) if gemma2_norms else None,
             mlp_out_norm=RMSNorm(layer.post_feedforward_layernorm) if gemma2_norms else None,
-            qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
-            o=Linear(attn.o_proj.weight.detach(), attn.o_proj.bias),
-            gate_up=_fuse([mlp.gate_proj, mlp.up_proj]),
-            down=Linear(mlp.down_proj.weight.detach(), mlp.down_proj.bias),
+            qkv=self._linear([attn.q_proj, attn.k_proj, attn.v_proj]),
+            o=self._linear([attn.o_proj]),
+            gate_up=self._linear([mlp.gate_proj, mlp.up_proj]),
+            down=self._linear([mlp.down_proj]),
             q_norm=RMSNorm(attn.q_norm) if hasattr(attn, "q_norm") else None,
             k_norm=RMSNorm(attn.k_norm) if hasattr(attn, "k_norm") else None,
             act=mlp.act_fn,
@@ -185,6 +195,43 @@ class ModelRunner:
             window=window,
             silu=type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation"),
         )
+
+    def _linear(self, modules: list[torch.nn.Linear], stored_as: torch.nn.Module | None = None) -> Linear | BlockLinear:
+        """The linears ``modules`` fused along their outputs: on the native target the file's blocks (of
+        ``stored_as``'s weight for a head tied to the embedding), where every part is in a block format the
+        kernels read; else the loaded (widened) weights."""
+        names = [self._names[id(stored_as if stored_as is not None else m)] for m in modules]
+        parts = [self._stored.get(f"{name}.weight") for name in names]
+        if not parts or not all(part is not None and part.quantised for part in parts):
+            return _fuse(modules) if len(modules) > 1 else Linear(modules[0].weight.detach(),
+                                                                   getattr(modules[0], "bias", None))
+        biases = [self._stored.get(f"{name}.bias") for name in names]
+        bias = None if all(b is None for b in biases) and all(getattr(m, "bias", None) is None for m in modules) \
+            else torch.cat([b.rows.reshape(-1).float() if b is not None else m.bias.detach().float()
+                            for b, m in zip(biases, modules)])
+        self._widened = [*getattr(self, "_widened", []), *modules]
+        return BlockLinear([(part.type_id, part.rows) for part in parts], parts[0].in_features, bias)
+
+    def _embedding(self, module: torch.nn.Module) -> Any:
+        """The token embedding: the file's rows, dequantised per call, on the native target; else the module."""
+        stored = self._stored.get(f"{self._names[id(module)]}.weight")
+        if stored is None or not stored.quantised:
+            return module
+        self._widened = [*getattr(self, "_widened", []), module]
+        return BlockEmbedding(stored, getattr(module, "embed_scale", None))
+
+    def _release_widened(self) -> None:
+        """Free the loaded model's copies of the weights the native target reads from the file instead."""
+        for module in getattr(self, "_widened", []):
+            module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+        self._widened = []
+        native.release_free_memory()
+
+    @property
+    def vocab_size(self) -> int:
+        """Logit rows (may exceed the tokenizer's length)."""
+        head = self.lm_head
+        return head.out_features if isinstance(head, BlockLinear) else head.weight.shape[0]
 
     # ------------------------------------------------------------------ draft copies
     def enable_int8_draft(self) -> bool:
@@ -261,11 +308,29 @@ class ModelRunner:
                    for layer in layers for name in names]
         if not all(lin.native for lin in linears):
             return None
+        blocks = all(isinstance(lin, BlockLinear) for lin in linears)
+        if not precision and not blocks and any(isinstance(lin, BlockLinear) for lin in linears):
+            return None  # a native target with some widened linears: the per-layer path mixes them
         return _LayerStack(norms=[n.weight for n in norms],
                            weights=[lin.qweight if precision else lin.kernel_weight for lin in linears],
-                           scales=[lin.scale for lin in linears] if precision else [],
+                           scales=[lin.scale for lin in linears] if precision else
+                           [lin.parts for lin in linears] if blocks else [],
                            biases=[lin.bias for lin in linears], windows=[layer.window or 0 for layer in layers],
                            q_heads=layers[0].q_heads, scaling=layers[0].scaling, eps=norms[0].eps)
+
+    @property
+    def target_summary(self) -> str:
+        """What plain decoding runs and verification checks, for the startup log."""
+        if self.target == "exact":
+            return f"exact (weights as loaded: {str(self.dtype).removeprefix('torch.')})"
+        counts: dict[str, int] = {}
+        for lin in self._full_linears:
+            for type_id, _ in (lin.parts.tolist() if isinstance(lin, BlockLinear) else [(None, 0)]):
+                name = BLOCK_TYPES.get(type_id, f"widened {str(self.dtype).removeprefix('torch.')}")
+                counts[name] = counts.get(name, 0) + 1
+        stored = sum(lin.kernel_bytes for lin in self._full_linears if isinstance(lin, BlockLinear))
+        return (f"native (the GGUF's blocks read in place, {stored / 2**20:.0f} MiB: " +
+                ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())) + ")")
 
     @property
     def kernel_summary(self) -> str:

@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -54,9 +55,9 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
-// One input row to int16 with its absmax scale (returned); vectorised, rounding half to even
-// like std::lrintf, so the result is the same as the scalar loop's.
-inline double quantise_row(const float* x, int64_t K, int16_t* q) {
+// One input row to int16 with its absmax scale (returned), values in [-limit, limit]; vectorised, rounding
+// half to even like std::lrintf, so the result is the same as the scalar loop's.
+inline double quantise_row(const float* x, int64_t K, int16_t* q, float limit = 32767.f) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 vmax = _mm256_setzero_ps();
   int64_t k = 0;
@@ -66,7 +67,7 @@ inline double quantise_row(const float* x, int64_t K, int16_t* q) {
   float amax = 0.f;
   for (float v : lanes) amax = std::max(amax, v);
   for (int64_t i = k; i < K; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float s = amax > 0.f ? amax / 32767.f : 1.f;
+  const float s = amax > 0.f ? amax / limit : 1.f;
   const float inv = 1.f / s;
   const __m256 vinv = _mm256_set1_ps(inv);
   k = 0;
@@ -1173,6 +1174,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return y;
 }
 
+#include "gguf_blocks.h"
+
 // decoder_layers: a stack of decoder layers in one call, so the ~8 kernel calls per layer are
 // not each a trip through Python (pre-norm Llama-style layers: RMS norms, fused qkv, rotary
 // attention, SiLU-gated MLP). Serves decode/verify steps (float32 or bfloat16 weights: linear_f32
@@ -1199,6 +1202,8 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
   const int64_t T = h.size(0), H = h.size(1);
   // n: the output width, which bf16 weights (packed in whole groups of columns) do not tell
   const auto linear = [&](const at::Tensor& x, int64_t i, int64_t n) {
+    if (!scales.empty() && scales[i].scalar_type() == at::kLong)  // a native target's GGUF blocks
+      return qblock_linear(x, weights[i], scales[i], biases.get(i));
     if (!scales.empty())
       return weights[i].scalar_type() == at::kByte ? int4_linear(x, weights[i], scales[i], biases.get(i))
                                                    : int8_linear(x, weights[i], scales[i], biases.get(i));
@@ -1216,7 +1221,8 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
     }
     if (!skip_mlp[i]) {
       const at::Tensor& down = weights[4 * i + 3];
-      const int64_t inner = down.dim() == 4 ? down.size(1) * 2 : down.size(1);  // bf16's packed layout: input pairs
+      // the MLP width, which only the full-precision kernels are told (bf16's packed layout: input pairs)
+      const int64_t inner = down.dim() == 4 ? down.size(1) * 2 : down.dim() > 1 ? down.size(1) : 0;
       h.add_(linear(silu_mul(linear(rms_norm(h, norms[2 * i + 1], eps), 4 * i + 2, 2 * inner)), 4 * i + 3, H));
     }
   }
@@ -1228,6 +1234,8 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
 TORCH_LIBRARY(knn_ssd, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("qblock_linear(Tensor x, Tensor w, Tensor parts, Tensor? bias) -> Tensor");
+  m.def("qblock_rows(Tensor w, int type, int K, Tensor ids) -> Tensor");
   m.def("huge_pages(Tensor[] ts) -> Tensor[]");
   m.def("pack_f32(Tensor w) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor");
@@ -1246,6 +1254,8 @@ TORCH_LIBRARY(knn_ssd, m) {
 TORCH_LIBRARY_IMPL(knn_ssd, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("qblock_linear", &qblock_linear);
+  m.impl("qblock_rows", &qblock_rows);
   m.impl("huge_pages", &huge_pages);
   m.impl("pack_f32", &pack_f32);
   m.impl("linear_f32", &linear_f32);

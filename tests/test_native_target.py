@@ -1,0 +1,201 @@
+"""The native target: GGUF blocks read in place by the CPU kernels, against ggml's own dequantisation.
+
+Kernel tests use random blocks of every supported GGML type (any bytes are valid blocks once their float16
+scales are sane) and gguf-py's reference dequantisation; model tests quantise tiny models of every family
+with gguf-py, so the exact target (the dequantised weights) and the native one (the blocks) hold the same
+values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+from tiny_models import CONFIGS, tiny_model
+
+from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine, native
+from decoding.gguf_blocks import StoredTensor
+from decoding.linear import BlockLinear
+
+pytestmark = pytest.mark.skipif(native.cpu_kernels() is None, reason="the native target needs the CPU kernels")
+
+# type: (inputs per block, bytes per block, offsets of its float16 scales)
+BLOCKS = {Q.Q4_0: (32, 18, [0]), Q.Q4_1: (32, 20, [0, 2]), Q.Q5_0: (32, 22, [0]), Q.Q5_1: (32, 24, [0, 2]),
+          Q.Q8_0: (32, 34, [0]), Q.Q4_K: (256, 144, [0, 2]), Q.Q5_K: (256, 176, [0, 2]), Q.Q6_K: (256, 210, [208])}
+# The stated error: inputs are quantised to 16 bits per row, so an output is off by a few 1e-5 of the
+# largest output; 2e-4 leaves room for unlucky rows.
+MAX_RELATIVE_ERROR = 2e-4
+
+
+def random_blocks(qtype: Q, rows: int, inputs: int, seed: int = 0) -> np.ndarray:
+    """(rows, row bytes) random blocks of ``qtype`` with float16 scales in 0.001..0.02."""
+    per_block, nbytes, scale_offsets = BLOCKS[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, inputs // per_block, nbytes), dtype=np.uint8)
+    for offset in scale_offsets:
+        scales = (rng.random((rows, inputs // per_block)) * 0.019 + 0.001).astype(np.float16)
+        raw[:, :, offset:offset + 2] = scales.view(np.uint8).reshape(rows, inputs // per_block, 2)
+    return raw.reshape(rows, -1)
+
+
+def block_linear(parts: list[tuple[Q, np.ndarray]], inputs: int, bias: torch.Tensor | None = None) -> BlockLinear:
+    return BlockLinear([(int(t), torch.from_numpy(blocks.copy())) for t, blocks in parts], inputs, bias)
+
+
+@pytest.mark.parametrize("qtype", sorted(BLOCKS), ids=lambda t: t.name)
+def test_block_kernel_matches_dequantised_reference(qtype):
+    inputs = 512
+    blocks = random_blocks(qtype, 70, inputs)
+    weight = dequantize(blocks, qtype).astype(np.float64)
+    bias = torch.randn(70)
+    linear = block_linear([(qtype, blocks)], inputs, bias)
+    x = torch.randn(9, inputs)
+    out = linear(x)
+    ref = x.double().numpy() @ weight.T + bias.double().numpy()
+    assert np.abs(out.double().numpy() - ref).max() <= MAX_RELATIVE_ERROR * np.abs(ref).max()
+    # batch invariance: each row alone, and any split of the rows, gives the same bits
+    assert torch.equal(torch.cat([linear(x[i:i + 1]) for i in range(9)]), out)
+    assert torch.equal(torch.cat([linear(x[:2]), linear(x[2:7]), linear(x[7:])]), out)
+
+
+@pytest.mark.parametrize("qtype", sorted(BLOCKS), ids=lambda t: t.name)
+def test_embedding_rows_are_ggml_dequantisation(qtype):
+    inputs = 256
+    blocks = random_blocks(qtype, 40, inputs, seed=1)
+    rows = native.cpu_kernels().qblock_rows(torch.from_numpy(blocks.reshape(-1).copy()), int(qtype), inputs,
+                                            torch.tensor([7, 0, 39, 7]))
+    assert np.array_equal(rows.numpy(), dequantize(blocks, qtype)[[7, 0, 39, 7]])
+
+
+def test_fused_parts_of_different_types():
+    """A fused weight whose parts differ in type (Q4_K_M's Q4_K query/key rows, Q6_K value rows)."""
+    inputs = 256
+    parts = [(Q.Q4_K, random_blocks(Q.Q4_K, 48, inputs)), (Q.Q6_K, random_blocks(Q.Q6_K, 16, inputs, seed=2)),
+             (Q.Q8_0, random_blocks(Q.Q8_0, 8, inputs, seed=3))]
+    fused = block_linear(parts, inputs)
+    x = torch.randn(3, inputs)
+    alone = torch.cat([block_linear([part], inputs)(x) for part in parts], dim=1)
+    assert torch.equal(fused(x), alone)
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+TINY_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
+
+
+def quantised_copy(model: torch.nn.Module) -> dict[str, StoredTensor]:
+    """Quantise ``model``'s linears and embedding in place (each to a type of ``TINY_TYPES`` in turn) and
+    return the blocks keyed as ``gguf_blocks.read_stored_tensors`` keys a file's: after this the model holds
+    exactly the blocks' dequantised values (the exact target)."""
+    stored = {}
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    for i, (name, module) in enumerate(modules):
+        if name == "lm_head" and module.weight is model.model.embed_tokens.weight:
+            continue  # tied: the runner reads the embedding's blocks
+        qtype = TINY_TYPES[i % len(TINY_TYPES)]
+        weight = module.weight.detach().float().numpy()
+        blocks = quantize(weight, qtype)
+        module.weight.data = torch.from_numpy(dequantize(blocks, qtype)).to(module.weight.dtype)
+        stored[f"{name}.weight"] = StoredTensor(int(qtype), qtype.name, torch.from_numpy(blocks.copy()),
+                                                weight.shape[1])
+    return stored
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def native_tiny(request, default_model):
+    model = tiny_model(request.param)
+    stored = quantised_copy(model)
+    with torch.no_grad():
+        reference = model(torch.tensor([_prompt(40)])).logits[0]
+    runner = ModelRunner(model, stored=stored)
+    return reference, SpeculativeEngine(runner, default_model[1])
+
+
+def _prompt(length: int, seed: int = 1) -> list[int]:
+    return torch.randint(3, 1000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_native_runner_reads_blocks_and_frees_the_widened_weights(native_tiny):
+    _, engine = native_tiny
+    runner = engine.runner
+    assert runner.target == "native"
+    assert all(isinstance(lin, BlockLinear) for lin in runner._full_linears)
+    assert runner.model.model.layers[0].mlp.down_proj.weight.numel() == 0  # no widened copy left
+    assert runner.draft_precisions == ("full",)  # a quantised draft copy would cost what the target does
+
+
+def test_native_forward_matches_transformers_on_dequantised_weights(native_tiny):
+    reference, engine = native_tiny
+    ids = _prompt(40)
+    runner = engine.runner
+    cache = runner.new_cache(64)
+    runner.forward(torch.tensor(ids[:25]), cache, 0)
+    out = runner.forward(torch.tensor(ids[25:]), cache, 25, all_logits=True).logits
+    # the blocks' own values, with inputs rounded to 16 bits per row at each linear: logits of magnitude ~3
+    # stay within a few 1e-3 of the float32 forward of the dequantised weights
+    torch.testing.assert_close(out, reference[25:], rtol=5e-3, atol=5e-3)
+
+
+def test_native_prefill_is_chunk_invariant(native_tiny):
+    _, engine = native_tiny
+    runner, ids = engine.runner, _prompt(30, seed=4)
+    if not runner.batch_invariant:  # Gemma2's softcapped and Qwen3's normed attention run on torch's SDPA
+        pytest.skip("this family's attention runs on torch's kernels, not chunk-invariant on either target")
+    whole, chunked = runner.new_cache(40), runner.new_cache(40)
+    runner.forward(torch.tensor(ids), whole, 0, prefill=True)
+    for start in range(0, 30, 7):
+        runner.forward(torch.tensor(ids[start:start + 7]), chunked, start, prefill=True)
+    assert torch.equal(whole.keys[:, :, :, :30], chunked.keys[:, :, :, :30])
+    assert torch.equal(whole.values[:, :, :, :30], chunked.values[:, :, :, :30])
+
+
+@pytest.mark.parametrize("policy", [DraftPolicy(SkipSet(attention=[1], mlp=[2]), threshold=0.0, max_draft=4),
+                                    DraftPolicy(SkipSet(mlp=[0, 3]), max_draft=6, lookup=True)],
+                         ids=["skip", "skip-lookup"])
+def test_native_speculation_is_lossless(native_tiny, policy):
+    _, engine = native_tiny
+    greedy = SamplingParams(max_tokens=24, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.8, seed=7)
+    for seed in (1, 2, 3):
+        ids = _prompt(20 + seed, seed)
+        spec = engine.run(ids, greedy, policy)
+        assert spec.generated == engine.run(ids, greedy, PLAIN).generated
+        assert spec.stats.verify_steps < len(spec.generated)
+        assert engine.run(ids, seeded, policy).generated == engine.run(ids, seeded, policy).generated
+
+
+def test_default_model_native_target(default_model):
+    """The shipped default model on the native target: its Q4_1 linears and Q8_0 head read in place, and
+    speculation (skip-layer drafts, n-gram lookup) returns plain decoding's tokens."""
+    from decoding.build import load_engine
+
+    engine, info = load_engine("default", "cpu", "float32", target="native")
+    runner = engine.runner
+    types = {int(t) for lin in runner._full_linears for t, _ in lin.parts.tolist()}
+    assert types == {int(Q.Q4_1), int(Q.Q8_0)}
+    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}],
+                                                add_generation_prompt=True, tokenize=True, return_dict=False)
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    plain = engine.run(chat, params, PLAIN).generated
+    for policy in (DraftPolicy(SkipSet(attention=[5, 12], mlp=[20, 25]), max_draft=6),
+                   DraftPolicy(lookup=True)):
+        assert engine.run(chat, params, policy).generated == plain
+
+
+def test_native_server_answers_as_plain_decoding():
+    """``serve --target native``: says so at startup and in ``knn_ssd``; routed answers (the shipped policies
+    keep their n-gram lookup drafts, the target has no quantised copy) equal ``speculate: false`` ones."""
+    from live_server import LiveServer
+    from openai import OpenAI
+
+    with LiveServer("--target", "native", "--prefix-cache-mb", "0") as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        messages = [{"role": "user", "content": "Repeat this list twice: apples, pears, plums, figs, dates."}]
+        routed = client.chat.completions.create(model="default", messages=messages, max_tokens=48, temperature=0)
+        plain = client.chat.completions.create(model="default", messages=messages, max_tokens=48, temperature=0,
+                                               extra_body={"speculate": False})
+        assert routed.choices[0].message.content == plain.choices[0].message.content
+        assert routed.model_extra["knn_ssd"]["target"] == plain.model_extra["knn_ssd"]["target"] == "native"
+        assert routed.model_extra["knn_ssd"]["draft_precision"] in (None, "full")
+        assert "target: native (the GGUF's blocks read in place" in server.log_text()
