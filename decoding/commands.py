@@ -38,10 +38,10 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     Spec-Bench prompts.
     """
     from .benchmark import decode_throughput, forward_latencies, spec_bench_prompts
-    from .build import load_engine
+    from .build import load_engine_for
     from .policy import DraftPolicy, SkipSet
 
-    engine, info = load_engine(args.model, args.device, args.dtype)
+    engine, info = load_engine_for(args)
     runner, tokenizer = engine.runner, engine.tokenizer
     if args.draft_precision not in runner.draft_precisions:
         raise SystemExit(f"--draft-precision {args.draft_precision}: this runner has no such copy on {info.device} "
@@ -76,6 +76,48 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
                   "latency_ms": latencies, "throughput": result}
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def cmd_compare_targets(args: argparse.Namespace) -> int:
+    """Quality of the native target (and of another server) against the exact one.
+
+    Teacher-forced top-1 agreement and perplexity on held-out text (the Python standard library's
+    LICENSE.txt, which no calibration or benchmark prompt contains), and the mean common prefix of greedy
+    outputs on Spec-Bench prompts (decoded to text and tokenized again, so another server's answers compare
+    alike). --peer-url adds an OpenAI-compatible server, e.g. llama.cpp's llama-server on the same GGUF.
+    """
+    from .benchmark import spec_bench_prompts
+    from .build import load_engine
+    from .target_quality import compare_targets, server_greedy
+
+    exact, info = load_engine(args.model, args.device, args.dtype, target="exact", draft_copies=False)
+    candidates: dict = {"native": load_engine(args.model, args.device, args.dtype, target="native")[0]}
+    if args.peer_url:
+        candidates["peer"] = server_greedy(args.peer_url.rstrip("/"), args.max_new_tokens)
+    prompts = [text for _, text in spec_bench_prompts(Path(args.data), args.prompts)]
+    report = {"model": info.to_dict(), **compare_targets(exact, candidates, prompts, args.max_new_tokens)}
+    print(f"{info.name}: against the exact target ({info.dtype}), {report['heldout_tokens']} held-out tokens, "
+          f"{len(prompts)} prompts x {args.max_new_tokens} greedy tokens; exact perplexity "
+          f"{report['reference']['perplexity']:.3f}")
+    for name in candidates:
+        row = report[name]
+        teacher = (f"top-1 agreement {row['top1_agreement']:.4f}, perplexity {row['perplexity']:.3f}; "
+                   if "top1_agreement" in row else "")
+        print(f"  {name:<7} {teacher}mean common prefix {row['mean_common_prefix']:.1f} tokens, "
+              f"{row['identical']}/{len(prompts)} outputs identical")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def add_compare_targets(sub: argparse._SubParsersAction, spec_bench: Path) -> None:
+    p = add_command(sub, cmd_compare_targets)
+    add_model_args(p)
+    p.add_argument("--peer-url", default=None, help="an OpenAI-compatible server to compare too (its base URL)")
+    p.add_argument("--data", type=existing_file, default=str(spec_bench), help="Spec-Bench question.jsonl")
+    p.add_argument("--prompts", type=POSITIVE, default=12, help="Spec-Bench prompts, spread evenly over the file")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="greedy tokens per prompt")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
 def add_install_model(sub: argparse._SubParsersAction) -> None:

@@ -47,7 +47,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     anchors per domain, search and confirm a draft policy per domain (and a 'mixed' fallback), write the
     artifact.
     """
-    from decoding.build import ChatTemplateError, load_engine
+    from decoding.build import ChatTemplateError, load_engine_for
 
     from .calibrate import CalibrationConfig, calibrate, cluster_traffic, read_domain_file
 
@@ -55,7 +55,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise SystemExit("calibrate needs prompts: --domain NAME=FILE.jsonl (repeatable) and/or --traffic FILE.jsonl")
     files = _domain_files(args.domain or [])
     try:
-        engine, info = load_engine(args.model, args.device, args.dtype, chat_template=args.chat_template)
+        engine, info = load_engine_for(args, chat_template=args.chat_template)
     except ChatTemplateError as exc:
         raise SystemExit(str(exc)) from None
     try:  # a line that is not JSON, has no prompt or does not render
@@ -97,13 +97,13 @@ def cmd_route_eval(args: argparse.Namespace) -> int:
     Route Spec-Bench prompts with an artifact and report accuracy per domain; time lookups over many random
     anchors.
     """
-    from decoding.build import load_engine
+    from decoding.build import load_engine_for
 
     from .evaluate import lookup_latency, routing_accuracy, spec_bench_by_domain
 
     result: dict = {"lookup_latency": lookup_latency(args.anchors)}
     if not args.latency_only:
-        engine, info = load_engine(args.model, args.device, args.dtype, draft_copies=False)
+        engine, info = load_engine_for(args, draft_copies=False)
         router = load_index(args.index, args.model, info.fingerprint)
         prompts = {d: texts[:: max(1, len(texts) // args.per_domain)][: args.per_domain]
                    for d, texts in spec_bench_by_domain(Path(args.data)).items()}
@@ -127,7 +127,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     domain policy (oracle), interleaved prompt by prompt; check every output against plain decoding; write
     report.json, report.md and speedup.png.
     """
-    from decoding.build import load_engine
+    from decoding.build import load_engine_for
 
     from .bench import STREAMS, run_benchmark
     from .bench_report import markdown, write_report
@@ -138,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = set(streams) - set(STREAMS)
     if unknown or not streams:
         raise SystemExit(f"--streams: choose from {', '.join(STREAMS)}")
-    engine, info = load_engine(args.model, args.device, args.dtype)
+    engine, info = load_engine_for(args)
     router = load_index(args.index, args.model, info.fingerprint)
     router.restrict_precisions(engine.runner.draft_precisions)  # e.g. int4 policies on CUDA
     report = run_benchmark(engine, info, router, Path(args.data), args.per_domain, args.max_new_tokens, args.seed,

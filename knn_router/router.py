@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import hnswlib
 import numpy as np
 
-from decoding.policy import PLAIN, DraftPolicy
+from decoding.policy import LOOKUP_ONLY, PLAIN, DraftPolicy
 
 MIXED = "mixed"
 
@@ -100,13 +100,15 @@ class Router:
     def restrict_precisions(self, precisions: tuple[str, ...]) -> dict[str, DraftPolicy]:
         """Make every policy runnable by a runner that serves the draft ``precisions``: a policy whose
         quantised copy that runner lacks (an int4 policy calibrated on CPU, served on CUDA, where only
-        the CPU kernels run int4) drafts on another quantised copy it has, else decodes plainly.
+        the CPU kernels run int4, or on a native target, which makes no copy) drafts on another quantised
+        copy it has; else it keeps only its n-gram lookup drafts where it has them, or decodes plainly.
         Returns the replaced policies by domain, as they were."""
         quantised = [p for p in precisions if p != "full"]
         replaced = {}
         for domain, policy in self.policies.items():
             if not policy.is_plain and policy.precision not in precisions:
-                self.policies[domain] = replace(policy, precision=quantised[0]) if quantised else PLAIN
+                self.policies[domain] = (replace(policy, precision=quantised[0]) if quantised else
+                                         LOOKUP_ONLY if policy.lookup else PLAIN)
                 replaced[domain] = policy
         return replaced
 

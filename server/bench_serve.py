@@ -6,7 +6,9 @@ token is measured per request from the client side. Each run starts with an empt
 (``POST /reset_prefix_cache``), so no run reuses an earlier run's prompts; prefixes shared
 within a run (the chat template's system prompt) are reused as in real traffic. Modes: ``speculative``
 (each request as the server routes it) and ``plain`` (``speculate: false``, the baseline), run level by level on the
-same server.
+same server; ``peer`` sends the same workload to any other OpenAI-compatible server (llama.cpp's ``llama-server``,
+vLLM): OpenAI's fields only, plus ``cache_prompt: false``, llama-server's switch for its per-slot prompt cache,
+so it prefills every prompt as knn-ssd does with ``--prefix-cache-mb 0``.
 """
 
 from __future__ import annotations
@@ -32,14 +34,17 @@ class RequestTiming:
     cached_tokens: int = 0  # prompt tokens the server's prefix cache served
 
 
-MODES = ("speculative", "plain")
+MODES = ("speculative", "plain", "peer")
 
 
-async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
-                       speculate: bool) -> RequestTiming:
+def request_body(model: str, prompt: str, max_tokens: int, mode: str) -> dict[str, Any]:
+    """One streamed greedy chat request of ``mode`` (``peer``: no knn-ssd field, no prompt cache)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-            "speculate": speculate}
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    return {**body, "cache_prompt": False} if mode == "peer" else {**body, "speculate": mode == "speculative"}
+
+
+async def _one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> RequestTiming:
     t0 = time.perf_counter()
     ttft, usage = None, {}
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -72,10 +77,11 @@ async def run_level(url: str, model: str, prompts: list[str], clients: int, requ
         await asyncio.sleep(index * ramp_s / clients)
         for r in range(requests_per_client):
             prompt = prompts[(index * requests_per_client + r) % len(prompts)]
-            timings.append(await _one_request(client, model, prompt, max_tokens, mode == "speculative"))
+            timings.append(await _one_request(client, request_body(model, prompt, max_tokens, mode)))
             bar.update()
 
-    limits = httpx.Limits(max_connections=clients + 4)
+    # a peer such as llama-server may close idle keep-alive connections under load: a fresh one per request
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0 if mode == "peer" else None)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await client.post("/reset_prefix_cache")  # a server without one answers 404: nothing to reset
         t0 = time.perf_counter()

@@ -31,7 +31,7 @@ class ChatCompletionBuilder:
 
     def complete(self, choices: list[Choice]) -> dict[str, Any]:
         return {**self.base, "choices": [self.choice(c) for c in choices],
-                "usage": usage(choices, self.prompt_tokens), "knn_ssd": knn_ssd_object(choices)}
+                "usage": usage(choices, self.prompt_tokens), "knn_ssd": knn_ssd_object(choices, self.srv.target)}
 
     def choice(self, choice: Choice) -> dict[str, Any]:
         """A finished choice; with tools, its text split into content and tool calls."""

@@ -22,7 +22,7 @@ from decoding.cli_args import (
     existing_file,
     port_number,
 )
-from decoding.commands import add_bench_decode, add_install_model
+from decoding.commands import add_bench_decode, add_compare_targets, add_install_model
 from decoding.loading import DEFAULT_MODEL
 from knn_router.commands import add_bench, add_calibrate, add_route_eval
 
@@ -172,7 +172,9 @@ def add_bench_serve(sub: argparse._SubParsersAction, spec_bench: Path) -> None:
                                   "steady-state arrivals); the first level always starts as a burst")
     serve_bench.add_argument("--modes", default="speculative",
                              help="comma-separated: speculative (requests as the server routes them) and/or plain "
-                                  "(speculate: false, the baseline); with both, each level runs in both modes on the "
+                                  "(speculate: false, the baseline), or peer (the --url server is another "
+                                  "OpenAI-compatible server, e.g. llama.cpp's llama-server: OpenAI's fields only, "
+                                  "with cache_prompt: false); with two modes, each level runs in both on the "
                                   "same server and reports speculative over plain tokens/s")
     serve_bench.add_argument("--rounds", type=POSITIVE, default=1,
                              help="runs of every mode per level, the order of --modes reversed every other round "
@@ -200,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_serve(sub, SPEC_BENCH)
     add_install_model(sub)
     add_bench_decode(sub, SPEC_BENCH)
+    add_compare_targets(sub, SPEC_BENCH)
     return parser
 
 

@@ -41,7 +41,7 @@ class CompletionBuilder:
         return {**self.base, "choices": [{"index": c.index, "text": self.echo(c.index) + c.text,
                                           "logprobs": self.logprobs(c.index, c.logprobs),
                                           "finish_reason": c.finish_reason} for c in choices],
-                "usage": usage(choices, self.prompt_tokens), "knn_ssd": knn_ssd_object(choices)}
+                "usage": usage(choices, self.prompt_tokens), "knn_ssd": knn_ssd_object(choices, self.srv.target)}
 
     async def stream(self, gens: list[GenerationRequest], queue: asyncio.Queue, request: Request) -> AsyncIterator[str]:
         """An echo goes out first, or, with logprobs, in a choice's first chunk with its prompt's logprobs."""

@@ -14,6 +14,7 @@ class ServerConfig:
     index: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
+    target: str = "auto"
     served_model_name: str | None = None
     api_key: str | None = None
     max_batch_size: int = 8

@@ -141,7 +141,7 @@ class ResponseBuilder:
                             "input_tokens_details": counts["prompt_tokens_details"],
                             "output_tokens": counts["completion_tokens"],
                             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": counts["total_tokens"]}
-            out["knn_ssd"] = knn_ssd_object([choice])
+            out["knn_ssd"] = knn_ssd_object([choice], self.srv.target)
         return out
 
     def message(self, choice: Choice, status: str) -> dict[str, Any]:

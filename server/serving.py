@@ -61,6 +61,7 @@ class OpenAIServing:
         self.max_model_len = max_model_len
         self.resolver = resolver
         self.metrics = metrics
+        self.target = loop.engine.runner.target  # what plain decoding runs and verification checks
 
     # ------------------------------------------------------------------ request preparation
     def check_model(self, name: str | None) -> None:
@@ -309,8 +310,9 @@ def usage(choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
                 "rejected_prediction_tokens": sum(s.rejected_prediction_tokens for s in stats)}}
 
 
-def knn_ssd_object(choices: list[Choice]) -> dict[str, Any]:
-    """The ``knn_ssd`` response extension: routing and speculation figures (summed over choices)."""
+def knn_ssd_object(choices: list[Choice], target: str) -> dict[str, Any]:
+    """The ``knn_ssd`` response extension: routing and speculation figures (summed over choices), and the
+    ``target`` that decoded them (``native``: the GGUF's stored blocks; ``exact``: dequantised weights)."""
     first = choices[0]
     route, policy = first.route, first.route.policy if first.route else None
     stats = [c.stats for c in choices if c.stats]
@@ -336,6 +338,7 @@ def knn_ssd_object(choices: list[Choice]) -> dict[str, Any]:
         "acceptance_rate": accepted / drafts if drafts else 0.0,
         "mean_accepted_tokens": step_tokens / steps if steps else 0.0,
         "router_ms": route.router_ms if route else 0.0,
+        "target": target,
     }
     if len(choices) > 1:
         out["choices"] = [{"index": c.index, "domain": c.route.domain if c.route else None,

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from decoding import PLAIN, DraftPolicy, ModelInfo, ModelRunner, SamplingParams, SpeculativeEngine, native
+from decoding.policy import LOOKUP_ONLY
 from decoding.adaptive import SpeculationPlanner, measure_step_costs
 from decoding.batching import ContinuousBatcher
 from decoding.build import load_engine
@@ -34,12 +35,14 @@ log = logging.getLogger("knn_ssd.server")
 FALLBACK_PRECISIONS = ("int4", "int8")
 
 
-def fallback_policy(precisions: tuple[str, ...]) -> DraftPolicy:
-    """The built-in policy for a runner serving draft ``precisions``, with n-gram lookup drafts first (they
-    paid on the default model); plain decoding where it has no quantised copy (lookup alone is unmeasured on
-    CUDA, where there is none)."""
+def fallback_policy(precisions: tuple[str, ...], native_target: bool = False) -> DraftPolicy:
+    """The built-in policy for a runner serving draft ``precisions``: its quantised draft copy with n-gram
+    lookup drafts first (they paid on the default model); on a native target, which has no copy, lookup
+    drafts alone; plain decoding elsewhere (lookup alone is unmeasured on CUDA, where there is no copy)."""
     usable = [p for p in FALLBACK_PRECISIONS if p in precisions]
-    return DraftPolicy(precision=usable[0], lookup=True) if usable else PLAIN
+    if usable:
+        return DraftPolicy(precision=usable[0], lookup=True)
+    return LOOKUP_ONLY if native_target else PLAIN
 
 
 @dataclass
@@ -91,12 +94,13 @@ def _build_state(config: ServerConfig, thread: concurrent.futures.ThreadPoolExec
     log.info("knn-ssd %s (torch %s, transformers %s): loading model %s", package_version(), torch.__version__,
              transformers.__version__, config.model)
     prompt_log = PromptLog(Path(config.log_prompts)) if config.log_prompts else None  # before the slow load
-    engine, info = load_engine(config.model, config.device, config.dtype, chat_template=config.chat_template,
+    engine, info = load_engine(config.model, config.device, config.dtype, target=config.target,
+                               chat_template=config.chat_template,
                                max_model_len=config.max_model_len, prefix_cache_mb=config.prefix_cache_mb)
     _log_engine(config, engine, info, time.perf_counter() - t0)
     runner = engine.runner
     router = _router(config, info)
-    fallback = fallback_policy(runner.draft_precisions)
+    fallback = fallback_policy(runner.draft_precisions, runner.target == "native")
     if router is None:
         log.info("index: none; speculative requests use the built-in policy: %s", fallback.describe())
     else:
@@ -125,6 +129,7 @@ def _log_engine(config: ServerConfig, engine: SpeculativeEngine, info: ModelInfo
              info.num_layers, info.hidden_size, info.parameters / 1e6, info.fingerprint)
     log.info("device %s, dtype %s, context %d tokens, %s (loaded in %.1fs); %s", info.device, info.dtype,
              engine.max_context, runner.draft_copies_summary, load_s, runner.kernel_summary)
+    log.info("target: %s", runner.target_summary)
     if runner.kernels is not None and native.transparent_huge_pages() == "never":
         log.warning("transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled): the weights "
                     "stream through 4 KiB pages, slower steps; 'madvise' or 'always' lets the kernels use "

@@ -73,7 +73,7 @@ async def stream_choices(srv: OpenAIServing, gens: list[GenerationRequest], queu
                 if include_usage:
                     data["usage"] = None
                 if remaining == 0 and not include_usage:
-                    data["knn_ssd"] = knn_ssd_object(choices)
+                    data["knn_ssd"] = knn_ssd_object(choices, srv.target)
                 yield sse(data)
     except APIError as exc:
         yield sse(exc.body())
@@ -82,5 +82,6 @@ async def stream_choices(srv: OpenAIServing, gens: list[GenerationRequest], queu
     if remaining:  # the client went away
         return
     if include_usage:
-        yield sse({**base, "choices": [], "usage": usage(choices, prompt_tokens), "knn_ssd": knn_ssd_object(choices)})
+        yield sse({**base, "choices": [], "usage": usage(choices, prompt_tokens),
+                   "knn_ssd": knn_ssd_object(choices, srv.target)})
     yield sse("[DONE]")

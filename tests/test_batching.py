@@ -246,3 +246,14 @@ def test_bench_serve_runs_each_mode_in_both_orders(server, tmp_path):
         assert len(r["run_tokens_per_s"]) == 2 and min(r["run_tokens_per_s"]) <= r["tokens_per_s"] <= max(
             r["run_tokens_per_s"])
     assert all("vs_plain" in r for r in report["levels"] if r["mode"] == "speculative")
+
+
+def test_bench_serve_peer_requests_carry_openai_fields_only():
+    """``--modes peer`` (another OpenAI-compatible server, e.g. llama-server): no knn-ssd field, and the
+    peer's prompt cache off so it prefills every prompt as knn-ssd does with ``--prefix-cache-mb 0``."""
+    from server.bench_serve import request_body
+
+    peer = request_body("m", "hi", 8, "peer")
+    assert "speculate" not in peer and peer["cache_prompt"] is False and peer["ignore_eos"] is True
+    assert request_body("m", "hi", 8, "plain")["speculate"] is False
+    assert request_body("m", "hi", 8, "speculative")["speculate"] is True
