@@ -324,6 +324,27 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
+// Input rows quantised to int16 for the integer kernels: each row's values (|q| <= limit), its scale, and the
+// sums of its values per 32 inputs (where a weight format's mins or offsets meet them).
+struct QuantisedRows {
+  std::vector<int16_t> q;
+  std::vector<double> scale;
+  std::vector<float> sums;
+  QuantisedRows(const at::Tensor& x, float limit = 32767.f)
+      : q(x.numel()), scale(x.size(0)), sums(x.numel() / 32) {
+    const int64_t M = x.size(0), K = x.size(1), G = K / 32;
+    const float* xp = x.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      scale[m] = quantise_row(xp + m * K, K, q.data() + m * K, limit);
+      for (int64_t g = 0; g < G; ++g) {
+        int32_t total = 0;
+        for (int64_t k = 0; k < 32; ++k) total += q[m * K + g * 32 + k];
+        sums[m * G + g] = float(total);
+      }
+    }
+  }
+};
+
 // int4_linear: the draft's 4-bit copy, y = x @ W.T + bias with W in groups of 32 inputs per output,
 // w = scale * q + min for q in 0..15 (the layout of GGUF's Q4_1 and Q4_K blocks, so weights that came
 // from such a file are held almost exactly). w packs group g of output n in 16 bytes, byte j holding
@@ -401,18 +422,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
               "int4_linear: scales must be contiguous float16 (2, N, K / 32)");
   const float* bp = bias_data(bias, N, "int4_linear");
   const at::Tensor xc = x.contiguous();
-  std::vector<int16_t> xq(M * K);
-  std::vector<double> xs(M);
-  std::vector<float> sums(M * G);
-  const float* xp = xc.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    xs[m] = quantise_row(xp + m * K, K, xq.data() + m * K);
-    for (int64_t g = 0; g < G; ++g) {
-      int32_t total = 0;
-      for (int64_t k = 0; k < kGroup; ++k) total += xq[m * K + g * kGroup + k];
-      sums[m * G + g] = float(total);
-    }
-  }
+  QuantisedRows rows(xc);
+  std::vector<int16_t>& xq = rows.q;
+  std::vector<double>& xs = rows.scale;
+  std::vector<float>& sums = rows.sums;
   at::Tensor y = at::empty({M, N}, xc.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());

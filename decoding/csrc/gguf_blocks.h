@@ -476,7 +476,7 @@ at::Tensor qblock_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "qblock_linear: w must be contiguous uint8");
   TORCH_CHECK(parts.scalar_type() == at::kLong && parts.dim() == 2 && parts.size(1) == 2 && parts.is_contiguous(),
               "qblock_linear: parts must be int64 (P, 2)");
-  const int64_t M = x.size(0), K = x.size(1), P = parts.size(0), G = K / 32;
+  const int64_t M = x.size(0), K = x.size(1), P = parts.size(0);
   const int64_t* pp = parts.data_ptr<int64_t>();
   int64_t N = 0, bytes = 0;
   for (int64_t p = 0; p < P; ++p) {
@@ -487,18 +487,10 @@ at::Tensor qblock_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   TORCH_CHECK(w.numel() == bytes, "qblock_linear: w holds ", w.numel(), " bytes, the parts need ", bytes);
   const float* bp = bias_data(bias, N, "qblock_linear");
   const at::Tensor xc = x.contiguous();
-  std::vector<int16_t> xq(M * K);
-  std::vector<double> xs(M);
-  std::vector<float> sums(M * G);
-  const float* xp = xc.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    xs[m] = quantise_row(xp + m * K, K, xq.data() + m * K, kSplitLimit);
-    for (int64_t g = 0; g < G; ++g) {
-      int32_t total = 0;
-      for (int64_t k = 0; k < 32; ++k) total += xq[m * K + g * 32 + k];
-      sums[m * G + g] = float(total);
-    }
-  }
+  const QuantisedRows rows(xc, kSplitLimit);
+  const std::vector<int16_t>& xq = rows.q;
+  const std::vector<double>& xs = rows.scale;
+  const std::vector<float>& sums = rows.sums;
   bool kquants = false;
   for (int64_t p = 0; p < P; ++p) kquants |= block_inputs(pp[2 * p]) == 256;
   const std::unique_ptr<SplitRows> split = kquants ? std::make_unique<SplitRows>(xq.data(), M, K) : nullptr;
