@@ -50,6 +50,9 @@ def load_engine(model: str, device: str = "auto", dtype: str = "auto", *, target
         tokenizer.chat_template = template
     stored = _stored_tensors(model, hf_model, target)
     runner = ModelRunner(hf_model, int8_draft=draft_copies, int4_draft=draft_copies, stored=stored)
+    if stored is not None:  # the file's tensors now live in the runner's own layout: give their copies back
+        del stored
+        native.release_free_memory()
     cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
     return SpeculativeEngine(runner, tokenizer, max_context=max_model_len, prefix_cache=cache), info
 

@@ -56,6 +56,6 @@ def read_stored_tensors(path: Path, hf_model: Any) -> dict[str, StoredTensor]:
         data = np.asarray(tensor.data).reshape(rows, -1)
         if rows > 1:  # llama.cpp's converter may have permuted the rows: the same reordering transformers applies
             data = data[processor.process(np.arange(rows)[:, None], tensor.name).weights.reshape(-1)]
-        stored = torch.from_numpy(np.ascontiguousarray(data))
+        stored = torch.from_numpy(np.array(data))  # a copy: the file's mapping closes with the reader
         out[names[tensor.name]] = StoredTensor(int(tensor.tensor_type), tensor.tensor_type.name, stored, in_features)
     return out

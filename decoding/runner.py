@@ -159,6 +159,7 @@ class ModelRunner:
         with torch.no_grad():
             self.layers = [self._build_layer(layer) for layer in hf_model.model.layers]
         self._release_widened()
+        self._stored = {}  # the linears and the embedding hold what they read
         # Quantised drafts share one int8 copy of the LM head: a 4-bit head lost too many top-1s (the default
         # model's embedding is not stored in 4-bit groups; docs/measurements.md).
         self.draft_lm_head: Int8Linear | None = None

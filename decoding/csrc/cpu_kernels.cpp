@@ -137,15 +137,21 @@ inline void int8_outputs(const double (&total)[R][C], const int16_t* x, const do
   }
 }
 
+// Calls chunk(c0, c1) for the kFlush-input chunks [c0, c1) of the first K & ~15 inputs: an int8 kernel sums a
+// chunk in int32 (no overflow within one) and then adds it to its double totals.
+template <typename F>
+inline void flush_chunks(int64_t K, F&& chunk) {
+  const int64_t K16 = K & ~int64_t(15);
+  for (int64_t c0 = 0; c0 < K16; c0 += kFlush) chunk(c0, std::min(K16, c0 + kFlush));
+}
+
 // Columns n..n+C-1 of input rows 0..R-1: R x C dot products sharing each load, in exact
 // int32 (flushed to double every kFlush inputs), so results never depend on the blocking.
 template <int R, int C>
 void dot_block(const int16_t* x, const double* x_scale, int64_t K, const int8_t* w, const float* scale,
                const float* bias, float* y, int64_t ldy, int64_t n, Cursor& cursor) {
-  const int64_t K16 = K & ~int64_t(15);
   double total[R][C] = {};
-  for (int64_t c0 = 0; c0 < K16; c0 += kFlush) {
-    const int64_t c1 = std::min(K16, c0 + kFlush);
+  flush_chunks(K, [&](int64_t c0, int64_t c1) {
     __m256i acc[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
@@ -161,8 +167,8 @@ void dot_block(const int16_t* x, const double* x_scale, int64_t K, const int8_t*
     }
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) total[r][c] += horizontal_sum(acc[r][c]);
-  }
-  int8_outputs<R, C>(total, x, x_scale, K, K16, w, scale, bias, y, ldy, n);
+  });
+  int8_outputs<R, C>(total, x, x_scale, K, K & ~int64_t(15), w, scale, bias, y, ldy, n);
 }
 
 // Passes over a block of weight rows that row_blocks<MaxR> makes for M input rows.
@@ -230,10 +236,8 @@ inline __m512i sum_lanes16(const __m512i* v) {
 template <int R, int C>
 void dot_block_vnni(const int16_t* x, const double* x_scale, int64_t K, const int8_t* w, const float* scale,
                     const float* bias, float* y, int64_t ldy, int64_t n, Cursor& cursor) {
-  const int64_t K16 = K & ~int64_t(15);
   double total[R][C] = {};
-  for (int64_t c0 = 0; c0 < K16; c0 += kFlush) {
-    const int64_t c1 = std::min(K16, c0 + kFlush);
+  flush_chunks(K, [&](int64_t c0, int64_t c1) {
     __m512i acc[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
@@ -269,8 +273,8 @@ void dot_block_vnni(const int16_t* x, const double* x_scale, int64_t K, const in
     }
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) total[r][c] += int32_t(sum[r][c]);
-  }
-  int8_outputs<R, C>(total, x, x_scale, K, K16, w, scale, bias, y, ldy, n);
+  });
+  int8_outputs<R, C>(total, x, x_scale, K, K & ~int64_t(15), w, scale, bias, y, ldy, n);
 }
 #pragma GCC pop_options
 
