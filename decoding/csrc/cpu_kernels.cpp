@@ -152,9 +152,7 @@ void dot_block(const int16_t* x, const double* x_scale, int64_t K, const int8_t*
                const float* bias, float* y, int64_t ldy, int64_t n, Cursor& cursor) {
   double total[R][C] = {};
   flush_chunks(K, [&](int64_t c0, int64_t c1) {
-    __m256i acc[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
+    __m256i acc[R][C] = {};  // zeros
     for (int64_t k = c0; k < c1; k += 16) {
       cursor.advance();
       __m256i wv[C];
@@ -238,10 +236,8 @@ void dot_block_vnni(const int16_t* x, const double* x_scale, int64_t K, const in
                     const float* bias, float* y, int64_t ldy, int64_t n, Cursor& cursor) {
   double total[R][C] = {};
   flush_chunks(K, [&](int64_t c0, int64_t c1) {
-    __m512i acc[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
     int64_t k = c0;
+    __m512i acc[R][C] = {};  // zeros
     for (; k + 32 <= c1; k += 32) {
       cursor.advance();
       cursor.advance();
@@ -531,9 +527,7 @@ inline void store_group(const __m512 (&acc)[R][2], const float* bias, float* y, 
 template <int R>
 void f32_group512(const float* x, int64_t K, const float* wg, const float* bias, float* y, int64_t ldy, int64_t n,
                   int64_t N, Cursor& cursor) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 2; ++c) acc[r][c] = _mm512_setzero_ps();
+  __m512 acc[R][2] = {};  // zeros
   for (int64_t k = 0; k < K; ++k) {
     cursor.tick(k);
     __m512 wv[2];
@@ -551,9 +545,7 @@ void f32_group512(const float* x, int64_t K, const float* wg, const float* bias,
 template <int R>
 void bf16_group(const int32_t* x, int64_t K2, const uint16_t* wg, const float* bias, float* y, int64_t ldy,
                 int64_t n, int64_t N, Cursor& cursor) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 2; ++c) acc[r][c] = _mm512_setzero_ps();
+  __m512 acc[R][2] = {};  // zeros
   for (int64_t kp = 0; kp < K2; ++kp) {
     cursor.tick(kp);
     __m512bh wv[2];
@@ -583,12 +575,10 @@ constexpr int kGroupRows256 = 3;
 template <int R>
 void f32_group256(const float* x, int64_t K, const float* wg, const float* bias, float* y, int64_t ldy, int64_t n,
                   int64_t N, Cursor& cursor) {
-  __m256 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_ps();
+  __m256 acc[R][4] = {};  // zeros
   for (int64_t k = 0; k < K; ++k) {
-    cursor.tick(k);
     const float* wk = wg + k * kGroupCols;
+    cursor.tick(k);
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_set1_ps(x[r * K + k]);
       for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wk + 8 * c), acc[r][c]);
