@@ -87,42 +87,33 @@ struct Format<kQ4_1> {
   }
 };
 
-// Q5_0 / Q5_1: the fifth bits of the 32 values in a uint32 (bit j: value j).
+// Q5_0 (d, fifth bits, nibbles: w = d * (q - 16)) and Q5_1 (d, m, fifth bits, nibbles: w = d * q + m); the
+// fifth bits of the 32 values in a uint32 (bit j: value j).
 template <bool Min>
-inline void q5_group(const uint8_t* qs, uint32_t qh, Group& out) {
-  const __m256i v = widen_u8(qs);
-  out.lo = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), bit_lanes(qh, 0, 16));
-  out.hi = _mm256_or_si256(_mm256_srli_epi16(v, 4), bit_lanes(qh, 16, 16));
-  if (!Min) {
-    out.lo = _mm256_sub_epi16(out.lo, _mm256_set1_epi16(16));
-    out.hi = _mm256_sub_epi16(out.hi, _mm256_set1_epi16(16));
-  }
-}
-
-template <>
-struct Format<kQ5_0> {
-  static constexpr int64_t kInputs = 32, kBytes = 22;
-  static constexpr bool kMin = false, kSplit = false;
+struct Q5Format {
+  static constexpr int64_t kInputs = 32, kBytes = Min ? 24 : 22;
+  static constexpr bool kMin = Min, kSplit = false;
   static inline void group(const uint8_t* b, int, Group& out) {
+    constexpr int scales = Min ? 4 : 2;  // bytes of d (and m) before the fifth bits
     uint32_t qh;
-    std::memcpy(&qh, b + 2, 4);
-    q5_group<false>(b + 6, qh, out);
+    std::memcpy(&qh, b + scales, 4);
+    const __m256i v = widen_u8(b + scales + 4);
+    out.lo = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), bit_lanes(qh, 0, 16));
+    out.hi = _mm256_or_si256(_mm256_srli_epi16(v, 4), bit_lanes(qh, 16, 16));
+    if constexpr (!Min) {
+      out.lo = _mm256_sub_epi16(out.lo, _mm256_set1_epi16(16));
+      out.hi = _mm256_sub_epi16(out.hi, _mm256_set1_epi16(16));
+    }
     out.scale_lo = out.scale_hi = fp16(b);
+    if constexpr (Min) out.min = fp16(b + 2);
   }
 };
 
 template <>
-struct Format<kQ5_1> {
-  static constexpr int64_t kInputs = 32, kBytes = 24;
-  static constexpr bool kMin = true, kSplit = false;
-  static inline void group(const uint8_t* b, int, Group& out) {
-    uint32_t qh;
-    std::memcpy(&qh, b + 4, 4);
-    q5_group<true>(b + 8, qh, out);
-    out.scale_lo = out.scale_hi = fp16(b);
-    out.min = fp16(b + 2);
-  }
-};
+struct Format<kQ5_0> : Q5Format<false> {};
+
+template <>
+struct Format<kQ5_1> : Q5Format<true> {};
 
 template <>
 struct Format<kQ8_0> {
