@@ -314,14 +314,103 @@ inline __m256i group_scales8(const KScales& s) {  // sc[0], sc[2], ... sc[14] as
   }
 }
 
-// Columns n..n+C-1 of input rows 0..R-1 for a k-quant. Per super-block, each output's exact integer
-// sum of sc * q * x (two VPMADDUBSW passes, input bytes low and high, then VPMADDWD with the sub-block scales:
-// every intermediate fits its lanes), less the offset and min terms from the input sums, is scaled once by d
-// (and dmin) in double precision. Integers are exact and the float steps run per output in block order:
-// the result does not depend on lane layout, blocking or the other rows.
+inline __m256i add_as_i64(__m256i total, __m256i v32) {  // 8 int32 lanes onto 4 int64 ones
+  total = _mm256_add_epi64(total, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v32)));
+  return _mm256_add_epi64(total, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v32, 1)));
+}
+
+inline int64_t horizontal_sum_i64(__m256i v) {
+  alignas(32) int64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+
+// Block sums for R >= 3 rows: the same integers as the byte passes, with the values widened to int16 and
+// times their scales once per column (|sc * (q - offset)| <= 8064, so VPMADDWD takes the int16 inputs as
+// they are: one multiply-add per 16 inputs and row instead of two). int32 lanes take at most kWideFlush
+// groups (|sum| < 2^31) before they are summed in int64.
+template <typename F, int R, int C>
+inline void wide_block_sums(const int16_t* xq, int64_t m0, int64_t K, int64_t blk, const uint8_t* const* block,
+                            const KScales* scales, const __m256i* scales8, int64_t (&total)[R][C]) {
+  constexpr int kWideFlush = F::kOffset != 0 ? 4 : 8;
+  const __m256i offset = _mm256_set1_epi16(F::kOffset);
+  __m256i part[R][C] = {};  // zeros
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) total[r][c] = 0;
+  for (int g = 0; g < 8; ++g) {
+    __m256i lo[C], hi[C];
+    for (int c = 0; c < C; ++c) {
+      const __m256i q = F::bytes(block[c], g);
+      const __m256i sc_lo = F::kSplit ? _mm256_set1_epi16(scales[c].sc[2 * g]) : lane_broadcast(scales8[c], g);
+      const __m256i sc_hi = F::kSplit ? _mm256_set1_epi16(scales[c].sc[2 * g + 1]) : sc_lo;
+      lo[c] = _mm256_mullo_epi16(_mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)), offset), sc_lo);
+      hi[c] = _mm256_mullo_epi16(_mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)), offset),
+                                 sc_hi);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int16_t* xg = xq + (m0 + r) * K + blk * 256 + g * 32;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 16));
+      for (int c = 0; c < C; ++c)
+        part[r][c] = _mm256_add_epi32(part[r][c], _mm256_add_epi32(_mm256_madd_epi16(lo[c], x0),
+                                                                   _mm256_madd_epi16(hi[c], x1)));
+    }
+    if ((g + 1) % kWideFlush == 0)
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) {
+          total[r][c] += horizontal_sum_i64(add_as_i64(_mm256_setzero_si256(), part[r][c]));
+          part[r][c] = _mm256_setzero_si256();
+        }
+  }
+}
+
+// Block sums for one or two rows: two VPMADDUBSW passes (unsigned value bytes times the input's low and high
+// bytes), VPMADDWD with the sub-block scales, then the offset term from the input's 16-value sums.
+template <typename F, int R, int C>
+inline void byte_block_sums(const SplitRows& x, int64_t m0, int64_t K, int64_t blk, const uint8_t* const* block,
+                            const KScales* scales, const __m256i* scales8, int64_t (&total)[R][C]) {
+  __m256i low[R][C] = {}, high[R][C] = {};  // zeros
+  for (int g = 0; g < 8; ++g) {
+    __m256i q[C], sc[C];
+    for (int c = 0; c < C; ++c) {
+      q[c] = F::bytes(block[c], g);
+      sc[c] = sub_scales<F>(scales[c], scales8[c], g);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (m0 + r) * K + blk * 256 + g * 32;
+      const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.low.data() + at));
+      const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.high.data() + at));
+      for (int c = 0; c < C; ++c) {
+        low[r][c] = _mm256_add_epi32(low[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], xl), sc[c]));
+        high[r][c] = _mm256_add_epi32(high[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], xh), sc[c]));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    // |sc| * |16-input sum| < 2^26: the products and their sums fit int32
+    const __m256i* sums16 = reinterpret_cast<const __m256i*>(x.sums16.data() + (m0 + r) * K / 16 + blk * 16);
+    for (int c = 0; c < C; ++c) {
+      total[r][c] = 256 * int64_t(horizontal_sum(high[r][c])) + horizontal_sum(low[r][c]);
+      if constexpr (F::kOffset != 0) {
+        const __m128i* sc = reinterpret_cast<const __m128i*>(scales[c].sc);
+        const __m256i offsets = _mm256_add_epi32(
+            _mm256_mullo_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(sc)), _mm256_loadu_si256(sums16)),
+            _mm256_mullo_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(sc + 1)), _mm256_loadu_si256(sums16 + 1)));
+        total[r][c] -= F::kOffset * int64_t(horizontal_sum(offsets));
+      }
+    }
+  }
+}
+
+// Columns n..n+C-1 of input rows 0..R-1 for a k-quant. Per super-block, each output's exact integer sum of
+// sc * (q - offset) * x (byte_block_sums for one row, wide_block_sums for several: the same integers), less
+// the min term from the input sums, is scaled once by d (and dmin) in double precision. Integers are exact and
+// the float steps run per output in block order: the result does not depend on lane layout, blocking or the
+// other rows.
 template <int64_t Type, int R, int C>
-void kquant_block(const SplitRows& x, int64_t m0, const double* x_scale, int64_t K, const uint8_t* w,
-                  int64_t row_bytes, const float* bias, float* y, int64_t ldy, int64_t n, Cursor& cursor) {
+void kquant_block(const int16_t* xq, const SplitRows& x, int64_t m0, const double* x_scale, int64_t K,
+                  const uint8_t* w, int64_t row_bytes, const float* bias, float* y, int64_t ldy, int64_t n,
+                  Cursor& cursor) {
   using F = Format<Type>;
   const int64_t B = K / 256;
   double acc[R][C] = {};
@@ -335,40 +424,18 @@ void kquant_block(const SplitRows& x, int64_t m0, const double* x_scale, int64_t
       F::scales(block[c], scales[c]);
       scales8[c] = group_scales8<F>(scales[c]);
     }
-    __m256i low[R][C], high[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) low[r][c] = high[r][c] = _mm256_setzero_si256();
-    for (int g = 0; g < 8; ++g) {
-      __m256i q[C], sc[C];
-      for (int c = 0; c < C; ++c) {
-        q[c] = F::bytes(block[c], g);
-        sc[c] = sub_scales<F>(scales[c], scales8[c], g);
-      }
-      for (int r = 0; r < R; ++r) {
-        const int64_t at = (m0 + r) * K + blk * 256 + g * 32;
-        const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.low.data() + at));
-        const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.high.data() + at));
-        for (int c = 0; c < C; ++c) {
-          low[r][c] = _mm256_add_epi32(low[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], xl), sc[c]));
-          high[r][c] = _mm256_add_epi32(high[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], xh), sc[c]));
-        }
-      }
+    int64_t sums[R][C];  // each output's exact sum of sc * (q - offset) * x over the block
+    if constexpr (R > 2) {  // widening the values pays from three rows on (measured: docs/measurements.md)
+      wide_block_sums<F, R, C>(xq, m0, K, blk, block, scales, scales8, sums);
+    } else {
+      byte_block_sums<F, R, C>(x, m0, K, blk, block, scales, scales8, sums);
     }
     for (int r = 0; r < R; ++r) {
-      // |sc| * |16-input sum| < 2^26 and |min| * |32-input sum| < 2^26: the products and their sums fit int32
-      const __m256i* sums16 = reinterpret_cast<const __m256i*>(x.sums16.data() + (m0 + r) * K / 16 + blk * 16);
+      // |min| * |32-input sum| < 2^26: the products and their sums fit int32
       const __m256i sums32 = _mm256_loadu_si256(
           reinterpret_cast<const __m256i*>(x.sums32.data() + (m0 + r) * K / 32 + blk * 8));
       for (int c = 0; c < C; ++c) {
-        int64_t total = 256 * int64_t(horizontal_sum(high[r][c])) + horizontal_sum(low[r][c]);
-        if constexpr (F::kOffset != 0) {
-          const __m128i* sc = reinterpret_cast<const __m128i*>(scales[c].sc);
-          const __m256i offsets = _mm256_add_epi32(
-              _mm256_mullo_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(sc)), _mm256_loadu_si256(sums16)),
-              _mm256_mullo_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(sc + 1)), _mm256_loadu_si256(sums16 + 1)));
-          total -= F::kOffset * int64_t(horizontal_sum(offsets));
-        }
-        acc[r][c] += double(scales[c].d) * double(total);
+        acc[r][c] += double(scales[c].d) * double(sums[r][c]);
         if constexpr (F::kMin) {
           const __m256i mins = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales[c].mins)));
           acc[r][c] -= double(scales[c].dmin) * double(horizontal_sum(_mm256_mullo_epi32(mins, sums32)));
@@ -434,8 +501,8 @@ void qblock_part(const int16_t* xq, const float* sums, const SplitRows* split, c
     constexpr int C = decltype(columns_of)::value;
     row_blocks<4>(M, [&](auto R, int64_t m) {
       if constexpr (is_kquant<Type>())
-        kquant_block<Type, decltype(R)::value, C>(*split, m, xs + m, K, w, row_bytes, bias, y + m * ldy, ldy, n,
-                                                  cursor);
+        kquant_block<Type, decltype(R)::value, C>(xq, *split, m, xs + m, K, w, row_bytes, bias, y + m * ldy, ldy,
+                                                  n, cursor);
       else
         qblock_block<Type, decltype(R)::value, C>(xq + m * K, sums + m * G, xs + m, K, w, row_bytes, bias,
                                                   y + m * ldy, ldy, n, cursor);
