@@ -34,7 +34,7 @@ class StoredTensor:
 
 
 def read_stored_tensors(path: Path, hf_model: Any) -> dict[str, StoredTensor]:
-    """Every 2-D tensor of the GGUF file at ``path``, keyed by the ``hf_model`` parameter name it loads into."""
+    """Every 1-D and 2-D tensor of the GGUF file at ``path``, keyed by the ``hf_model`` parameter it loads into."""
     import gguf
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,

@@ -131,6 +131,7 @@ class ModelRunner:
         self.target = "native" if stored is not None else "exact"
         self._stored = stored or {}
         self._names = {id(module): name for name, module in hf_model.named_modules()}
+        self._widened: list[torch.nn.Module] = []  # modules whose weights the native target reads from the file
         config = hf_model.config
         self.config = config
         self.num_layers = config.num_hidden_layers
@@ -203,14 +204,14 @@ class ModelRunner:
         kernels read; else the loaded (widened) weights."""
         names = [self._names[id(stored_as if stored_as is not None else m)] for m in modules]
         parts = [self._stored.get(f"{name}.weight") for name in names]
-        if not parts or not all(part is not None and part.quantised for part in parts):
+        if not all(part is not None and part.quantised for part in parts):
             return _fuse(modules) if len(modules) > 1 else Linear(modules[0].weight.detach(),
                                                                    getattr(modules[0], "bias", None))
         biases = [self._stored.get(f"{name}.bias") for name in names]
         bias = None if all(b is None for b in biases) and all(getattr(m, "bias", None) is None for m in modules) \
             else torch.cat([b.rows.reshape(-1).float() if b is not None else m.bias.detach().float()
                             for b, m in zip(biases, modules)])
-        self._widened = [*getattr(self, "_widened", []), *modules]
+        self._widened += modules
         return BlockLinear([(part.type_id, part.rows) for part in parts], parts[0].in_features, bias)
 
     def _embedding(self, module: torch.nn.Module) -> Any:
@@ -218,12 +219,12 @@ class ModelRunner:
         stored = self._stored.get(f"{self._names[id(module)]}.weight")
         if stored is None or not stored.quantised:
             return module
-        self._widened = [*getattr(self, "_widened", []), module]
+        self._widened.append(module)
         return BlockEmbedding(stored, getattr(module, "embed_scale", None))
 
     def _release_widened(self) -> None:
         """Free the loaded model's copies of the weights the native target reads from the file instead."""
-        for module in getattr(self, "_widened", []):
+        for module in self._widened:
             module.weight.data = torch.empty(0, dtype=module.weight.dtype)
         self._widened = []
         native.release_free_memory()
