@@ -127,7 +127,7 @@ class SpeculativeEngine:
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
-        if n >= self.max_context:
+        if n > self.max_context or (n == self.max_context and not params.embed_only):
             raise PromptTooLongError(
                 f"the prompt has {n} tokens but the model's context is {self.max_context}: no room to generate")
         if any(not 0 <= token < self.vocab_size for token, _ in params.logit_bias):
@@ -207,6 +207,9 @@ class SpeculativeEngine:
         if seq.prefill_remaining:
             return None
         seq.embedding = (torch.stack(seq.hidden_sums).sum(dim=0) / seq.prompt_len).float()
+        if seq.params.embed_only:
+            seq.finish_reason = seq.stats.finish_reason = "stop"
+            return StepOutput([], "", "stop")
         token = self._choose(out.logits[-1], seq)
         first = self._commit(seq, [token], self._logprobs(seq, out.logits[-1:], [token]))
         if seq.params.prompt_logprobs is not None:

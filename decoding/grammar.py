@@ -9,6 +9,7 @@ drafts and verification see the same constrained distribution and speculation st
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import llguidance
@@ -25,6 +26,25 @@ class GrammarError(ValueError):
 def json_schema_grammar(schema: dict[str, Any]) -> str:
     """The llguidance grammar of a JSON schema (``{"type": "object"}``: any JSON object)."""
     return llguidance.LLMatcher.grammar_from_json_schema(schema)
+
+
+def constraint_grammar(kind: str, value: Any) -> str:
+    """The llguidance grammar of an output constraint: ``json`` (a schema), ``regex`` (the whole output
+    matches it), ``choice`` (the output is exactly one of the strings) or ``grammar`` (Lark, llguidance's
+    dialect); ``GrammarError`` for a schema it cannot read (patterns and grammars are checked by
+    ``GrammarCompiler.check``)."""
+    try:
+        if kind == "json":
+            return json_schema_grammar(value)
+        if kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(value)
+        if kind == "choice":
+            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+        if kind == "grammar":
+            return llguidance.LLMatcher.grammar_from_lark(value)
+    except (ValueError, TypeError) as exc:
+        raise GrammarError(f"invalid {kind}: {exc}") from exc
+    raise ValueError(f"unknown constraint kind {kind!r}")
 
 
 class GrammarCompiler:

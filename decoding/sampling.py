@@ -28,6 +28,7 @@ class SamplingParams:
     logprobs: int | None = None  # report each token's log-probability and this many most likely tokens
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI: echo with logprobs)
     prediction: tuple[int, ...] = ()  # tokens the output is expected to repeat (OpenAI's predicted outputs)
+    embed_only: bool = False  # prefill the prompt for its embedding and generate nothing (/v1/embeddings)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:

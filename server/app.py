@@ -26,9 +26,17 @@ from .completions import CompletionBuilder
 from .config import ServerConfig
 from .errors import install_error_handlers
 from .prompt_log import PromptLogError
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .embeddings import embeddings
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from .responses import ResponseBuilder, ResponsesRequest
-from .serving import OpenAIServing, new_id
+from .serving import REQUEST_ID_HEADER, OpenAIServing, new_id
 from .state import ServerState, build_state, reload_router
 from .streaming import respond
 
@@ -136,6 +144,12 @@ def _add_api_routes(app: FastAPI, auth: list[Any]) -> None:
         rid = new_id("cmpl")
         gens, queue = srv.submit(prompts, body, body.max_tokens, rid)
         return await respond(srv, CompletionBuilder(srv, body, rid, prompts), gens, queue, request, body.stream)
+
+    @app.post("/v1/embeddings", dependencies=auth)
+    async def embed(body: EmbeddingRequest, request: Request, srv: OpenAIServing = Depends(_serving)) -> Response:
+        """The unit-normalised prompt embedding of each input: what the router sees (``server.embeddings``)."""
+        rid = new_id("embd")
+        return JSONResponse(await embeddings(srv, body, request, rid), headers={REQUEST_ID_HEADER: rid})
 
     @app.post("/v1/responses", dependencies=auth)
     async def responses(body: ResponsesRequest, request: Request, srv: OpenAIServing = Depends(_serving)) -> Response:

@@ -45,6 +45,7 @@ class GenerationEvent:
     route: RouteDecision | None = None
     stats: RequestStats | None = None
     error: BaseException | None = None
+    embedding: torch.Tensor | None = None  # the prompt embedding, for an embedding request (``embed_only``)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class EngineObserver(Protocol):
     def on_admitted(self, req: GenerationRequest) -> None: ...
     def on_tokens(self, req: GenerationRequest, count: int, first: bool, now: float) -> None: ...
     def on_finished(self, req: GenerationRequest) -> None: ...
+    def on_embedded(self, req: GenerationRequest) -> None: ...
     def on_queue(self, running: int, waiting: int) -> None: ...
     def on_step(self, decode_rows: int, draft_cap: int | None) -> None: ...
 
@@ -229,6 +231,12 @@ class EngineLoop:
             log.error("decoding failed for %s: %r", req.request_id, out)
             self._release(req)
             req.emit(GenerationEvent(error=out))
+            return
+        if req.params.embed_only:  # prefilled for its embedding: nothing to route or decode
+            req.last_output = req.first_output = time.monotonic()
+            self._release(req)
+            self.observer.on_embedded(req)
+            req.emit(GenerationEvent(finish_reason=out.finish_reason, stats=req.seq.stats, embedding=req.seq.embedding))
             return
         first = req.route is None
         if first:  # prefill complete: route by the prompt embedding before the first decode step

@@ -59,6 +59,10 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("knn_ssd_queue_time_seconds", "Arrival to admission", ["model"],
                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.embedding_requests = Counter("knn_ssd_embedding_requests", "Inputs embedded (/v1/embeddings: one per "
+                                          "string or token list)", ["model"], registry=r)
+        self.embedding_tokens = Counter("knn_ssd_embedding_tokens", "Tokens of embedded inputs (prefilled or read "
+                                        "from the prefix cache)", ["model"], registry=r)
         self.running = Gauge("knn_ssd_requests_running", "Sequences being decoded", ["model"], registry=r)
         self.waiting = Gauge("knn_ssd_requests_waiting", "Sequences waiting for admission", ["model"], registry=r)
         self.batch_size = Histogram("knn_ssd_batch_size", "Sequences advanced together per batched decode step",
@@ -79,7 +83,7 @@ class Metrics:
         self._lock = threading.Lock()
         for metric in (self.prompt_tokens, self.prefix_cache_hits, self.prefix_cache_bytes, self.batch_size,
                        self.draft_cap, self.router_latency, self.ttft, self.itl, self.e2e, self.queue_time,
-                       self.running, self.waiting):
+                       self.running, self.waiting, self.embedding_requests, self.embedding_tokens):
             metric.labels(model)
         self.declare_domains([PLAIN_DOMAIN])
 
@@ -122,6 +126,12 @@ class Metrics:
         self.e2e.labels(self.model).observe(req.last_output - req.arrival)
         if stats.decode_s > 0 and stats.verify_steps:
             self.record_rate(PLAIN_DOMAIN if route.policy.is_plain else domain, stats.step_tokens, stats.decode_s)
+
+    def on_embedded(self, req: GenerationRequest) -> None:
+        self.embedding_requests.labels(self.model).inc()
+        self.embedding_tokens.labels(self.model).inc(len(req.prompt_ids))
+        self.prefix_cache_hits.labels(self.model).inc(req.seq.stats.cached_tokens)
+        self.e2e.labels(self.model).observe(req.last_output - req.arrival)
 
     def on_step(self, decode_rows: int, draft_cap: int | None) -> None:
         if decode_rows:

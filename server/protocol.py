@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -90,6 +91,34 @@ class ResponseFormat(OpenAIObject):
         return self.json_schema.json_schema if self.type == "json_schema" else None
 
 
+@dataclass(frozen=True)
+class OutputConstraint:
+    """What the output must follow: ``kind`` ``json`` (a schema), ``regex``, ``choice`` (a list of strings)
+    or ``grammar`` (Lark), as given by the request field ``param``."""
+
+    param: str
+    kind: str
+    value: Any
+
+
+class StructuredOutputs(OpenAIObject):
+    """vLLM's ``structured_outputs``: the output follows the one constraint given."""
+
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def constraints(self) -> list[OutputConstraint]:
+        found = [OutputConstraint(f"structured_outputs.{kind}", kind, value) for kind, value in
+                 (("json", self.json_schema), ("regex", self.regex), ("choice", self.choice),
+                  ("grammar", self.grammar)) if value is not None]
+        if self.json_object:
+            found.append(OutputConstraint("structured_outputs.json_object", "json", {"type": "object"}))
+        return found
+
+
 class SamplingFields(OpenAIObject):
     """Fields shared by completions and chat."""
 
@@ -108,6 +137,11 @@ class SamplingFields(OpenAIObject):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None  # OpenAI's on chat; on completions as in vLLM
+    structured_outputs: StructuredOutputs | None = None  # vLLM's constraints beyond JSON
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names of the same constraints
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # knn-ssd extensions (OpenAI SDKs send them through extra_body)
     speculate: bool = True
     domain: str | None = None
@@ -133,6 +167,28 @@ class SamplingFields(OpenAIObject):
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
         return value
+
+    def output_constraint(self) -> OutputConstraint | None:
+        """The constraint the output must follow (None for free text); an ``APIError`` (400) naming the field
+        if several are given or one is malformed (an empty choice list, a JSON schema string that is not JSON)."""
+        schema = self.response_format.required_schema() if self.response_format else None
+        found = [OutputConstraint("response_format", "json", schema)] if schema is not None else []
+        found += self.structured_outputs.constraints() if self.structured_outputs else []
+        found += [OutputConstraint(f"guided_{kind}", kind, getattr(self, f"guided_{kind}"))
+                  for kind in ("json", "regex", "choice", "grammar") if getattr(self, f"guided_{kind}") is not None]
+        if len(found) > 1:
+            raise APIError(400, f"give one output constraint, not {', '.join(c.param for c in found)}", found[1].param)
+        if not found:
+            return None
+        constraint = found[0]
+        if constraint.kind == "choice" and (not constraint.value or not all(constraint.value)):
+            raise APIError(400, f"{constraint.param} must be a non-empty list of non-empty strings", constraint.param)
+        if constraint.kind == "json" and isinstance(constraint.value, str):
+            try:
+                return OutputConstraint(constraint.param, "json", json.loads(constraint.value))
+            except json.JSONDecodeError as exc:
+                raise APIError(400, f"{constraint.param} is not a JSON schema: {exc}", constraint.param) from None
+        return constraint
 
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         return tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items())
@@ -305,8 +361,9 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("'tool_choice' other than 'none' or 'auto' needs 'tools'")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names():
             raise ValueError(f"tool_choice names the function {choice.function.name!r}, which is not in 'tools'")
-        if self.forced_tools() and self.response_format and self.response_format.type != "text":
-            raise ValueError("a forced tool call ('tool_choice') cannot be combined with 'response_format'")
+        constraint = self.output_constraint() if self.forced_tools() else None
+        if constraint is not None:
+            raise ValueError(f"a forced tool call ('tool_choice') cannot be combined with '{constraint.param}'")
         return self
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -335,6 +392,16 @@ class ChatCompletionRequest(SamplingFields):
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class EmbeddingRequest(OpenAIObject):
+    """OpenAI's ``POST /v1/embeddings``: the unit-normalised prompt embedding of each input."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # must equal the model's width: the embedding is not truncated
+    user: str | None = None
 
 
 class TokenizeRequest(OpenAIObject):

@@ -9,12 +9,14 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
+
+import torch
 
 from fastapi import Request
 
 from decoding import RequestStats, SamplingParams, TokenLogprob
-from decoding.grammar import GrammarError, json_schema_grammar
+from decoding.grammar import GrammarError, constraint_grammar
 
 from .engine_loop import EngineLoop, GenerationEvent, GenerationRequest, QueueFullError, RouteDecision
 from .logprobs import LogprobFormatter
@@ -71,22 +73,26 @@ class OpenAIServing:
                            "model", "model_not_found")
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
-        prompt = req.prompt
-        if isinstance(prompt, str):
-            prompts = [self.tokenizer(prompt).input_ids]
-        elif prompt and all(isinstance(p, int) for p in prompt):
-            prompts = [list(prompt)]
-        elif prompt and all(isinstance(p, str) for p in prompt):
-            prompts = [self.tokenizer(p).input_ids for p in prompt]
-        elif prompt and all(isinstance(p, list) for p in prompt):
-            prompts = [list(p) for p in prompt]
+        return self.token_lists(req.prompt, "prompt")
+
+    def token_lists(self, value: str | list[str] | list[int] | list[list[int]], param: str) -> list[list[int]]:
+        """The token ids of each input in OpenAI's prompt shapes (a string, strings, token ids, lists of
+        token ids); a 400 naming ``param`` for an empty input or an id outside the vocabulary."""
+        if isinstance(value, str):
+            lists = [self.tokenizer(value).input_ids]
+        elif value and all(isinstance(p, int) for p in value):
+            lists = [list(value)]
+        elif value and all(isinstance(p, str) for p in value):
+            lists = [self.tokenizer(p).input_ids for p in value]
+        elif value and all(isinstance(p, list) for p in value):
+            lists = [list(p) for p in value]
         else:
-            raise APIError(400, "prompt must be a non-empty string, list of strings or list of token ids", "prompt")
-        for ids in prompts:
+            raise APIError(400, f"{param} must be a non-empty string, list of strings or list of token ids", param)
+        for ids in lists:
             if not ids:
-                raise APIError(400, "prompt must not be empty", "prompt")
-            self.check_token_ids(ids, "prompt")
-        return prompts
+                raise APIError(400, f"{param} must not be empty", param)
+            self.check_token_ids(ids, param)
+        return lists
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """A 400 naming ``param`` unless every id is in the vocabulary."""
@@ -158,18 +164,20 @@ class OpenAIServing:
         return pairs
 
     def grammar(self, req: SamplingFields) -> str | None:
-        """The grammar the output must follow (None for free text): ``response_format``'s, or a forced tool
-        call's (``tool_choice`` ``required`` or a named function), checked to compile (else a 400)."""
+        """The grammar the output must follow (None for free text): a forced tool call's (``tool_choice``
+        ``required`` or a named function), or the request's output constraint (``response_format``,
+        ``structured_outputs`` or a ``guided_*`` field), checked to compile (else a 400 naming the field)."""
         forced = req.forced_tools() if isinstance(req, ChatCompletionRequest) else []
-        if forced:
-            parallel = req.parallel_tool_calls and req.tool_choice == "required"  # a named function: one call
-            grammar, param = forced_call_grammar(forced, parallel), "tools"
-        else:
-            schema = req.response_format.required_schema() if req.response_format else None
-            if schema is None:
-                return None
-            grammar, param = json_schema_grammar(schema), "response_format"
+        constraint = None if forced else req.output_constraint()
+        if constraint is None and not forced:
+            return None
+        param = constraint.param if constraint else "tools"
         try:
+            if forced:
+                parallel = req.parallel_tool_calls and req.tool_choice == "required"  # a named function: one call
+                grammar = forced_call_grammar(forced, parallel)
+            else:
+                grammar = constraint_grammar(constraint.kind, constraint.value)
             self.loop.engine.grammars.check(grammar)
         except GrammarError as exc:
             raise APIError(400, f"{param}: {exc}", param) from exc
@@ -195,25 +203,30 @@ class OpenAIServing:
         grammar = self.grammar(req)
         prediction = getattr(req, "prediction", None)  # chat only, as OpenAI
         predicted = tuple(self.tokenizer(prediction.text(), add_special_tokens=False).input_ids) if prediction else ()
+        work = [(ids, self.sampling_params(req, len(ids), max_tokens, i, grammar, predicted))
+                for ids in prompts for i in range(req.n)]
+        gens, queue = self.enqueue(work, chooser, request_id)
+        if self.prompt_log is not None:
+            self.prompt_log.append(req)
+        return gens, queue
+
+    def enqueue(self, work: list[tuple[list[int], SamplingParams]], chooser: Callable[[torch.Tensor], RouteDecision],
+                request_id: str) -> tuple[list[GenerationRequest], asyncio.Queue]:
+        """Queue one sequence per (prompt ids, params), all or none (a 503 when the queue is full); events
+        arrive on the returned queue as (index in ``work``, event)."""
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         gens = []
-        for p, ids in enumerate(prompts):
-            for i in range(req.n):
-                index = p * req.n + i
-                params = self.sampling_params(req, len(ids), max_tokens, i, grammar, predicted)
+        for index, (ids, params) in enumerate(work):
+            def emit(event: GenerationEvent, index: int = index) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, (index, event))
 
-                def emit(event: GenerationEvent, index: int = index) -> None:
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
-
-                gens.append(GenerationRequest(f"{request_id}-{index}", ids, params, chooser, emit))
+            gens.append(GenerationRequest(f"{request_id}-{index}", ids, params, chooser, emit))
         try:
             self.loop.submit(gens)
         except QueueFullError as exc:
             raise APIError(503, "The server is overloaded: too many queued requests. Retry later.", None,
                            "server_overloaded", headers={"Retry-After": "1"}) from exc
-        if self.prompt_log is not None:
-            self.prompt_log.append(req)
         return gens, queue
 
     async def events(self, gens: list[GenerationRequest], queue: asyncio.Queue, request: Request | None,

@@ -24,7 +24,7 @@ def _run(cmd: list[str], url: str) -> str:
 
 
 def test_readme_curl_examples_answer(server) -> None:
-    plain, streamed = _blocks("bash", "curl ")
+    plain, streamed, extensions = _blocks("bash", "curl ")
     body = json.loads(_run(["bash", "-c", plain.replace(README_URL, server.url)], server.url))
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
     assert body["knn_ssd"]["verify_steps"] >= 1
@@ -36,6 +36,11 @@ def test_readme_curl_examples_answer(server) -> None:
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == body["choices"][0]["message"]["content"]  # greedy: streamed = not streamed
     assert "knn_ssd" in chunks[-1]
+    out, decoder = _run(["bash", "-c", extensions.replace(README_URL, server.url)], server.url), json.JSONDecoder()
+    chat, end = decoder.raw_decode(out)
+    embeddings, _ = decoder.raw_decode(out[end:].lstrip())
+    assert chat["choices"][0]["message"]["content"] in ("positive", "negative", "neutral")
+    assert [item["index"] for item in embeddings["data"]] == [0, 1]
 
 
 def test_readme_sdk_example_answers(server) -> None:

@@ -42,7 +42,7 @@ CASES = [
     ("deprecated function_call", CHAT, {"model": "default", "messages": MSG, "function_call": "auto"}, 400),
     ("audio output", CHAT, {"model": "default", "messages": MSG, "modalities": ["text", "audio"]}, 400),
     ("web search", CHAT, {"model": "default", "messages": MSG, "web_search_options": {}}, 400),
-    ("unknown endpoint", "/v1/embeddings", {"model": "default", "input": "a"}, 404),
+    ("unknown endpoint", "/v1/images/generations", {"model": "default", "prompt": "a"}, 404),
 ]
 
 
