@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 KNN_SSD_TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.knn-ssd-installed
 
-.PHONY: setup serve test bench cuda-check clean prometheus
+.PHONY: setup serve test bench cuda-check clean prometheus chromium
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(VENV)/bin/knn-ssd serve $(ARGS)
 
-test: setup prometheus
+test: setup prometheus chromium
 	$(PY) -m pytest -q $(ARGS)
 
 # The monitoring tests run a real Prometheus: the Debian package, installed here when missing (needs root).
@@ -30,6 +30,12 @@ prometheus:
 	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	  prometheus >/dev/null; } || echo "prometheus not installed (needs apt-get as root): its tests are skipped"
+
+# The playground's browser tests drive Debian's chromium through Playwright, installed the same way.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  chromium >/dev/null; } || echo "chromium not installed (needs apt-get as root): the browser tests are skipped"
 
 bench: setup
 	$(VENV)/bin/knn-ssd bench-decode $(ARGS)

@@ -6,10 +6,10 @@ from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from .policy import PLAIN, DraftPolicy, SkipSet
 from .runner import ModelRunner
 from .sampling import SamplingParams
-from .stats import RequestStats
+from .stats import RequestStats, TokenSource
 
 __all__ = [
     "DEFAULT_MODEL", "MAX_TOP_LOGPROBS", "PLAIN", "DraftPolicy", "ModelInfo", "ModelLoadError", "ModelRunner",
     "PromptTooLongError", "RequestStats", "SamplingParams", "Sequence", "SkipSet", "SpeculativeEngine", "StepOutput",
-    "TokenLogprob", "load_model",
+    "TokenLogprob", "TokenSource", "load_model",
 ]

@@ -26,7 +26,7 @@ from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixCache
 from .runner import ForwardOutput, ModelRunner, Segment
 from .sampling import (SamplingParams, accept_greedy, accept_sampled, adjusted_logits, greedy_tokens, make_generator,
                        sample, target_probs)
-from .stats import RequestStats
+from .stats import RequestStats, TokenSource
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class StepOutput:
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first token, where the request asked for them
+    sources: list[TokenSource] = field(default_factory=list)  # where each of token_ids came from
 
 
 class SpeculativeEngine:
@@ -211,7 +212,7 @@ class SpeculativeEngine:
             seq.finish_reason = seq.stats.finish_reason = "stop"
             return StepOutput([], "", "stop")
         token = self._choose(out.logits[-1], seq)
-        first = self._commit(seq, [token], self._logprobs(seq, out.logits[-1:], [token]))
+        first = self._commit(seq, [token], self._logprobs(seq, out.logits[-1:], [token]), [TokenSource("prefill", 0)])
         if seq.params.prompt_logprobs is not None:
             first = replace(first, prompt_logprobs=seq.prompt_logprobs)
         return first
@@ -267,14 +268,14 @@ class SpeculativeEngine:
             if seq.finished or seq.prefill_remaining:
                 raise RuntimeError("step on a finished or not fully prefilled sequence")
         starts = [seq.cache.length for seq in seqs]
-        drafts, draft_probs = self._draft_batch(seqs, starts, draft_cap, cut_drafts)
+        drafts, draft_probs, kinds = self._draft_batch(seqs, starts, draft_cap, cut_drafts)
         t0 = time.perf_counter()
         segments = [Segment(torch.tensor([seq.tokens[-1], *d], device=self.runner.device), seq.cache, start,
                             all_logits=bool(d)) for seq, start, d in zip(seqs, starts, drafts)]
         outs = self.runner.forward_packed(segments)
         elapsed = time.perf_counter() - t0
-        return [_isolated(self._accept, seq, start, d, probs, out.logits, elapsed)
-                for seq, start, d, probs, out in zip(seqs, starts, drafts, draft_probs, outs)]
+        return [_isolated(self._accept, seq, start, d, probs, out.logits, elapsed, kind)
+                for seq, start, d, probs, out, kind in zip(seqs, starts, drafts, draft_probs, outs, kinds)]
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  policy: DraftPolicy | Callable[[torch.Tensor], DraftPolicy] = PLAIN) -> Iterator[StepOutput]:
@@ -303,8 +304,9 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------------ internals
     def _accept(self, seq: Sequence, start: int, drafts: list[int], draft_probs: torch.Tensor | None,
-                logits: torch.Tensor, verify_s: float) -> StepOutput:
-        """Apply the acceptance rule to one row's verified drafts and commit the result."""
+                logits: torch.Tensor, verify_s: float, draft_kind: str = "draft") -> StepOutput:
+        """Apply the acceptance rule to one row's verified drafts (``draft_kind``: by the model, ``draft``, or
+        by n-gram ``lookup``) and commit the result."""
         chosen_from = adjusted_logits(logits, seq.params, seq.generated, drafts)  # logits unless penalised/biased
         if seq.grammar is not None:
             chosen_from = seq.grammar.mask(chosen_from, drafts)
@@ -325,7 +327,9 @@ class SpeculativeEngine:
         stats.draft_rejections += accepted < len(drafts)
         stats.step_tokens += accepted + 1
         tokens = drafts[:accepted] + [bonus]
-        return self._commit(seq, tokens, self._logprobs(seq, logits, tokens))
+        step = stats.verify_steps
+        sources = [TokenSource(draft_kind, step)] * accepted + [TokenSource("verify" if drafts else "plain", step)]
+        return self._commit(seq, tokens, self._logprobs(seq, logits, tokens), sources)
 
     @staticmethod
     def _logprobs(seq: Sequence, logits: torch.Tensor, tokens: list[int]) -> list[TokenLogprob] | None:
@@ -345,10 +349,13 @@ class SpeculativeEngine:
         return room
 
     def _draft_batch(self, seqs: list[Sequence], starts: list[int], cap: int | None,
-                     cut: Callable[[], bool] | None = None) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+                     cut: Callable[[], bool] | None = None,
+                     ) -> tuple[list[list[int]], list[torch.Tensor | None], list[str]]:
         """Draft for every row: by n-gram lookup where the policy asks for it and a match exists, else with the
-        model, rows sharing a policy together, one packed draft forward per position."""
+        model, rows sharing a policy together, one packed draft forward per position. Returns the drafts, their
+        distributions (sampling rows) and how each row drafted (``lookup`` or ``draft``)."""
         drafts: list[list[int]] = [[] for _ in seqs]
+        kinds = ["draft"] * len(seqs)
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         rooms = [self._draft_room(seq, start, cap) for seq, start in zip(seqs, starts)]
         groups: dict[DraftPolicy, list[int]] = {}
@@ -357,6 +364,7 @@ class SpeculativeEngine:
                 if rooms[i] <= 0:
                     continue
                 if seq.policy.lookup and self._draft_by_lookup(seq, rooms[i], drafts[i], probs[i]):
+                    kinds[i] = "lookup"
                     continue  # drafted without a forward pass
                 if seq.policy.drafts_with_model:
                     groups.setdefault(seq.policy, []).append(i)
@@ -379,7 +387,7 @@ class SpeculativeEngine:
             for seq, d in zip(seqs, drafts):
                 if seq.grammar is not None:
                     seq.grammar.retract(len(d))
-        return drafts, [torch.stack(p) if p else None for p in probs]
+        return drafts, [torch.stack(p) if p else None for p in probs], kinds
 
     def _draft_by_lookup(self, seq: Sequence, room: int, drafts: list[int], probs: list[torch.Tensor]) -> bool:
         """Draft the tokens an n-gram lookup finds (``decoding.lookup``); False when it finds none.
@@ -439,8 +447,8 @@ class SpeculativeEngine:
         """Advance a constrained row's grammar by a committed token; True when the grammar is complete."""
         return seq.grammar is not None and seq.grammar.advance(token) and seq.grammar.stopped
 
-    def _commit(self, seq: Sequence, new_tokens: list[int],
-                logprobs: list[TokenLogprob] | None = None) -> StepOutput:
+    def _commit(self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprob] | None,
+                sources: list[TokenSource]) -> StepOutput:
         """Append tokens one by one, applying EOS, stop strings, max_tokens and the context limit."""
         committed: list[int] = []
         for token in new_tokens:
@@ -461,7 +469,7 @@ class SpeculativeEngine:
             seq.stats.accepted_prediction_tokens = matched
             seq.stats.rejected_prediction_tokens = len(seq.params.prediction) - matched
         return StepOutput(committed, seq.stopper.pop(final=seq.finished), seq.finish_reason,
-                          None if logprobs is None else logprobs[:len(committed)])
+                          None if logprobs is None else logprobs[:len(committed)], sources=sources[:len(committed)])
 
 
 def _isolated(work: Callable[..., StepOutput | None], seq: Sequence, *args: Any) -> StepOutput | None | Exception:

@@ -6,6 +6,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 
+@dataclass(frozen=True)
+class TokenSource:
+    """Where a committed token came from: ``prefill`` (the first token, from the prompt's last logits),
+    ``draft`` / ``lookup`` (a model / n-gram lookup draft the full model accepted), ``verify`` (the
+    correction or bonus token of a verify step that checked drafts) or ``plain`` (a step without drafts);
+    ``step`` is the verify step (1, 2, ...; 0 for the prefill)."""
+
+    source: str
+    step: int
+
+
 @dataclass
 class RequestStats:
     """Counters of one request. A plain decoding step counts as a verify step with no drafts."""

@@ -8,11 +8,12 @@ import logging
 import secrets
 import signal
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from decoding import ModelLoadError
@@ -41,6 +42,7 @@ from .state import ServerState, build_state, reload_router
 from .streaming import respond
 
 log = logging.getLogger("knn_ssd.server")
+PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 
 
 def _state(request: Request) -> ServerState:
@@ -64,8 +66,11 @@ def _bearer_auth(api_key: str | None) -> Any:
 
 
 def _model_card(s: ServerState) -> dict[str, Any]:
+    """OpenAI's model object, plus what a client (the playground) needs to show a draft policy."""
     return {"id": s.serving.model_name, "object": "model", "created": s.started, "owned_by": "knn-ssd",
-            "root": s.info.source, "max_model_len": s.serving.max_model_len}
+            "root": s.info.source, "max_model_len": s.serving.max_model_len,
+            "knn_ssd": {"num_layers": s.engine.runner.num_layers, "target": s.serving.target,
+                        "domains": s.router.domains if s.router else []}}
 
 
 def _lifespan(config: ServerConfig, loaded: ServerState) -> Any:
@@ -93,9 +98,21 @@ def create_app(config: ServerConfig, loaded: ServerState) -> FastAPI:
                            allow_headers=["*"])
         log.info("CORS: browser pages of %s may call the API", ", ".join(config.allowed_origins))
     install_error_handlers(app)
+    if config.ui:
+        _add_playground(app)
     _add_service_routes(app)
     _add_api_routes(app, [Depends(_bearer_auth(config.api_key))])
     return app
+
+
+def _add_playground(app: FastAPI) -> None:
+    """The playground page (one static file; it calls the API with the key the user types, if any)."""
+    page = PLAYGROUND.read_text()
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/playground", include_in_schema=False)
+    async def playground() -> Response:
+        return HTMLResponse(page)
 
 
 def _add_service_routes(app: FastAPI) -> None:

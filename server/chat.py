@@ -43,7 +43,7 @@ class ChatCompletionBuilder:
                 message = {"role": "assistant", "content": content, "tool_calls": [call.to_dict() for call in calls]}
                 finish = "tool_calls"
         return {"index": choice.index, "message": message, "logprobs": self.logprobs(choice.logprobs),
-                "finish_reason": finish}
+                "finish_reason": finish, **self.srv.provenance(self.body, choice.provenance)}
 
     async def stream(self, gens: list[GenerationRequest], queue: asyncio.Queue, request: Request) -> AsyncIterator[str]:
         """OpenAI's chunks: each choice's role first, then content (and tool call) deltas."""

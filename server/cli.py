@@ -126,6 +126,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--allowed-origins", type=_origins, default=None, metavar="ORIGINS",
                        help="comma-separated origins (e.g. 'https://app.example.com', or '*') whose browser pages "
                             "may call the API (CORS); default: none, as browsers then refuse cross-origin calls")
+    serve.add_argument("--no-ui", action="store_true",
+                       help="do not serve the playground page at / and /playground (the API is unchanged)")
     serve.add_argument("--max-batch-size", "--max-concurrency", type=POSITIVE, default=8, dest="max_batch_size",
                        help="sequences decoded together in one batch (continuous batching); --max-concurrency is "
                             "its older name")

@@ -40,7 +40,8 @@ class CompletionBuilder:
     def complete(self, choices: list[Choice]) -> dict[str, Any]:
         return {**self.base, "choices": [{"index": c.index, "text": self.echo(c.index) + c.text,
                                           "logprobs": self.logprobs(c.index, c.logprobs),
-                                          "finish_reason": c.finish_reason} for c in choices],
+                                          "finish_reason": c.finish_reason,
+                                          **self.srv.provenance(self.body, c.provenance)} for c in choices],
                 "usage": usage(choices, self.prompt_tokens), "knn_ssd": knn_ssd_object(choices, self.srv.target)}
 
     async def stream(self, gens: list[GenerationRequest], queue: asyncio.Queue, request: Request) -> AsyncIterator[str]:

@@ -26,8 +26,10 @@ class ServerConfig:
     log_prompts: str | None = None
     chat_template: str | None = None
     allowed_origins: list[str] | None = None
+    ui: bool = True  # the playground page at / and /playground
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
         values = {k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)}
-        return cls(**values, adaptive_speculation=not args.no_adaptive_speculation)
+        return cls(**values, adaptive_speculation=not args.no_adaptive_speculation,
+                   ui=not getattr(args, "no_ui", False))

@@ -17,7 +17,16 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from decoding import DraftPolicy, RequestStats, SamplingParams, Sequence, SpeculativeEngine, StepOutput, TokenLogprob
+from decoding import (
+    DraftPolicy,
+    RequestStats,
+    SamplingParams,
+    Sequence,
+    SpeculativeEngine,
+    StepOutput,
+    TokenLogprob,
+    TokenSource,
+)
 from decoding.batching import ContinuousBatcher
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,7 @@ class GenerationEvent:
     stats: RequestStats | None = None
     error: BaseException | None = None
     embedding: torch.Tensor | None = None  # the prompt embedding, for an embedding request (``embed_only``)
+    sources: list[TokenSource] = field(default_factory=list)  # where each of token_ids came from
 
 
 @dataclass
@@ -259,5 +269,5 @@ class EngineLoop:
             log.info(req.summary())
         req.emit(GenerationEvent(text=out.text, token_ids=out.token_ids, logprobs=out.logprobs,
                                  prompt_logprobs=out.prompt_logprobs, finish_reason=out.finish_reason,
-                                 route=req.route if first or done else None,
+                                 sources=out.sources, route=req.route if first or done else None,
                                  stats=req.seq.stats if done else None))

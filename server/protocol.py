@@ -147,6 +147,7 @@ class SamplingFields(OpenAIObject):
     domain: str | None = None
     skip_layers: SkipLayers | None = None
     draft_precision: Literal["full", "int8", "int4"] | None = None
+    provenance: bool = False  # each choice (and chunk) lists where its tokens came from (draft, verify, ...)
 
     @field_validator("stop")
     @classmethod

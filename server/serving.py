@@ -15,7 +15,7 @@ import torch
 
 from fastapi import Request
 
-from decoding import RequestStats, SamplingParams, TokenLogprob
+from decoding import RequestStats, SamplingParams, TokenLogprob, TokenSource
 from decoding.grammar import GrammarError, constraint_grammar
 
 from .engine_loop import EngineLoop, GenerationEvent, GenerationRequest, QueueFullError, RouteDecision
@@ -48,6 +48,7 @@ class Choice:
     finish_reason: str | None = None
     route: RouteDecision | None = None
     stats: RequestStats | None = None
+    provenance: list[tuple[int, TokenSource, float | None]] = field(default_factory=list)  # (id, source, logprob)
 
 
 class OpenAIServing:
@@ -286,6 +287,14 @@ class OpenAIServing:
             raise APIError(499, "client disconnected")
         return choices
 
+    def provenance(self, body: SamplingFields, items: list[tuple[int, TokenSource, float | None]]) -> dict[str, Any]:
+        """``{"provenance": [...]}`` for a choice or chunk whose request asked for it (else ``{}``): each
+        token's text, id, source, verify step and log-probability (null unless the request asked for logprobs)."""
+        if not body.provenance:
+            return {}
+        return {"provenance": [{"token": self.logprob_format.text(token), "id": token, "source": src.source,
+                                "step": src.step, "logprob": logprob} for token, src, logprob in items]}
+
     def record(self, status: int, choices: list[Choice]) -> None:
         for c in choices:
             self.metrics.request_done(status, c.finish_reason)
@@ -294,6 +303,8 @@ class OpenAIServing:
 def apply_event(choice: Choice, event: GenerationEvent) -> None:
     choice.text += event.text
     choice.logprobs += (event.prompt_logprobs or []) + (event.logprobs or [])
+    logprobs = [t.logprob for t in event.logprobs] if event.logprobs else [None] * len(event.token_ids)
+    choice.provenance += zip(event.token_ids, event.sources, logprobs)
     if event.route is not None:
         choice.route = event.route
     if event.finish_reason is not None:

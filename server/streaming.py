@@ -52,10 +52,17 @@ async def stream_choices(srv: OpenAIServing, gens: list[GenerationRequest], queu
     """
     choices = [Choice(i) for i in range(len(gens))]
     reported = [0] * len(gens)  # log-probabilities already sent, per choice
+    traced = [0] * len(gens)  # provenance items already sent, per choice
 
     def new_logprobs(c: Choice) -> list[TokenLogprob]:
         items, reported[c.index] = c.logprobs[reported[c.index]:], len(c.logprobs)
         return items
+
+    def with_provenance(c: Choice, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` (one choice's chunk) with the provenance of the tokens since that choice's last chunk."""
+        items, traced[c.index] = c.provenance[traced[c.index]:], len(c.provenance)
+        data["choices"][0].update(srv.provenance(body, items))
+        return data
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     remaining = len(choices)
@@ -65,11 +72,11 @@ async def stream_choices(srv: OpenAIServing, gens: list[GenerationRequest], queu
                 c = choices[index]
                 if event.finish_reason is None:
                     if event.text:
-                        yield sse({**chunk(index, event.text, None, new_logprobs(c)),
+                        yield sse({**with_provenance(c, chunk(index, event.text, None, new_logprobs(c))),
                                    **({"usage": None} if include_usage else {})})
                     continue
                 remaining -= 1
-                data = chunk(index, event.text, event.finish_reason, new_logprobs(c))
+                data = with_provenance(c, chunk(index, event.text, event.finish_reason, new_logprobs(c)))
                 if include_usage:
                     data["usage"] = None
                 if remaining == 0 and not include_usage:
