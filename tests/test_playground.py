@@ -72,6 +72,19 @@ def test_an_answer_streams_coloured_tokens_with_a_routed_domain(server, browser)
     assert not page.errors
 
 
+def test_a_seeded_sampling_comparison_shows_both_runs(server, browser):
+    page = open_page(browser, server.url)
+    page.wait_for_function("document.getElementById('model-meta').textContent.includes('target')")
+    page.fill("#temperature", "0.8")
+    page.fill("#seed", "7")
+    page.fill("#max-tokens", "24")
+    answer = ask(page, "Write a short line about the sea.", compare=True)
+    badge = answer.locator(".compare .badge").inner_text()
+    assert ("identical texts" in badge or "same distribution" in badge) and "tokens/s" in badge
+    assert all(answer.locator(".compare pre").nth(i).inner_text() for i in range(2))
+    assert answer.locator(".tok").count() == int(answer.get_attribute("data-completion-tokens"))
+
+
 def test_plain_decoding_from_the_controls(server, browser):
     page = open_page(browser, f"{server.url}/playground")
     page.wait_for_function("document.getElementById('model-meta').textContent.includes('target')")
