@@ -73,7 +73,8 @@ class BlockLinear:
     weights' (GGML type id, rows) in output order, e.g. Q4_K query and key rows then Q6_K value rows.
 
     Like ``Linear``'s kernels it is batch-invariant: each output row is one fixed chain of arithmetic
-    over the row's own int16-quantised inputs, whatever the rows computed with it.
+    over the row's own quantised inputs (int16 per row for the 32-input formats, int8 per 256-input block
+    for the k-quants), whatever the rows computed with it.
     """
 
     native = True

@@ -15,8 +15,9 @@ from decoding import ModelRunner, native
 
 
 def outputs() -> dict[str, torch.Tensor]:
-    """linear_f32 over 1-13 and 300 rows, int8_linear over 8 rows, and a model with 64-wide heads
-    (the attention's 32-wide value chunks) through prefill and a 5-token verify, and its KV entries."""
+    """linear_f32 over 1-13 and 300 rows, int8_linear over 8 rows, the native target's k-quant linears over
+    1, 2 and 5 rows, and a model with 64-wide heads (the attention's 32-wide value chunks) through prefill and
+    a 5-token verify, and its KV entries."""
     kernels = native.cpu_kernels()
     gen = torch.Generator().manual_seed(0)
     w, x = torch.randn(200, 96, generator=gen), torch.randn(300, 96, generator=gen)
@@ -24,6 +25,14 @@ def outputs() -> dict[str, torch.Tensor]:
     out = {f"linear_f32_{m}": kernels.linear_f32(x[:m], packed, None, 200) for m in (*range(1, 14), 300)}
     q = torch.randint(-127, 128, (70, 96), generator=gen, dtype=torch.int8)
     out["int8_linear_8"] = kernels.int8_linear(x[:8], q, torch.rand(70, generator=gen), None)
+    for name, type_id, nbytes, scales_at, scales in (("q4_k", 12, 144, 0, 2), ("q5_k", 13, 176, 0, 2),
+                                                     ("q6_k", 14, 210, 208, 1)):
+        blocks = torch.randint(0, 256, (40, 2, nbytes), generator=gen, dtype=torch.uint8)  # 40 rows of 512 inputs
+        blocks[..., scales_at:scales_at + 2 * scales] = torch.full((scales,), 0.01, dtype=torch.float16).view(
+            torch.uint8)
+        xk = torch.randn(5, 512, generator=gen)
+        for m in (1, 2, 5):
+            out[f"{name}_{m}"] = kernels.qblock_linear(xk[:m], blocks.reshape(-1), torch.tensor([[type_id, 40]]), None)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=320, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

@@ -24,9 +24,10 @@ pytestmark = pytest.mark.skipif(native.cpu_kernels() is None, reason="the native
 # type: (inputs per block, bytes per block, offsets of its float16 scales)
 BLOCKS = {Q.Q4_0: (32, 18, [0]), Q.Q4_1: (32, 20, [0, 2]), Q.Q5_0: (32, 22, [0]), Q.Q5_1: (32, 24, [0, 2]),
           Q.Q8_0: (32, 34, [0]), Q.Q4_K: (256, 144, [0, 2]), Q.Q5_K: (256, 176, [0, 2]), Q.Q6_K: (256, 210, [208])}
-# The stated error: inputs are quantised to 16 bits per row, so an output is off by a few 1e-5 of the
-# largest output; 2e-4 leaves room for unlucky rows.
-MAX_RELATIVE_ERROR = 2e-4
+# The stated error, of the largest output: the 32-input formats quantise inputs to 16 bits per row (off by a
+# few 1e-5; 2e-4 leaves room for unlucky rows); the k-quants to 8 bits per 256-input block, as llama.cpp does
+# (up to ~1.2% on these random blocks and inputs, measured over seeds; 2.5e-2 leaves room).
+MAX_RELATIVE_ERROR = {qtype: 2.5e-2 if per_block == 256 else 2e-4 for qtype, (per_block, _, _) in BLOCKS.items()}
 
 
 def random_blocks(qtype: Q, rows: int, inputs: int, seed: int = 0) -> np.ndarray:
@@ -54,7 +55,7 @@ def test_block_kernel_matches_dequantised_reference(qtype):
     x = torch.randn(9, inputs)
     out = linear(x)
     ref = x.double().numpy() @ weight.T + bias.double().numpy()
-    assert np.abs(out.double().numpy() - ref).max() <= MAX_RELATIVE_ERROR * np.abs(ref).max()
+    assert np.abs(out.double().numpy() - ref).max() <= MAX_RELATIVE_ERROR[qtype] * np.abs(ref).max()
     # batch invariance: each row alone, and any split of the rows, gives the same bits
     assert torch.equal(torch.cat([linear(x[i:i + 1]) for i in range(9)]), out)
     assert torch.equal(torch.cat([linear(x[:2]), linear(x[2:7]), linear(x[7:])]), out)

@@ -30,7 +30,8 @@
 namespace {
 
 // KNN_SSD_AVX512=0 keeps the AVX2 variant of every kernel that also has an AVX-512 one (int8 drafts of
-// 3+ rows, linear_f32, the attention's value mix): they give the same bits, which the tests check.
+// 3+ rows, linear_f32, the attention's value mix, the native target's k-quant linears): they give the same
+// bits, which the tests check.
 // Kernels that exist only on AVX-512 (linear_bf16) are not affected.
 bool avx512_allowed() {
   const char* value = std::getenv("KNN_SSD_AVX512");

@@ -3,15 +3,19 @@
 //
 // A weight is one or more parts of output rows, each part in one GGML block format, each row a run of that
 // format's blocks over the K inputs: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32 inputs) and Q4_K, Q5_K,
-// Q6_K (256). For every group of 32 inputs a format unpacks its quantised values to int16 (inputs 0-15 and
-// 16-31, each half with its own scale: the k-quants' 16-input sub-blocks) and gives the group's float
-// scales, computed exactly as ggml dequantises (d * sc in float32), and its min where the format has one:
-// w = scale * q + min. Input rows are quantised to int16 with their absmax scale (finer than llama.cpp's
-// int8 activations), so a group's dot product is an exact integer (|sum| < 2^24: exact in float32 too); each
-// output is then one chain of float multiply-adds over the groups in order, the mins meeting the row's group
-// sums in a second chain: the same arithmetic whatever the other rows, the blocking or the chunking.
+// Q6_K (256). For every group of 32 inputs a format unpacks its quantised values (inputs 0-15 and 16-31,
+// each half with its own scale: the k-quants' 16-input sub-blocks) and gives the group's float scales,
+// computed exactly as ggml dequantises (d * sc in float32), and its min where the format has one:
+// w = scale * q + min. Inputs are quantised per row: for the 32-input formats to int16 with the row's absmax
+// scale, a group's dot product an exact integer (|sum| < 2^24: exact in float32 too); for the k-quants to
+// int8 per 256-input block with the block's absmax scale (llama.cpp's q8_K), a super-block's dot product an
+// exact integer in one VPMADDUBSW pass. Each output is then one chain of float (double, for the k-quants)
+// multiply-adds over the groups or blocks in order, the mins meeting the row's input sums: the same
+// arithmetic whatever the other rows, the blocking or the chunking.
 
-constexpr float kSplitLimit = 32639.f;  // int16 inputs that split into two int8 halves (SplitRows)
+// The 32-input formats' int16 input limit: below 32767 since the k-quants once split these rows into bytes;
+// kept, as changing it would change every output of the 32-input formats.
+constexpr float kInt16Limit = 32639.f;
 
 enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
@@ -138,7 +142,7 @@ struct KScales {
   float d, dmin;
 };
 
-// Broadcasts int16 lane g of a vector holding the 8 group scales in both 128-bit halves: one VPSHUFB.
+// Int16 lane g of each 128-bit half of `scales8` (group_scales8's layout) in all its lanes: one VPSHUFB.
 inline __m256i lane_broadcast(__m256i scales8, int g) {
   const __m256i control = _mm256_set1_epi16(static_cast<int16_t>((2 * g) | ((2 * g + 1) << 8)));
   return _mm256_shuffle_epi8(scales8, control);
@@ -209,8 +213,9 @@ struct Format<kQ6_K> {
   static constexpr int64_t kInputs = 256, kBytes = 210, kOffset = 32;
   static constexpr bool kMin = false, kSplit = true;
   static inline void scales(const uint8_t* b, KScales& s) {
-    const auto* sc = reinterpret_cast<const int8_t*>(b + 192);
-    for (int j = 0; j < 16; ++j) s.sc[j] = sc[j];  // group 4n + k: scales 8n + 2k, 8n + 2k + 1 = 2g, 2g + 1
+    // group 4n + k: scales 8n + 2k, 8n + 2k + 1 = 2g, 2g + 1
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.sc),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))));
     s.d = fp16(b + 208);
     s.dmin = 0.f;
   }
@@ -274,181 +279,92 @@ void qblock_block(const int16_t* x, const float* group_sums, const double* x_sca
     }
 }
 
-// A row of int16 inputs (|x| <= 32639) as two int8 rows, x = 256 * high + low with low in [-128, 127], so
-// that VPMADDUBSW (unsigned weight bytes times signed input bytes) sums exact products of full 16-bit inputs.
-struct SplitRows {
-  std::vector<int8_t> low, high;
-  std::vector<int32_t> sums16, sums32;  // the int16 inputs' sums per 16 and 32 inputs (offsets and mins)
-  SplitRows(const int16_t* x, int64_t M, int64_t K)
-      : low(M * K), high(M * K), sums16(M * K / 16), sums32(M * K / 32) {
-    for (int64_t i = 0; i < M * K; ++i) {
-      const int32_t h = (int32_t(x[i]) + 128) >> 8;
-      high[i] = static_cast<int8_t>(h);
-      low[i] = static_cast<int8_t>(x[i] - 256 * h);
+// Input rows for the k-quants: int8 per 256-input block with the block's absmax scale (|q| <= 127, as
+// llama.cpp's q8_K), and the values' sums per 16 inputs (for Q6_K's offset and the Q4_K / Q5_K mins).
+inline float horizontal_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+struct KRows {
+  std::vector<int8_t> q;
+  std::vector<float> scale;      // per block of 256 inputs
+  std::vector<int16_t> sums16;   // |sum| <= 16 * 127
+  KRows(const float* x, int64_t M, int64_t K) : q(M * K), scale(M * K / 256), sums16(M * K / 16) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int64_t b = 0; b < M * K / 256; ++b) {
+      const float* xb = x + b * 256;
+      __m256 vmax = _mm256_setzero_ps();
+      for (int k = 0; k < 256; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + k)));
+      const float amax = horizontal_max(vmax);
+      const float s = amax > 0.f ? amax / 127.f : 1.f;
+      const __m256 inv = _mm256_set1_ps(1.f / s);
+      int8_t* qb = q.data() + b * 256;
+      for (int k = 0; k < 256; k += 32) {
+        __m256i v[4];
+        for (int j = 0; j < 4; ++j) v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k + 8 * j), inv));
+        const __m256i w16 = _mm256_packs_epi32(v[0], v[1]), x16 = _mm256_packs_epi32(v[2], v[3]);
+        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, x16),
+                                                          _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + k), _mm256_max_epi8(bytes, _mm256_set1_epi8(-127)));
+      }
+      scale[b] = s;
+      for (int j = 0; j < 16; ++j) {
+        int32_t total = 0;
+        for (int i = 0; i < 16; ++i) total += qb[16 * j + i];
+        sums16[b * 16 + j] = static_cast<int16_t>(total);
+      }
     }
-    for (int64_t j = 0; j < M * K / 16; ++j) {
-      int32_t total = 0;
-      for (int k = 0; k < 16; ++k) total += x[16 * j + k];
-      sums16[j] = total;
-    }
-    for (int64_t j = 0; j < M * K / 32; ++j) sums32[j] = sums16[2 * j] + sums16[2 * j + 1];
   }
 };
 
-// sc[2g] for inputs 0-15 of group g and sc[2g + 1] for 16-31, as 16 int16 lanes; formats whose groups have one
-// scale (Q4_K, Q5_K) broadcast it from `scales8` (their 8 group scales in both halves) with one shuffle.
+// A super-block's scales as int16 lanes from which lane_broadcast(v, g) gives group g's: Q4_K, Q5_K the 8
+// group scales in both 128-bit halves; Q6_K the scales of inputs 0-15 of each group (sc[2g]) in the low half
+// and of inputs 16-31 (sc[2g + 1]) in the high half.
 template <typename F>
-inline __m256i sub_scales(const KScales& s, __m256i scales8, int g) {
-  if constexpr (F::kSplit)
-    return _mm256_set_m128i(_mm_set1_epi16(s.sc[2 * g + 1]), _mm_set1_epi16(s.sc[2 * g]));
-  else
-    return lane_broadcast(scales8, g);
-}
-
-template <typename F>
-inline __m256i group_scales8(const KScales& s) {  // sc[0], sc[2], ... sc[14] as int16, in both 128-bit halves
+inline __m256i group_scales8(const KScales& s) {
   if constexpr (F::kSplit) {
-    return _mm256_setzero_si256();
+    const __m256i evens_odds = _mm256_shuffle_epi8(  // per half: its even-numbered scales, then its odd ones
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.sc)),
+        _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15)));
+    return _mm256_permute4x64_epi64(evens_odds, 0xD8);
   } else {
     return _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s.sc8))));
   }
 }
 
-inline __m256i add_as_i64(__m256i total, __m256i v32) {  // 8 int32 lanes onto 4 int64 ones
-  total = _mm256_add_epi64(total, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v32)));
-  return _mm256_add_epi64(total, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v32, 1)));
+// Q6_K's 16 sub-block scales as int16 lanes, for its offset term (the other k-quants have none).
+template <typename F>
+inline __m256i sub_scales16(const KScales& s) {
+  if constexpr (F::kSplit)
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.sc));
+  else
+    return _mm256_setzero_si256();  // no offset term: never read
 }
 
-inline int64_t horizontal_sum_i64(__m256i v) {
-  alignas(32) int64_t lanes[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
-  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+// Each group's min twice as int16 lanes (Q4_K / Q5_K), to meet the inputs' 16-value sums in one VPMADDWD.
+inline __m256i paired_mins(const KScales& s) {
+  const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s.mins)));
+  return _mm256_set_m128i(_mm_unpackhi_epi16(m, m), _mm_unpacklo_epi16(m, m));
 }
 
-// Block sums for R >= 3 rows: the same integers as the byte passes, with the values widened to int16 and
-// times their scales once per column (|sc * (q - offset)| <= 8064, so VPMADDWD takes the int16 inputs as
-// they are: one multiply-add per 16 inputs and row instead of two). int32 lanes take at most kWideFlush
-// groups (|sum| < 2^31) before they are summed in int64.
-template <typename F, int R, int C>
-inline void wide_block_sums(const int16_t* xq, int64_t m0, int64_t K, int64_t blk, const uint8_t* const* block,
-                            const KScales* scales, const __m256i* scales8, int64_t (&total)[R][C]) {
-  constexpr int kWideFlush = F::kOffset != 0 ? 4 : 8;
-  const __m256i offset = _mm256_set1_epi16(F::kOffset);
-  __m256i part[R][C] = {};  // zeros
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) total[r][c] = 0;
-  for (int g = 0; g < 8; ++g) {
-    __m256i lo[C], hi[C];
-    for (int c = 0; c < C; ++c) {
-      const __m256i q = F::bytes(block[c], g);
-      const __m256i sc_lo = F::kSplit ? _mm256_set1_epi16(scales[c].sc[2 * g]) : lane_broadcast(scales8[c], g);
-      const __m256i sc_hi = F::kSplit ? _mm256_set1_epi16(scales[c].sc[2 * g + 1]) : sc_lo;
-      lo[c] = _mm256_mullo_epi16(_mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)), offset), sc_lo);
-      hi[c] = _mm256_mullo_epi16(_mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)), offset),
-                                 sc_hi);
-    }
-    for (int r = 0; r < R; ++r) {
-      const int16_t* xg = xq + (m0 + r) * K + blk * 256 + g * 32;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 16));
-      for (int c = 0; c < C; ++c)
-        part[r][c] = _mm256_add_epi32(part[r][c], _mm256_add_epi32(_mm256_madd_epi16(lo[c], x0),
-                                                                   _mm256_madd_epi16(hi[c], x1)));
-    }
-    if ((g + 1) % kWideFlush == 0)
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) {
-          total[r][c] += horizontal_sum_i64(add_as_i64(_mm256_setzero_si256(), part[r][c]));
-          part[r][c] = _mm256_setzero_si256();
-        }
-  }
-}
-
-// Block sums for one or two rows: two VPMADDUBSW passes (unsigned value bytes times the input's low and high
-// bytes), VPMADDWD with the sub-block scales, then the offset term from the input's 16-value sums.
-template <typename F, int R, int C>
-inline void byte_block_sums(const SplitRows& x, int64_t m0, int64_t K, int64_t blk, const uint8_t* const* block,
-                            const KScales* scales, const __m256i* scales8, int64_t (&total)[R][C]) {
-  __m256i low[R][C] = {}, high[R][C] = {};  // zeros
-  for (int g = 0; g < 8; ++g) {
-    __m256i q[C], sc[C];
-    for (int c = 0; c < C; ++c) {
-      q[c] = F::bytes(block[c], g);
-      sc[c] = sub_scales<F>(scales[c], scales8[c], g);
-    }
-    for (int r = 0; r < R; ++r) {
-      const int64_t at = (m0 + r) * K + blk * 256 + g * 32;
-      const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.low.data() + at));
-      const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.high.data() + at));
-      for (int c = 0; c < C; ++c) {
-        low[r][c] = _mm256_add_epi32(low[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], xl), sc[c]));
-        high[r][c] = _mm256_add_epi32(high[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], xh), sc[c]));
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    // |sc| * |16-input sum| < 2^26: the products and their sums fit int32
-    const __m256i* sums16 = reinterpret_cast<const __m256i*>(x.sums16.data() + (m0 + r) * K / 16 + blk * 16);
-    for (int c = 0; c < C; ++c) {
-      total[r][c] = 256 * int64_t(horizontal_sum(high[r][c])) + horizontal_sum(low[r][c]);
-      if constexpr (F::kOffset != 0) {
-        const __m128i* sc = reinterpret_cast<const __m128i*>(scales[c].sc);
-        const __m256i offsets = _mm256_add_epi32(
-            _mm256_mullo_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(sc)), _mm256_loadu_si256(sums16)),
-            _mm256_mullo_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(sc + 1)), _mm256_loadu_si256(sums16 + 1)));
-        total[r][c] -= F::kOffset * int64_t(horizontal_sum(offsets));
-      }
-    }
-  }
-}
-
-// Columns n..n+C-1 of input rows 0..R-1 for a k-quant. Per super-block, each output's exact integer sum of
-// sc * (q - offset) * x (byte_block_sums for one row, wide_block_sums for several: the same integers), less
-// the min term from the input sums, is scaled once by d (and dmin) in double precision. Integers are exact and
-// the float steps run per output in block order: the result does not depend on lane layout, blocking or the
-// other rows.
-template <int64_t Type, int R, int C>
-void kquant_block(const int16_t* xq, const SplitRows& x, int64_t m0, const double* x_scale, int64_t K,
-                  const uint8_t* w, int64_t row_bytes, const float* bias, float* y, int64_t ldy, int64_t n,
-                  Cursor& cursor) {
-  using F = Format<Type>;
-  const int64_t B = K / 256;
-  double acc[R][C] = {};
-  for (int64_t blk = 0; blk < B; ++blk) {
-    cursor.tick(blk * 256);
-    KScales scales[C];
-    __m256i scales8[C];
-    const uint8_t* block[C];
-    for (int c = 0; c < C; ++c) {
-      block[c] = w + (n + c) * row_bytes + blk * F::kBytes;
-      F::scales(block[c], scales[c]);
-      scales8[c] = group_scales8<F>(scales[c]);
-    }
-    int64_t sums[R][C];  // each output's exact sum of sc * (q - offset) * x over the block
-    if constexpr (R > 2) {  // widening the values pays from three rows on (measured: docs/measurements.md)
-      wide_block_sums<F, R, C>(xq, m0, K, blk, block, scales, scales8, sums);
-    } else {
-      byte_block_sums<F, R, C>(x, m0, K, blk, block, scales, scales8, sums);
-    }
-    for (int r = 0; r < R; ++r) {
-      // |min| * |32-input sum| < 2^26: the products and their sums fit int32
-      const __m256i sums32 = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(x.sums32.data() + (m0 + r) * K / 32 + blk * 8));
-      for (int c = 0; c < C; ++c) {
-        acc[r][c] += double(scales[c].d) * double(sums[r][c]);
-        if constexpr (F::kMin) {
-          const __m256i mins = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales[c].mins)));
-          acc[r][c] -= double(scales[c].dmin) * double(horizontal_sum(_mm256_mullo_epi32(mins, sums32)));
-        }
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      const float out = float(acc[r][c] * x_scale[r]);
-      y[r * ldy + n + c] = bias ? out + bias[n + c] : out;
-    }
-}
+// The k-quant linear's blocks (kquant_block.h), compiled twice: for AVX2, and with 64 inputs per instruction
+// for AVX-512BW, chosen per call (kAvx512). Both sum the same integers in the same lanes, so they give the
+// same bits (KNN_SSD_AVX512=0 runs the AVX2 one; the tests compare them).
+namespace narrow {
+#define KQ_WIDE 0
+#include "kquant_block.h"
+#undef KQ_WIDE
+}  // namespace narrow
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+namespace wide {
+#define KQ_WIDE 1
+#include "kquant_block.h"
+#undef KQ_WIDE
+}  // namespace wide
+#pragma GCC pop_options
 
 template <int64_t Type>
 constexpr bool is_kquant() { return Format<Type>::kInputs == 256; }
@@ -493,16 +409,21 @@ void with_type(int64_t type, F&& f) {
 
 // One part's output columns [col0, col0 + rows) of every input row.
 template <int64_t Type>
-void qblock_part(const int16_t* xq, const float* sums, const SplitRows* split, const double* xs, int64_t M,
+void qblock_part(const int16_t* xq, const float* sums, const KRows* krows, const double* xs, int64_t M,
                  int64_t K, const uint8_t* w, int64_t rows, const float* bias, float* y, int64_t ldy) {
   const int64_t row_bytes = K / Format<Type>::kInputs * Format<Type>::kBytes, G = K / 32;
   const int64_t passes = row_passes<4>(M);
   const auto run = [&](auto columns_of, int64_t n, Cursor& cursor) {
     constexpr int C = decltype(columns_of)::value;
     row_blocks<4>(M, [&](auto R, int64_t m) {
-      if constexpr (is_kquant<Type>())
-        kquant_block<Type, decltype(R)::value, C>(xq, *split, m, xs + m, K, w, row_bytes, bias, y + m * ldy, ldy,
-                                                  n, cursor);
+      if constexpr (is_kquant<Type>()) {
+        if (kAvx512)
+          wide::kquant_block<Type, decltype(R)::value, C>(*krows, m, K, w, row_bytes, bias, y + m * ldy, ldy, n,
+                                                          cursor);
+        else
+          narrow::kquant_block<Type, decltype(R)::value, C>(*krows, m, K, w, row_bytes, bias, y + m * ldy, ldy, n,
+                                                            cursor);
+      }
       else
         qblock_block<Type, decltype(R)::value, C>(xq + m * K, sums + m * G, xs + m, K, w, row_bytes, bias,
                                                   y + m * ldy, ldy, n, cursor);
@@ -545,24 +466,24 @@ at::Tensor qblock_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   TORCH_CHECK(w.numel() == bytes, "qblock_linear: w holds ", w.numel(), " bytes, the parts need ", bytes);
   const float* bp = bias_data(bias, N, "qblock_linear");
   const at::Tensor xc = x.contiguous();
-  const QuantisedRows rows(xc, kSplitLimit);
-  const std::vector<int16_t>& xq = rows.q;
-  const std::vector<double>& xs = rows.scale;
-  const std::vector<float>& sums = rows.sums;
-  bool kquants = false;
-  for (int64_t p = 0; p < P; ++p) kquants |= block_inputs(pp[2 * p]) == 256;
-  const std::unique_ptr<SplitRows> split = kquants ? std::make_unique<SplitRows>(xq.data(), M, K) : nullptr;
+  bool kquants = false, groups32 = false;
+  for (int64_t p = 0; p < P; ++p) (block_inputs(pp[2 * p]) == 256 ? kquants : groups32) = true;
+  const std::unique_ptr<QuantisedRows> rows = groups32 ? std::make_unique<QuantisedRows>(xc, kInt16Limit) : nullptr;
+  const std::unique_ptr<KRows> krows = kquants ? std::make_unique<KRows>(xc.data_ptr<float>(), M, K) : nullptr;
+  const int16_t* xq = rows ? rows->q.data() : nullptr;
+  const double* xs = rows ? rows->scale.data() : nullptr;
+  const float* sums = rows ? rows->sums.data() : nullptr;
   at::Tensor y = at::empty({M, N}, xc.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   int64_t col = 0;
   for (int64_t p = 0; p < P; ++p) {
-    const int64_t type = pp[2 * p], rows = pp[2 * p + 1];
+    const int64_t type = pp[2 * p], part_rows = pp[2 * p + 1];
     with_type(type, [&](auto t) {
-      qblock_part<decltype(t)::value>(xq.data(), sums.data(), split.get(), xs.data(), M, K, wp, rows,
-                                      bp ? bp + col : nullptr, y.data_ptr<float>() + col, N);
+      qblock_part<decltype(t)::value>(xq, sums, krows.get(), xs, M, K, wp, part_rows, bp ? bp + col : nullptr,
+                                      y.data_ptr<float>() + col, N);
     });
-    wp += rows * K / block_inputs(type) * block_bytes(type);
-    col += rows;
+    wp += part_rows * K / block_inputs(type) * block_bytes(type);
+    col += part_rows;
   }
   return y;
 }
