@@ -35,9 +35,8 @@ def load_engine(model: str, device: str = "auto", dtype: str = "auto", *, target
 
     ``target`` is what plain decoding runs and verification checks: ``native`` reads a GGUF file's weights
     in their stored blocks; ``exact`` the weights dequantised (fp32, or bf16 where the model is converted
-    to it). ``auto`` is exact: measured end to end on Spec-Bench prompts it is still the faster of the two
-    (native prefill and verify steps cost more; docs/measurements.md), native the faster for single-stream
-    decoding of short prompts.
+    to it). ``auto`` is exact: measured end to end on Spec-Bench prompts it is the faster server under load
+    (native batched steps and prefill cost more; docs/measurements.md), native the faster single stream.
     ``draft_copies`` False skips the quantised draft copies (commands that never draft); ``chat_template``
     is the path of a template replacing the model's own (read before the slow load, so a bad path fails
     fast); ``max_model_len`` caps the context; ``prefix_cache_mb`` > 0 turns on automatic prefix caching.

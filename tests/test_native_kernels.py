@@ -80,7 +80,8 @@ def test_linear_f32_matches_torch_and_is_row_invariant(n, k):
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
 def test_avx2_and_avx512_variants_give_the_same_bits(tmp_path):
     """The kernels with an AVX-512 variant (linear_f32, int8 drafts of 3+ rows, the attention's value mix,
-    the native target's k-quant linears) give the AVX2 variant's bits, so output never depends on the CPU's vector width."""
+    the native target's k-quant linears) give the AVX2 variant's bits, so output never depends on the CPU's
+    vector width."""
     script = Path(__file__).with_name("isa_outputs.py")
     runs = {}
     for name, avx512 in (("avx512", "1"), ("avx2", "0")):
