@@ -153,8 +153,7 @@ class SpeculationPlanner:
             if not seq.policy.is_plain:
                 s = seq.stats
                 usual = s.draft_tokens / s.draft_steps if s.draft_steps else seq.policy.max_draft
-                limit = cap if seq.params.draft_length_free else seq.policy.max_draft
-                drafted = min(usual, limit, seq.policy.max_draft)
+                drafted = min(usual, cap, seq.policy.max_draft)
                 tokens += expected_accepted(token_acceptance(s), drafted)
                 if drafted > 0:
                     longest_in_group[seq.policy] = max(longest_in_group.get(seq.policy, 0.0), drafted)

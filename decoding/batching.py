@@ -5,7 +5,7 @@ chunks of newly admitted sequences, within a per-step token budget so that a lon
 cannot stall running sequences (chunked prefill), and (2) one batched speculative step of
 every running sequence, with the draft length chosen for the whole batch by the planner.
 Sequences join and leave between steps. Outputs never depend on the batch: the packed
-forwards are batch-invariant and seeded sampling rows keep their own draft lengths.
+forwards are batch-invariant, and no row's output depends on how many tokens it drafted.
 """
 
 from __future__ import annotations

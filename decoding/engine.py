@@ -24,8 +24,8 @@ from .lookup import ngram_lookup, prediction_matches
 from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
 from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixCache
 from .runner import ForwardOutput, ModelRunner, Segment
-from .sampling import (SamplingParams, accept_greedy, accept_sampled, adjusted_logits, greedy_tokens, make_generator,
-                       sample, target_probs)
+from .sampling import (SamplingParams, accept_drawn, accept_greedy, accept_sampled, adjusted_logits, greedy_tokens,
+                       make_generator, position_uniform, sample, sample_at, target_probs)
 from .stats import RequestStats, TokenSource
 
 log = logging.getLogger(__name__)
@@ -254,11 +254,10 @@ class SpeculativeEngine:
                    cut_drafts: Callable[[], bool] | None = None) -> list[StepOutput | Exception]:
         """Advance every sequence by one step: grouped drafts, one packed verify, per-row acceptance.
 
-        ``draft_cap`` bounds the draft length of rows whose output cannot depend on it
-        (greedy rows and unseeded sampling rows); seeded sampling rows always draft as
-        their policy says, so a seed gives the same text alone or in any batch. When
-        ``cut_drafts()`` turns true between draft positions (e.g. a request is waiting
-        for its prefill), those same rows stop drafting and the step verifies at once.
+        ``draft_cap`` bounds every row's draft length, and when ``cut_drafts()`` turns true
+        between draft positions (e.g. a request is waiting for its prefill) the rows stop
+        drafting and the step verifies at once: no row's output depends on its draft length
+        (greedy rows take the argmax, seeded sampling rows each position's own draw).
 
         A row whose acceptance fails gets the exception in place of its output; the other rows
         commit as usual. If drafting or the verify forward raises, nothing was committed (every
@@ -312,11 +311,12 @@ class SpeculativeEngine:
             chosen_from = seq.grammar.mask(chosen_from, drafts)
         if seq.params.greedy:
             accepted, bonus = accept_greedy(drafts, chosen_from)
-        elif drafts:
-            target = target_probs(chosen_from, seq.params)
-            accepted, bonus = accept_sampled(drafts, draft_probs, target, seq.generator)
         else:
-            accepted, bonus = 0, sample(target_probs(chosen_from[-1], seq.params), seq.generator)
+            target = target_probs(chosen_from, seq.params)
+            if drafts and seq.params.seed is None:
+                accepted, bonus = accept_sampled(drafts, draft_probs, target, seq.generator)
+            else:  # a seeded row keeps the drafts its own position draws confirm: plain decoding's tokens
+                accepted, bonus = accept_drawn(drafts, lambda i: self._draw(seq, target[i], start + 1 + i))
         seq.cache.commit(start + 1 + accepted)
         stats = seq.stats
         stats.verify_s += verify_s
@@ -344,7 +344,7 @@ class SpeculativeEngine:
                    seq.params.max_tokens - len(seq.generated) - 1,
                    self.max_context - len(seq.tokens) - 1,
                    seq.cache.capacity - start - 1)
-        if cap is not None and seq.params.draft_length_free:
+        if cap is not None:
             room = min(room, cap)
         return room
 
@@ -377,9 +377,7 @@ class SpeculativeEngine:
                     outs = self.runner.forward_packed(segments, policy)
                     still = [i for i, out in zip(active, outs) if self._draft_one(
                         seqs[i], out.logits[-1], drafts[i], probs[i]) and len(drafts[i]) < rooms[i]]
-                    if still and cut is not None and cut():
-                        still = [i for i in still if not seqs[i].params.draft_length_free]
-                    active = still
+                    active = [] if still and cut is not None and cut() else still
                 elapsed = time.perf_counter() - t0
                 for i in groups[policy]:
                     seqs[i].stats.draft_s += elapsed
@@ -423,7 +421,7 @@ class SpeculativeEngine:
             q = None
         else:
             q = target_probs(logits, seq.params)
-            token = sample(q, seq.generator)
+            token = self._draw(seq, q, len(seq.tokens) + len(drafts))
             confidence = float(q.max())
         if seq.grammar is not None and not seq.grammar.advance(token):
             return False  # the grammar ended before this position: nothing more to draft
@@ -440,7 +438,15 @@ class SpeculativeEngine:
             logits = seq.grammar.mask(logits[None])[0]
         if seq.params.greedy:
             return greedy_tokens(logits)[0]
-        return sample(target_probs(logits, seq.params), seq.generator)
+        return self._draw(seq, target_probs(logits, seq.params), len(seq.tokens))
+
+    @staticmethod
+    def _draw(seq: Sequence, probs: torch.Tensor, position: int) -> int:
+        """Sample the token at sequence ``position`` from ``probs``: with the draw the request's seed fixes for
+        that position (so a seeded row's tokens never depend on its drafts), else from its generator."""
+        if seq.params.seed is not None:
+            return sample_at(probs, position_uniform(seq.params.seed, position))
+        return sample(probs, seq.generator)
 
     @staticmethod
     def _completes_grammar(seq: Sequence, token: int) -> bool:

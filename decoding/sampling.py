@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -63,25 +64,36 @@ class SamplingParams:
         """Whether penalties or a logit bias change the distribution the tokens are chosen from."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
-    @property
-    def draft_length_free(self) -> bool:
-        """Whether the output is the same whatever the draft length: greedy, or sampling without a seed.
-
-        A seeded sampling row's random draws depend on how many tokens it drafts, so only
-        rows with this property may have their draft length capped under load.
-        """
-        return self.greedy or self.seed is None
-
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """A per-request RNG so that concurrent requests never share random state. A seed is taken modulo
-    2**64, as torch takes negative ones, so a seed near the 64-bit limit plus a choice's index still works."""
+    """A per-request RNG so that concurrent requests never share random state: an unseeded request's is
+    seeded from torch's global RNG (the server seeds that at random when it starts; a test may fix it). A
+    seed is taken modulo 2**64, as torch takes negative ones, so a seed near the 64-bit limit plus a
+    choice's index still works."""
     gen = torch.Generator(device=device)
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed % 2**64)
+    gen.manual_seed(int(torch.randint(0, 2**62, ())) if seed is None else seed % 2**64)
     return gen
+
+
+_MASK64 = 2**64 - 1
+
+
+def position_uniform(seed: int, position: int) -> float:
+    """A uniform draw in [0, 1) fixed by a request's seed and a token position (splitmix64 of both): a seeded
+    request's token at a position is drawn with it, whatever was drafted or verified before, so speculation
+    gives the very tokens plain decoding draws."""
+    x = (seed % 2**64 + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return ((x ^ (x >> 31)) >> 11) / 2**53
+
+
+def sample_at(probs: torch.Tensor, u: float) -> int:
+    """The token at ``u`` of the cumulative distribution (inverse CDF over token ids, float64 sums; never a
+    token of probability 0)."""
+    cdf = probs.double().cumsum(-1)
+    index = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64), right=True))
+    return min(index, probs.shape[-1] - 1)
 
 
 def adjusted_logits(logits: torch.Tensor, params: SamplingParams, generated: list[int],
@@ -147,6 +159,17 @@ def accept_greedy(drafts: list[int], target_logits: torch.Tensor) -> tuple[int, 
     while accepted < len(drafts) and drafts[accepted] == best[accepted]:
         accepted += 1
     return accepted, best[accepted]
+
+
+def accept_drawn(drafts: list[int], draw: Callable[[int], int]) -> tuple[int, int]:
+    """Keep drafts while each equals the target's own draw at its position (``draw(i)``: the token row ``i``
+    gives); the first that differs, or the token after the last draft, is that draw. The output is what
+    drawing from the target token by token gives (seeded sampling: ``position_uniform``)."""
+    for i, token in enumerate(drafts):
+        pick = draw(i)
+        if pick != token:
+            return i, pick
+    return len(drafts), draw(len(drafts))
 
 
 def accept_sampled(drafts: list[int], draft_probs: torch.Tensor, target: torch.Tensor,

@@ -91,6 +91,7 @@ def build_state(config: ServerConfig) -> ServerState:
 
 def _build_state(config: ServerConfig, thread: concurrent.futures.ThreadPoolExecutor) -> ServerState:
     t0 = time.perf_counter()
+    torch.seed()  # unseeded requests' generators come from torch's global RNG: a fresh one per server
     log.info("knn-ssd %s (torch %s, transformers %s): loading model %s", package_version(), torch.__version__,
              transformers.__version__, config.model)
     prompt_log = PromptLog(Path(config.log_prompts)) if config.log_prompts else None  # before the slow load

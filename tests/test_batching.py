@@ -166,7 +166,8 @@ def test_a_failing_row_fails_alone_and_the_others_lose_nothing(default_engine):
 
 
 def test_cut_drafts_verifies_at_once_and_keeps_every_output(default_engine):
-    """A waiting request cuts drafting short: greedy rows verify after one draft, seeded rows draft as usual."""
+    """A waiting request cuts drafting short: every row, seeded sampling included, verifies after one draft,
+    and no output changes (a seeded row's tokens are its positions' own draws)."""
     tok = default_engine.tokenizer
     seeded = (chat_ids(tok, TEXTS[2]), SamplingParams(max_tokens=16, temperature=0.8, seed=7),
               DraftPolicy(precision="int8", threshold=0.0, max_draft=4))
@@ -181,10 +182,9 @@ def test_cut_drafts_verifies_at_once_and_keeps_every_output(default_engine):
     while batcher.size:
         batcher.step(cut_drafts=lambda: True)
     assert [s.generated for s in seqs] == solo_outputs(default_engine, requests)
-    for seq in seqs[:4]:
+    for seq in seqs:
         assert seq.stats.draft_tokens <= seq.stats.draft_steps  # at most one draft per step
-    assert seqs[1].stats.draft_steps > 0  # the int8 row did speculate
-    assert seqs[4].stats.draft_tokens > seqs[4].stats.draft_steps  # the seeded row kept its draft length
+    assert seqs[1].stats.draft_steps > 0 and seqs[4].stats.draft_steps > 0  # the int8 rows did speculate
 
 
 def test_seeded_sampling_rows_same_alone_and_in_batch(default_engine):

@@ -80,7 +80,7 @@ def test_a_seeded_sampling_comparison_shows_both_runs(server, browser):
     page.fill("#max-tokens", "24")
     answer = ask(page, "Write a short line about the sea.", compare=True)
     badge = answer.locator(".compare .badge").inner_text()
-    assert ("identical texts" in badge or "same distribution" in badge) and "tokens/s" in badge
+    assert "identical texts" in badge and "tokens/s" in badge  # a seed draws the same tokens either way
     assert all(answer.locator(".compare pre").nth(i).inner_text() for i in range(2))
     assert answer.locator(".tok").count() == int(answer.get_attribute("data-completion-tokens"))
 

@@ -1,10 +1,12 @@
-"""Speculative sampling keeps the target distribution; a wrong acceptance rule is caught."""
+"""Speculative sampling keeps the target distribution (unseeded rows: the rejection rule, checked by
+chi-squared tests that also catch a wrong rule); seeded rows give plain decoding's very tokens."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 import pytest
+import torch
 from scipy.stats import chi2_contingency
 
 import decoding.engine
@@ -18,10 +20,12 @@ DRAFT = DraftPolicy(SkipSet(attention=[0, 1, 2], mlp=[0, 1, 3]), threshold=0.0, 
 
 
 def _samples(engine, policy, **adjust) -> Counter:
-    """Joint distribution of the 2nd and 3rd generated tokens (both produced by verify steps)."""
+    """Joint distribution of the 2nd and 3rd generated tokens (both produced by verify steps) over N unseeded
+    runs (each request's generator comes from torch's global RNG, fixed here so the test repeats)."""
+    torch.manual_seed(0)
     counts: Counter = Counter()
-    for seed in range(N):
-        params = SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=seed, ignore_eos=True, **adjust)
+    for _ in range(N):
+        params = SamplingParams(max_tokens=3, temperature=1.0, top_k=4, ignore_eos=True, **adjust)
         counts[tuple(engine.run(PROMPT, params, policy).generated[1:])] += 1
     return counts
 
@@ -63,6 +67,19 @@ def test_speculative_sampling_keeps_the_constrained_distribution(tiny_engine):
     grammar = {"grammar": json_schema_grammar({"type": "array", "items": {"type": "integer"}, "minItems": 2})}
     close_draft = DraftPolicy(SkipSet(attention=[3]), threshold=0.0, max_draft=3)
     assert _p_value(_samples(tiny_engine, PLAIN, **grammar), _samples(tiny_engine, close_draft, **grammar)) > 0.01
+
+
+@pytest.mark.parametrize("adjust", [{}, {"frequency_penalty": 1.0, "logit_bias": ((100, 4.0),)},
+                                    {"grammar": json_schema_grammar({"type": "array", "items": {"type": "integer"}})}],
+                         ids=["plain", "penalised", "grammar"])
+def test_seeded_sampling_gives_plain_decodings_tokens(tiny_engine, adjust):
+    """A seeded row draws each position's token with a uniform its seed fixes for that position, drafts
+    included, and keeps only drafts those draws confirm: the output is plain decoding's, whatever the policy."""
+    for seed in range(40):
+        params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=seed, **adjust)
+        plain = tiny_engine.run(PROMPT, params, PLAIN).generated
+        for policy in (DRAFT, DraftPolicy(SkipSet(attention=[3]), threshold=0.0, max_draft=4)):
+            assert tiny_engine.run(PROMPT, params, policy).generated == plain
 
 
 def test_wrong_acceptance_rule_is_detected(tiny_engine, plain_counts, monkeypatch):
