@@ -25,7 +25,7 @@ from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
 from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixCache
 from .runner import ForwardOutput, ModelRunner, Segment
 from .sampling import (SamplingParams, accept_drawn, accept_greedy, accept_sampled, adjusted_logits, greedy_tokens,
-                       make_generator, position_uniform, sample, sample_at, target_probs)
+                       make_generator, sample, sample_at, target_probs)
 from .stats import RequestStats, TokenSource
 
 log = logging.getLogger(__name__)
@@ -445,7 +445,7 @@ class SpeculativeEngine:
         """Sample the token at sequence ``position`` from ``probs``: with the draw the request's seed fixes for
         that position (so a seeded row's tokens never depend on its drafts), else from its generator."""
         if seq.params.seed is not None:
-            return sample_at(probs, position_uniform(seq.params.seed, position))
+            return sample_at(probs, seq.params.seed, position)
         return sample(probs, seq.generator)
 
     @staticmethod

@@ -78,22 +78,24 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 _MASK64 = 2**64 - 1
 
 
-def position_uniform(seed: int, position: int) -> float:
-    """A uniform draw in [0, 1) fixed by a request's seed and a token position (splitmix64 of both): a seeded
-    request's token at a position is drawn with it, whatever was drafted or verified before, so speculation
-    gives the very tokens plain decoding draws."""
+def position_seed(seed: int, position: int) -> int:
+    """The seed of a request's draw at a token position (splitmix64 of both)."""
     x = (seed % 2**64 + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return ((x ^ (x >> 31)) >> 11) / 2**53
+    return (x ^ (x >> 31)) >> 1
 
 
-def sample_at(probs: torch.Tensor, u: float) -> int:
-    """The token at ``u`` of the cumulative distribution (inverse CDF over token ids, float64 sums; never a
-    token of probability 0)."""
-    cdf = probs.double().cumsum(-1)
-    index = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64), right=True))
-    return min(index, probs.shape[-1] - 1)
+def sample_at(probs: torch.Tensor, seed: int, position: int) -> int:
+    """The token a seeded request draws at ``position`` from ``probs``: the Gumbel-max trick, argmax of log p
+    plus Gumbel noise that (seed, position) fixes per token. It samples ``probs`` exactly, never a token of
+    probability 0, and whatever was drafted or verified before the position; a draft drawn with the same
+    noise from a close distribution mostly picks the same token, so seeded speculation keeps plain
+    decoding's very tokens and still gets most drafts accepted."""
+    gen = torch.Generator(device=probs.device).manual_seed(position_seed(seed, position))
+    u = torch.rand(probs.shape[-1], generator=gen, device=probs.device, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
+    return int(torch.argmax(torch.log(probs.double()) + gumbel))
 
 
 def adjusted_logits(logits: torch.Tensor, params: SamplingParams, generated: list[int],
@@ -164,7 +166,7 @@ def accept_greedy(drafts: list[int], target_logits: torch.Tensor) -> tuple[int, 
 def accept_drawn(drafts: list[int], draw: Callable[[int], int]) -> tuple[int, int]:
     """Keep drafts while each equals the target's own draw at its position (``draw(i)``: the token row ``i``
     gives); the first that differs, or the token after the last draft, is that draw. The output is what
-    drawing from the target token by token gives (seeded sampling: ``position_uniform``)."""
+    drawing from the target token by token gives (seeded sampling: ``sample_at``)."""
     for i, token in enumerate(drafts):
         pick = draw(i)
         if pick != token:

@@ -73,7 +73,7 @@ def test_speculative_sampling_keeps_the_constrained_distribution(tiny_engine):
                                     {"grammar": json_schema_grammar({"type": "array", "items": {"type": "integer"}})}],
                          ids=["plain", "penalised", "grammar"])
 def test_seeded_sampling_gives_plain_decodings_tokens(tiny_engine, adjust):
-    """A seeded row draws each position's token with a uniform its seed fixes for that position, drafts
+    """A seeded row draws each position's token with Gumbel noise its seed fixes for that position, drafts
     included, and keeps only drafts those draws confirm: the output is plain decoding's, whatever the policy."""
     for seed in range(40):
         params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=seed, **adjust)
