@@ -313,7 +313,7 @@ class SpeculativeEngine:
             accepted, bonus = accept_greedy(drafts, chosen_from)
         else:
             target = target_probs(chosen_from, seq.params)
-            if drafts and seq.params.seed is None:
+            if drafts and seq.params.needs_draft_probs:
                 accepted, bonus = accept_sampled(drafts, draft_probs, target, seq.generator)
             else:  # a seeded row keeps the drafts its own position draws confirm: plain decoding's tokens
                 accepted, bonus = accept_drawn(drafts, lambda i: self._draw(seq, target[i], start + 1 + i))
@@ -396,7 +396,7 @@ class SpeculativeEngine:
             if seq.grammar is not None and not seq.grammar.advance(token):
                 break
             drafts.append(token)
-            if not seq.params.greedy:
+            if seq.params.needs_draft_probs:
                 point = torch.zeros(self.vocab_size, device=self.runner.device)
                 point[token] = 1.0
                 probs.append(point)
@@ -426,7 +426,7 @@ class SpeculativeEngine:
         if seq.grammar is not None and not seq.grammar.advance(token):
             return False  # the grammar ended before this position: nothing more to draft
         drafts.append(token)
-        if q is not None:
+        if seq.params.needs_draft_probs:
             probs.append(q)
         ended = token in self.eos_ids and not seq.params.ignore_eos
         return not (confidence < seq.policy.threshold or ended or (seq.grammar is not None and seq.grammar.stopped))

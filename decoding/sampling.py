@@ -60,6 +60,12 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def needs_draft_probs(self) -> bool:
+        """Whether verification needs the drafts' distributions: unseeded sampling (the rejection rule); greedy
+        and seeded rows only compare drafts with the target's own picks."""
+        return not self.greedy and self.seed is None
+
+    @property
     def adjusts_logits(self) -> bool:
         """Whether penalties or a logit bias change the distribution the tokens are chosen from."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
