@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 # CUDA users: KNN_SSD_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" make serve
 KNN_SSD_TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.knn-ssd-installed
+RAY_STAMP := $(VENV)/.knn-ssd-ray-installed
 
 .PHONY: setup serve test bench cuda-check clean prometheus chromium
 
@@ -22,8 +23,13 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(VENV)/bin/knn-ssd serve $(ARGS)
 
-test: setup prometheus chromium
+test: setup $(RAY_STAMP) prometheus chromium
 	$(PY) -m pytest -q $(ARGS)
+
+# The scale-out tests run a real local Ray cluster: the optional extra `ray`, which `make serve` leaves out.
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[test,ray]"
+	touch $(RAY_STAMP)
 
 # The monitoring tests run a real Prometheus: the Debian package, installed here when missing (needs root).
 prometheus:

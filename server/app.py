@@ -7,6 +7,7 @@ import asyncio
 import logging
 import secrets
 import signal
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -79,7 +80,9 @@ def _lifespan(config: ServerConfig, loaded: ServerState) -> Any:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.server = loaded
         loaded.loop.start()
-        if hasattr(signal, "SIGHUP"):  # `kill -HUP <pid>` re-reads --index, e.g. after `calibrate --traffic`
+        # `kill -HUP <pid>` re-reads --index, e.g. after `calibrate --traffic` (only a main thread has signals:
+        # a Ray Serve replica runs the app on another one)
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_router, loaded, config)
         log.info("ready: serving %r", loaded.serving.model_name)
         try:
@@ -212,5 +215,5 @@ def run_server(args: argparse.Namespace) -> int:
         raise SystemExit(f"knn-ssd serve: {exc}") from None
     app = create_app(config, state)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_timeout)
+                timeout_graceful_shutdown=config.drain_timeout)
     return 0

@@ -27,6 +27,7 @@ class ServerConfig:
     chat_template: str | None = None
     allowed_origins: list[str] | None = None
     ui: bool = True  # the playground page at / and /playground
+    drain_timeout: float = 30.0  # seconds a stopping server waits for in-flight requests
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServerConfig":

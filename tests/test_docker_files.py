@@ -50,7 +50,7 @@ def test_grafana_provisioning_matches_dashboard():
     uid = datasource["datasources"][0]["uid"]
     board = json.loads((DOCKER / "grafana/knn-ssd.json").read_text())
     variables = {v["name"]: v for v in board["templating"]["list"]}
-    assert set(variables) == {"datasource", "model", "domain"}
+    assert set(variables) == {"datasource", "model", "replica", "domain"}
     assert variables["datasource"]["current"]["value"] == uid
     for panel in board["panels"]:
         if panel["type"] == "row":
@@ -59,7 +59,7 @@ def test_grafana_provisioning_matches_dashboard():
         assert panel["fieldConfig"]["defaults"]["noValue"] == "no traffic", panel["title"]
         assert panel["description"], panel["title"]
         for target in panel["targets"]:
-            assert 'model=~"$model"' in target["expr"], (panel["title"], target["expr"])
+            assert 'model=~"$model", replica=~"$replica"' in target["expr"], (panel["title"], target["expr"])
 
 
 def test_promtool_accepts_prometheus_config():

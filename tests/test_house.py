@@ -87,3 +87,17 @@ def test_routes_are_thin() -> None:
     fat = [f"{fn.name}: {fn.end_lineno - fn.body[0].lineno + 1} lines" for fn in routes
            if fn.end_lineno - fn.body[0].lineno + 1 > MAX_ROUTE_LINES]
     assert not fat, fat
+
+
+def test_the_single_process_server_never_imports_ray() -> None:
+    """Ray is an optional extra: the default install lacks it, and serving one process must not need it."""
+    import subprocess
+    import sys
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(dep.startswith("ray") for dep in project["dependencies"])
+    assert any(dep.startswith("ray[serve]") for dep in project["optional-dependencies"]["ray"])
+    code = ("import sys, server.cli, server.app, server.state; server.cli.build_parser(); "
+            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
