@@ -467,6 +467,7 @@ bool avx512_supported() {
   return avx512_allowed() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
 const bool kAvx512 = avx512_supported();
+const bool kVnni = kAvx512 && vnni_supported();
 
 // (rows, K) weights zero-padded to whole groups and packed as (groups, K / P, kGroupCols, P) for inputs taken
 // P at a time (float32: 1, bfloat16: 2), squeezed to (groups, K, kGroupCols) for P = 1.

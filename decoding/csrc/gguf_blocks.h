@@ -349,9 +349,9 @@ inline __m256i paired_mins(const KScales& s) {
   return _mm256_set_m128i(_mm_unpackhi_epi16(m, m), _mm_unpacklo_epi16(m, m));
 }
 
-// The k-quant linear's blocks (kquant_block.h), compiled twice: for AVX2, and with 64 inputs per instruction
-// for AVX-512BW, chosen per call (kAvx512). Both sum the same integers in the same lanes, so they give the
-// same bits (KNN_SSD_AVX512=0 runs the AVX2 one; the tests compare them).
+// The k-quant linear's blocks (kquant_block.h), compiled three times: for AVX2, with 64 inputs per instruction
+// for AVX-512BW, and that with VNNI's VPDPWSSD, chosen per call (kVnni, kAvx512). All sum the same integers
+// in the same lanes, so they give the same bits (KNN_SSD_AVX512=0 runs the AVX2 one; the tests compare them).
 namespace narrow {
 #define KQ_WIDE 0
 #include "kquant_block.h"
@@ -361,9 +361,21 @@ namespace narrow {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 namespace wide {
 #define KQ_WIDE 1
+#define KQ_VNNI 0
 #include "kquant_block.h"
+#undef KQ_VNNI
 #undef KQ_WIDE
 }  // namespace wide
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+namespace wide_vnni {
+#define KQ_WIDE 1
+#define KQ_VNNI 1
+#include "kquant_block.h"
+#undef KQ_VNNI
+#undef KQ_WIDE
+}  // namespace wide_vnni
 #pragma GCC pop_options
 
 template <int64_t Type>
@@ -413,11 +425,15 @@ void qblock_part(const int16_t* xq, const float* sums, const KRows* krows, const
                  int64_t K, const uint8_t* w, int64_t rows, const float* bias, float* y, int64_t ldy) {
   const int64_t row_bytes = K / Format<Type>::kInputs * Format<Type>::kBytes, G = K / 32;
   const int64_t passes = row_passes<4>(M);
+  const bool vnni = kVnni && M > 2;  // 1-2 rows are bound by memory, where it gains nothing (as in int8_linear)
   const auto run = [&](auto columns_of, int64_t n, Cursor& cursor) {
     constexpr int C = decltype(columns_of)::value;
     row_blocks<4>(M, [&](auto R, int64_t m) {
       if constexpr (is_kquant<Type>()) {
-        if (kAvx512)
+        if (vnni)
+          wide_vnni::kquant_block<Type, decltype(R)::value, C>(*krows, m, K, w, row_bytes, bias, y + m * ldy, ldy,
+                                                               n, cursor);
+        else if (kAvx512)
           wide::kquant_block<Type, decltype(R)::value, C>(*krows, m, K, w, row_bytes, bias, y + m * ldy, ldy, n,
                                                           cursor);
         else

@@ -70,7 +70,11 @@ inline void kquant_lanes(const KRows& x, int64_t m0, int64_t K, int64_t blk, con
           _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb[r] + 32 * ga))),
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb[r] + 32 * gb)), 1);
       for (int c = 0; c < C; ++c)
+#if KQ_VNNI  // VPDPWSSD: VPMADDWD and VPADDD in one instruction, the same wrapping int32 sums
+        acc[r][c] = _mm512_dpwssd_epi32(acc[r][c], _mm512_maddubs_epi16(q[c], xg), sc[c]);
+#else
         acc[r][c] = _mm512_add_epi32(acc[r][c], _mm512_madd_epi16(_mm512_maddubs_epi16(q[c], xg), sc[c]));
+#endif
     }
   }
   for (int r = 0; r < R; ++r)
