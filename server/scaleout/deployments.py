@@ -102,9 +102,9 @@ class EngineReplica:
 class Ingress:
     """The application's HTTP entry: forwards each request to a replica chosen by ``PrefixAffinityRouter``."""
 
-    def __init__(self, engine: DeploymentHandle, app_name: str = APP_NAME) -> None:
+    def __init__(self, engine: DeploymentHandle) -> None:
         self.engine = engine.options(stream=True)
-        self.directory = replica_directory(app_name)
+        self.directory = replica_directory(serve.get_replica_context().app_name)  # whatever the deploy named it
 
     async def __call__(self, request: Request) -> Response:
         if request.url.path == "/metrics":
@@ -170,7 +170,7 @@ def _api_error(exc: BaseException) -> APIError:
     return APIError(500, f"The request failed in its replica: {type(exc).__name__}", None, "internal_error")
 
 
-def build_application(config: ServerConfig, scale: ScaleConfig, app_name: str = APP_NAME) -> serve.Application:
+def build_application(config: ServerConfig, scale: ScaleConfig) -> serve.Application:
     """The bound application: ``scale`` replicas of ``config``'s server behind one ingress."""
     replicas = {"autoscaling_config": AutoscalingConfig(
         min_replicas=scale.min_replicas, max_replicas=scale.max_replicas,
@@ -187,4 +187,4 @@ def build_application(config: ServerConfig, scale: ScaleConfig, app_name: str = 
         graceful_shutdown_timeout_s=config.drain_timeout, health_check_period_s=5.0)
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=10_000,
                                ray_actor_options={"num_cpus": 0})
-    return ingress.bind(engine.bind(config, scale.threads), app_name)
+    return ingress.bind(engine.bind(config, scale.threads))
