@@ -7,8 +7,8 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
 import time
+from typing import Any
 
 import ray
 from ray import serve
