@@ -327,7 +327,7 @@ class ModelRunner:
             return f"exact (weights as loaded: {str(self.dtype).removeprefix('torch.')})"
         counts: dict[str, int] = {}
         for lin in self._full_linears:
-            for type_id, _ in (lin.parts.tolist() if isinstance(lin, BlockLinear) else [(None, 0)]):
+            for type_id, *_ in (lin.parts.tolist() if isinstance(lin, BlockLinear) else [(None, 0)]):
                 name = BLOCK_TYPES.get(type_id, f"widened {str(self.dtype).removeprefix('torch.')}")
                 counts[name] = counts.get(name, 0) + 1
         stored = sum(lin.kernel_bytes for lin in self._full_linears if isinstance(lin, BlockLinear))

@@ -16,7 +16,7 @@ from decoding import ModelRunner, native
 
 def outputs() -> dict[str, torch.Tensor]:
     """linear_f32 over 1-13 and 300 rows, int8_linear over 8 rows, the native target's k-quant linears over
-    1, 2 and 5 rows (5: the VNNI variant where the CPU has VNNI), and a model with 64-wide heads (the
+    1, 2 and 7 rows (row blocks of each size; VNNI's instructions where the CPU has them), and a model with 64-wide heads (the
     attention's 32-wide value chunks) through prefill and a 5-token verify, and its KV entries."""
     kernels = native.cpu_kernels()
     gen = torch.Generator().manual_seed(0)
@@ -30,9 +30,10 @@ def outputs() -> dict[str, torch.Tensor]:
         blocks = torch.randint(0, 256, (40, 2, nbytes), generator=gen, dtype=torch.uint8)  # 40 rows of 512 inputs
         blocks[..., scales_at:scales_at + 2 * scales] = torch.full((scales,), 0.01, dtype=torch.float16).view(
             torch.uint8)
-        xk = torch.randn(5, 512, generator=gen)
-        for m in (1, 2, 5):
-            out[f"{name}_{m}"] = kernels.qblock_linear(xk[:m], blocks.reshape(-1), torch.tensor([[type_id, 40]]), None)
+        xk = torch.randn(7, 512, generator=gen)
+        packed, parts = kernels.qblock_pack(blocks.reshape(-1), torch.tensor([[type_id, 40]]), 512)
+        for m in (1, 2, 7):
+            out[f"{name}_{m}"] = kernels.qblock_linear(xk[:m], packed, parts, None)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=320, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

@@ -173,7 +173,7 @@ def test_default_model_native_target(default_model):
 
     engine, info = load_engine("default", "cpu", "float32", target="native")
     runner = engine.runner
-    types = {int(t) for lin in runner._full_linears for t, _ in lin.parts.tolist()}
+    types = {int(t) for lin in runner._full_linears for t, *_ in lin.parts.tolist()}
     assert types == {int(Q.Q4_1), int(Q.Q8_0)}
     chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}],
                                                 add_generation_prompt=True, tokenize=True, return_dict=False)

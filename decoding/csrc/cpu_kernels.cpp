@@ -1243,6 +1243,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
 TORCH_LIBRARY(knn_ssd, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("qblock_pack(Tensor w, Tensor parts, int K) -> (Tensor, Tensor)");
   m.def("qblock_linear(Tensor x, Tensor w, Tensor parts, Tensor? bias) -> Tensor");
   m.def("qblock_rows(Tensor w, int type, int K, Tensor ids) -> Tensor");
   m.def("huge_pages(Tensor[] ts) -> Tensor[]");
@@ -1263,6 +1264,7 @@ TORCH_LIBRARY(knn_ssd, m) {
 TORCH_LIBRARY_IMPL(knn_ssd, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("qblock_pack", &qblock_pack);
   m.impl("qblock_linear", &qblock_linear);
   m.impl("qblock_rows", &qblock_rows);
   m.impl("huge_pages", &huge_pages);

@@ -3,15 +3,14 @@
 //
 // A weight is one or more parts of output rows, each part in one GGML block format, each row a run of that
 // format's blocks over the K inputs: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32 inputs) and Q4_K, Q5_K,
-// Q6_K (256). For every group of 32 inputs a format unpacks its quantised values (inputs 0-15 and 16-31,
-// each half with its own scale: the k-quants' 16-input sub-blocks) and gives the group's float scales,
-// computed exactly as ggml dequantises (d * sc in float32), and its min where the format has one:
-// w = scale * q + min. Inputs are quantised per row: for the 32-input formats to int16 with the row's absmax
-// scale, a group's dot product an exact integer (|sum| < 2^24: exact in float32 too); for the k-quants to
-// int8 per 256-input block with the block's absmax scale (llama.cpp's q8_K), a super-block's dot product an
-// exact integer in one VPMADDUBSW pass. Each output is then one chain of float (double, for the k-quants)
-// multiply-adds over the groups or blocks in order, the mins meeting the row's input sums: the same
-// arithmetic whatever the other rows, the blocking or the chunking.
+// Q6_K (256). The 32-input formats are read as stored: each group of 32 inputs unpacks its quantised values
+// and gives its float scale (and min: w = scale * q + min), inputs quantised to int16 per row, a group's dot
+// product an exact integer (|sum| < 2^24: exact in float32 too), each output one chain of float multiply-adds
+// over the groups in order, the mins meeting the row's input sums. The k-quants are re-laid at load in tiles
+// of 16 output columns (qblock_pack; the same values and scales) for ktile_block.h's kernel: inputs quantised
+// to int8 per 256-input block with the block's absmax scale (llama.cpp's q8_K), each super-block's sum exact
+// in int32, each output one float chain over the blocks. Either way a row's arithmetic is the same whatever
+// the other rows, the blocking or the chunking.
 
 // The 32-input formats' int16 input limit: below 32767 since the k-quants once split these rows into bytes;
 // kept, as changing it would change every output of the 32-input formats.
@@ -25,10 +24,11 @@ inline float fp16(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-// One group of 32 inputs: quantised values as int16 (lo: inputs 0-15, hi: 16-31), scales and mins per half.
+// One group of 32 inputs of a 32-input format: quantised values as int16 (lo: inputs 0-15, hi: 16-31), its
+// scale and min.
 struct Group {
   __m256i lo, hi;
-  float scale_lo, scale_hi, min;
+  float scale, min;
 };
 
 inline __m256i widen_u8(const uint8_t* p) {
@@ -54,39 +54,30 @@ inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
   }
 }
 
-// Group g (0..7) of a k-quant super-block with 4-bit low parts in 64-input chunks (Q4_K, Q5_K).
-inline void k_low_nibbles(const uint8_t* qs, int g, Group& out) {
-  const __m128i count = _mm_cvtsi32_si128((g & 1) * 4);
-  const __m256i nibble = _mm256_set1_epi16(0x0F);
-  const uint8_t* chunk = qs + 32 * (g / 2);
-  out.lo = _mm256_and_si256(_mm256_srl_epi16(widen_u8(chunk), count), nibble);
-  out.hi = _mm256_and_si256(_mm256_srl_epi16(widen_u8(chunk + 16), count), nibble);
-}
-
 template <int64_t Type>
 struct Format;
 
 template <>
 struct Format<kQ4_0> {
   static constexpr int64_t kInputs = 32, kBytes = 18;
-  static constexpr bool kMin = false, kSplit = false;
-  static inline void group(const uint8_t* b, int, Group& out) {
+  static constexpr bool kMin = false;
+  static inline void group(const uint8_t* b, Group& out) {
     const __m256i v = widen_u8(b + 2), eight = _mm256_set1_epi16(8);
     out.lo = _mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), eight);
     out.hi = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), eight);
-    out.scale_lo = out.scale_hi = fp16(b);
+    out.scale = fp16(b);
   }
 };
 
 template <>
 struct Format<kQ4_1> {
   static constexpr int64_t kInputs = 32, kBytes = 20;
-  static constexpr bool kMin = true, kSplit = false;
-  static inline void group(const uint8_t* b, int, Group& out) {
+  static constexpr bool kMin = true;
+  static inline void group(const uint8_t* b, Group& out) {
     const __m256i v = widen_u8(b + 4);
     out.lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
     out.hi = _mm256_srli_epi16(v, 4);
-    out.scale_lo = out.scale_hi = fp16(b);
+    out.scale = fp16(b);
     out.min = fp16(b + 2);
   }
 };
@@ -96,8 +87,8 @@ struct Format<kQ4_1> {
 template <bool Min>
 struct Q5Format {
   static constexpr int64_t kInputs = 32, kBytes = Min ? 24 : 22;
-  static constexpr bool kMin = Min, kSplit = false;
-  static inline void group(const uint8_t* b, int, Group& out) {
+  static constexpr bool kMin = Min;
+  static inline void group(const uint8_t* b, Group& out) {
     constexpr int scales = Min ? 4 : 2;  // bytes of d (and m) before the fifth bits
     uint32_t qh;
     std::memcpy(&qh, b + scales, 4);
@@ -108,7 +99,7 @@ struct Q5Format {
       out.lo = _mm256_sub_epi16(out.lo, _mm256_set1_epi16(16));
       out.hi = _mm256_sub_epi16(out.hi, _mm256_set1_epi16(16));
     }
-    out.scale_lo = out.scale_hi = fp16(b);
+    out.scale = fp16(b);
     if constexpr (Min) out.min = fp16(b + 2);
   }
 };
@@ -122,120 +113,34 @@ struct Format<kQ5_1> : Q5Format<true> {};
 template <>
 struct Format<kQ8_0> {
   static constexpr int64_t kInputs = 32, kBytes = 34;
-  static constexpr bool kMin = false, kSplit = false;
-  static inline void group(const uint8_t* b, int, Group& out) {
+  static constexpr bool kMin = false;
+  static inline void group(const uint8_t* b, Group& out) {
     out.lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
     out.hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)));
-    out.scale_lo = out.scale_hi = fp16(b);
+    out.scale = fp16(b);
   }
 };
 
-// The k-quants (256-input super-blocks) also give their values as unsigned bytes and their integer sub-block
-// scales, so the linear can sum sc * q * x over a whole super-block in exact integers (kquant_block):
-//   scales(b, s): s.sc[2g], s.sc[2g + 1] scale inputs 0-15 and 16-31 of group g, s.mins[g] is its min
-//   (w = d * sc * (q - kOffset) - dmin * min); bytes(b, g): the group's 32 values q as unsigned bytes.
-// group() (ggml's float dequantisation, for embedding rows) is built on the same two.
-struct KScales {
-  int16_t sc[16];   // Q6_K: the 16 sub-block scales
-  uint8_t sc8[8];   // Q4_K, Q5_K: the 8 group scales
-  uint8_t mins[8];  // Q4_K, Q5_K: the 8 group mins
-  float d, dmin;
-};
-
-// Int16 lane g of each 128-bit half of `scales8` (group_scales8's layout) in all its lanes: one VPSHUFB.
-inline __m256i lane_broadcast(__m256i scales8, int g) {
-  const __m256i control = _mm256_set1_epi16(static_cast<int16_t>((2 * g) | ((2 * g + 1) << 8)));
-  return _mm256_shuffle_epi8(scales8, control);
-}
-
-template <typename K>
-inline void k_group(const uint8_t* b, int g, Group& out) {
-  KScales s;
-  K::scales(b, s);
-  const __m256i q = K::bytes(b, g), offset = _mm256_set1_epi16(K::kOffset);
-  out.lo = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)), offset);
-  out.hi = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)), offset);
-  out.scale_lo = s.d * float(K::kSplit ? s.sc[2 * g] : s.sc8[g]);
-  out.scale_hi = s.d * float(K::kSplit ? s.sc[2 * g + 1] : s.sc8[g]);
-  out.min = K::kMin ? -(s.dmin * float(s.mins[g])) : 0.f;
-}
-
-// The eight 6-bit scales and mins of a Q4_K / Q5_K super-block at once (ggml's kmask unpacking).
-inline void k4_scales(const uint8_t* b, KScales& s) {
-  uint32_t u[4];
-  std::memcpy(u, b + 4, 12);
-  const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
-  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
-  const uint32_t mins_low = u[1] & m1;
-  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
-  u[2] = mins_low;
-  u[0] &= m1;
-  std::memcpy(s.sc8, u, 8);
-  std::memcpy(s.mins, u + 2, 8);
-  s.d = fp16(b);
-  s.dmin = fp16(b + 2);
-}
-
-// Bytes of group g's nibbles in a k-quant's 64-input chunks of 32 bytes (low nibbles, then high).
-inline __m256i k_nibbles(const uint8_t* qs, int g) {
-  const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * (g / 2)));
-  return _mm256_and_si256(_mm256_srl_epi16(chunk, _mm_cvtsi32_si128((g & 1) * 4)), _mm256_set1_epi8(0x0F));
-}
-
-// Q4_K: d, dmin (fp16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles; w = d*sc*q - dmin*m.
+// The k-quants (256-input super-blocks): their sizes here; decode_kblock reads a block's integers, the
+// linear reads them tiled (Tile<Type>).
 template <>
 struct Format<kQ4_K> {
-  static constexpr int64_t kInputs = 256, kBytes = 144, kOffset = 0;
-  static constexpr bool kMin = true, kSplit = false;
-  static inline void scales(const uint8_t* b, KScales& s) { k4_scales(b, s); }
-  static inline __m256i bytes(const uint8_t* b, int g) { return k_nibbles(b + 16, g); }
-  static inline void group(const uint8_t* b, int g, Group& out) { k_group<Format>(b, g, out); }
+  static constexpr int64_t kInputs = 256, kBytes = 144;
 };
 
-// Q5_K: as Q4_K, with a fifth bit per value in 32 bytes (bit g of byte l: value l of group g).
 template <>
 struct Format<kQ5_K> {
-  static constexpr int64_t kInputs = 256, kBytes = 176, kOffset = 0;
-  static constexpr bool kMin = true, kSplit = false;
-  static inline void scales(const uint8_t* b, KScales& s) { k4_scales(b, s); }
-  static inline __m256i bytes(const uint8_t* b, int g) {
-    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
-    const __m256i fifth = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(g)), _mm256_set1_epi8(1));
-    return _mm256_or_si256(k_nibbles(b + 48, g), _mm256_slli_epi16(fifth, 4));
-  }
-  static inline void group(const uint8_t* b, int g, Group& out) { k_group<Format>(b, g, out); }
+  static constexpr int64_t kInputs = 256, kBytes = 176;
 };
 
-// Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales (one per 16 values), d (fp16);
-// w = d*sc*(q - 32). Group g = 4n + k of the two 128-value halves n (ggml's dequantize_row_q6_K).
 template <>
 struct Format<kQ6_K> {
-  static constexpr int64_t kInputs = 256, kBytes = 210, kOffset = 32;
-  static constexpr bool kMin = false, kSplit = true;
-  static inline void scales(const uint8_t* b, KScales& s) {
-    // group 4n + k: scales 8n + 2k, 8n + 2k + 1 = 2g, 2g + 1
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.sc),
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))));
-    s.d = fp16(b + 208);
-    s.dmin = 0.f;
-  }
-  static inline __m256i bytes(const uint8_t* b, int g) {
-    const int n = g / 4, k = g % 4;
-    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * n + 32 * (k & 1)));
-    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * n));
-    const __m256i low = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128((k >> 1) * 4)),
-                                         _mm256_set1_epi8(0x0F));
-    const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k)), _mm256_set1_epi8(3));
-    return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
-  }
-  static inline void group(const uint8_t* b, int g, Group& out) { k_group<Format>(b, g, out); }
+  static constexpr int64_t kInputs = 256, kBytes = 210;
 };
 
 template <int64_t Type>
 inline void unpack_group(const uint8_t* row, int64_t group, Group& out) {
-  using F = Format<Type>;
-  constexpr int64_t per_block = F::kInputs / 32;
-  F::group(row + (group / per_block) * F::kBytes, static_cast<int>(group % per_block), out);
+  Format<Type>::group(row + group * Format<Type>::kBytes, out);
 }
 
 // Columns n..n+C-1 of input rows 0..R-1 (int16 rows x, their scales and 32-input sums).
@@ -261,13 +166,8 @@ void qblock_block(const int16_t* x, const float* group_sums, const double* x_sca
       const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 16));
       for (int c = 0; c < C; ++c) {
         const __m256i d0 = _mm256_madd_epi16(grp[c].lo, x0), d1 = _mm256_madd_epi16(grp[c].hi, x1);
-        if constexpr (F::kSplit) {
-          acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(grp[c].scale_lo), acc[r][c]);
-          acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(grp[c].scale_hi), acc[r][c]);
-        } else {
-          acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)), _mm256_set1_ps(grp[c].scale_lo),
-                                      acc[r][c]);
-        }
+        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)), _mm256_set1_ps(grp[c].scale),
+                                    acc[r][c]);
         if constexpr (F::kMin) offset[r][c] = std::fma(grp[c].min, group_sums[r * G + g], offset[r][c]);
       }
     }
@@ -291,7 +191,9 @@ struct KRows {
   std::vector<int8_t> q;
   std::vector<float> scale;      // per block of 256 inputs
   std::vector<int16_t> sums16;   // |sum| <= 16 * 127
-  KRows(const float* x, int64_t M, int64_t K) : q(M * K), scale(M * K / 256), sums16(M * K / 16) {
+  std::vector<int16_t> sums32;   // per 32 inputs (the Q4_K / Q5_K mins' sub-blocks)
+  KRows(const float* x, int64_t M, int64_t K)
+      : q(M * K), scale(M * K / 256), sums16(M * K / 16), sums32(M * K / 32) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     for (int64_t b = 0; b < M * K / 256; ++b) {
       const float* xb = x + b * 256;
@@ -315,66 +217,153 @@ struct KRows {
         for (int i = 0; i < 16; ++i) total += qb[16 * j + i];
         sums16[b * 16 + j] = static_cast<int16_t>(total);
       }
+      for (int j = 0; j < 8; ++j)
+        sums32[b * 8 + j] = static_cast<int16_t>(sums16[b * 16 + 2 * j] + sums16[b * 16 + 2 * j + 1]);
     }
   }
 };
 
-// A super-block's scales as int16 lanes from which lane_broadcast(v, g) gives group g's: Q4_K, Q5_K the 8
-// group scales in both 128-bit halves; Q6_K the scales of inputs 0-15 of each group (sc[2g]) in the low half
-// and of inputs 16-31 (sc[2g + 1]) in the high half.
-template <typename F>
-inline __m256i group_scales8(const KScales& s) {
-  if constexpr (F::kSplit) {
-    const __m256i evens_odds = _mm256_shuffle_epi8(  // per half: its even-numbered scales, then its odd ones
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.sc)),
-        _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15)));
-    return _mm256_permute4x64_epi64(evens_odds, 0xD8);
+// The k-quants as the linear reads them: tiled by kTileCols output columns, so a vector lane is a column
+// (ktile_block.h). A tile holds, per super-block of 256 inputs, one tile-block of the 16 columns' blocks
+// re-laid: the same quantised values and fp16 scales, bit for bit, in the order the kernel reads them;
+// Q4_K / Q5_K's 6-bit sub-block scales and mins unpacked to bytes (+64 bytes per 2304: 2.8%). Sub-blocks
+// (32 inputs; Q6_K 16) pair up, 2p and 2p + 1; step i of pair p is inputs 4i..4i+3 of both. Arrays are
+// [...][column][element]:
+//   kD: d (fp16) [16];  kDmin: dmin [16];  kSc: Q4_K / Q5_K sub-block scales [8][16] (uint8), Q6_K scale
+//   pairs [8][16][2] (int8);  kMinPairs: Q4_K / Q5_K min pairs [4][16][2];  kQs: [pair][step][16][4] bytes,
+//   the low nibble a value of sub-block 2p, the high nibble the same input of 2p + 1 (4 low bits of Q5_K,
+//   Q6_K);  kQh: Q5_K's fifth bits [4][2][16][4] (bit k of a byte: step 4 * half + k of sub-block 2p,
+//   bit 4 + k: of 2p + 1), Q6_K's two high bits [8][2][16][4] (bits 4k, 4k + 2: step 2k + half of 2p, 2p + 1).
+constexpr int kTileCols = 16;
+// How far ahead of a tile-block its thread prefetches the weights, into L2: measured here (the 1.5B model's
+// native forward, interleaved, medians of 4 rounds) 1 token 32.5 ms against 38.3 without software prefetch
+// and 40.5-42.0 prefetching into L1 (4-16 KB ahead); 8 tokens 49.0 against 79.0 and 69.1-77.8.
+constexpr int64_t kTileLead = 8192;
+
+
+
+
+template <int64_t Type>
+struct Tile;
+
+template <>
+struct Tile<kQ4_K> {
+  static constexpr int kPairs = 4, kSteps = 8, kSubInputs = 32, kHighBits = 0;
+  static constexpr bool kMins = true, kSignedScales = false;
+  static constexpr int kD = 0, kDmin = 32, kSc = 64, kMinPairs = 192, kQs = 320, kQh = 2368, kBytes = 2368;
+};
+
+template <>
+struct Tile<kQ5_K> : Tile<kQ4_K> {
+  static constexpr int kHighBits = 1, kBytes = 2880;
+};
+
+template <>
+struct Tile<kQ6_K> {
+  static constexpr int kPairs = 8, kSteps = 4, kSubInputs = 16, kHighBits = 2;
+  static constexpr bool kMins = false, kSignedScales = true;
+  static constexpr int kD = 0, kDmin = 0, kSc = 32, kMinPairs = 0, kQs = 288, kQh = 2336, kBytes = 3360;
+};
+
+// A k-quant block's integer contents: values q (0..2^bits - 1), sub-block scales and mins, d and dmin as stored.
+struct KBlock {
+  uint8_t q[256];
+  int sc[16], mins[8];
+  uint16_t d = 0, dmin = 0;
+};
+
+template <int64_t Type>
+void decode_kblock(const uint8_t* b, KBlock& out) {
+  std::memcpy(&out.d, b + (Type == kQ6_K ? 208 : 0), 2);
+  if constexpr (Type == kQ6_K) {
+    for (int j = 0; j < 16; ++j) out.sc[j] = static_cast<int8_t>(b[192 + j]);
+    for (int n = 0; n < 2; ++n) {  // ggml's dequantize_row_q6_K, one 128-value half at a time
+      const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+      for (int l = 0; l < 32; ++l) {
+        out.q[128 * n + l] = (ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4);
+        out.q[128 * n + l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+        out.q[128 * n + l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+        out.q[128 * n + l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+      }
+    }
   } else {
-    return _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s.sc8))));
+    std::memcpy(&out.dmin, b + 2, 2);
+    for (int j = 0; j < 8; ++j) scale_min_k4(j, b + 4, out.sc[j], out.mins[j]);
+    const uint8_t* qs = b + (Type == kQ5_K ? 48 : 16);
+    for (int j = 0; j < 4; ++j)
+      for (int l = 0; l < 32; ++l) {
+        int low = qs[32 * j + l] & 0xF, high = qs[32 * j + l] >> 4;
+        if constexpr (Type == kQ5_K) {
+          low |= ((b[16 + l] >> (2 * j)) & 1) << 4;
+          high |= ((b[16 + l] >> (2 * j + 1)) & 1) << 4;
+        }
+        out.q[64 * j + l] = static_cast<uint8_t>(low);
+        out.q[64 * j + 32 + l] = static_cast<uint8_t>(high);
+      }
   }
 }
 
-// Q6_K's 16 sub-block scales as int16 lanes, for its offset term (the other k-quants have none).
-template <typename F>
-inline __m256i sub_scales16(const KScales& s) {
-  if constexpr (F::kSplit)
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.sc));
-  else
-    return _mm256_setzero_si256();  // no offset term: never read
+// One tile-block from the blocks of its columns (`block[c]` null past a part's last row: zeros).
+template <int64_t Type>
+void pack_tile_block(const uint8_t* const* block, uint8_t* dst) {
+  using T = Tile<Type>;
+  std::memset(dst, 0, T::kBytes);
+  for (int c = 0; c < kTileCols; ++c) {
+    if (!block[c]) continue;
+    KBlock k;
+    decode_kblock<Type>(block[c], k);
+    std::memcpy(dst + T::kD + 2 * c, &k.d, 2);
+    if constexpr (T::kMins) {
+      std::memcpy(dst + T::kDmin + 2 * c, &k.dmin, 2);
+      for (int j = 0; j < 8; ++j) dst[T::kSc + j * kTileCols + c] = static_cast<uint8_t>(k.sc[j]);
+      for (int j = 0; j < 8; ++j) dst[T::kMinPairs + ((j / 2) * kTileCols + c) * 2 + j % 2] = k.mins[j];
+    } else {
+      for (int j = 0; j < 16; ++j)
+        dst[T::kSc + ((j / 2) * kTileCols + c) * 2 + j % 2] = static_cast<uint8_t>(static_cast<int8_t>(k.sc[j]));
+    }
+    for (int p = 0; p < T::kPairs; ++p)
+      for (int i = 0; i < T::kSteps; ++i)
+        for (int b = 0; b < 4; ++b) {
+          const int a = 2 * p * T::kSubInputs + 4 * i + b, z = a + T::kSubInputs;
+          dst[T::kQs + ((p * T::kSteps + i) * kTileCols + c) * 4 + b] =
+              static_cast<uint8_t>((k.q[a] & 0xF) | ((k.q[z] & 0xF) << 4));
+          if constexpr (T::kHighBits == 1) {
+            uint8_t& h = dst[T::kQh + ((p * 2 + i / 4) * kTileCols + c) * 4 + b];
+            h |= static_cast<uint8_t>(((k.q[a] >> 4) << (i % 4)) | ((k.q[z] >> 4) << (4 + i % 4)));
+          } else if constexpr (T::kHighBits == 2) {
+            uint8_t& h = dst[T::kQh + ((p * 2 + i % 2) * kTileCols + c) * 4 + b];
+            h |= static_cast<uint8_t>(((k.q[a] >> 4) << (4 * (i / 2))) | ((k.q[z] >> 4) << (4 * (i / 2) + 2)));
+          }
+        }
+  }
 }
 
-// Each group's min twice as int16 lanes (Q4_K / Q5_K), to meet the inputs' 16-value sums in one VPMADDWD.
-inline __m256i paired_mins(const KScales& s) {
-  const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s.mins)));
-  return _mm256_set_m128i(_mm_unpackhi_epi16(m, m), _mm_unpacklo_epi16(m, m));
-}
-
-// The k-quant linear's blocks (kquant_block.h), compiled three times: for AVX2, with 64 inputs per instruction
-// for AVX-512BW, and that with VNNI's VPDPWSSD, chosen per call (kVnni, kAvx512). All sum the same integers
-// in the same lanes, so they give the same bits (KNN_SSD_AVX512=0 runs the AVX2 one; the tests compare them).
+// The tiled k-quant kernel (ktile_block.h), compiled three times: AVX2, AVX-512BW, and AVX-512 with VNNI's
+// VPDPBUSD / VPDPWSSD, chosen per call (kVnni, kAvx512). All sum the same integers and take the same float
+// steps per output, so they give the same bits (KNN_SSD_AVX512=0 runs the AVX2 one; the tests compare them).
 namespace narrow {
-#define KQ_WIDE 0
-#include "kquant_block.h"
-#undef KQ_WIDE
+#define KT_WIDE 0
+#include "ktile_block.h"
+#undef KT_WIDE
 }  // namespace narrow
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 namespace wide {
-#define KQ_WIDE 1
-#define KQ_VNNI 0
-#include "kquant_block.h"
-#undef KQ_VNNI
-#undef KQ_WIDE
+#define KT_WIDE 1
+#define KT_VNNI 0
+#include "ktile_block.h"
+#undef KT_VNNI
+#undef KT_WIDE
 }  // namespace wide
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 namespace wide_vnni {
-#define KQ_WIDE 1
-#define KQ_VNNI 1
-#include "kquant_block.h"
-#undef KQ_VNNI
-#undef KQ_WIDE
+#define KT_WIDE 1
+#define KT_VNNI 1
+#include "ktile_block.h"
+#undef KT_VNNI
+#undef KT_WIDE
 }  // namespace wide_vnni
 #pragma GCC pop_options
 
@@ -385,20 +374,6 @@ int64_t block_inputs(int64_t type) {
   switch (type) {
     case kQ4_K: case kQ5_K: case kQ6_K: return 256;
     case kQ4_0: case kQ4_1: case kQ5_0: case kQ5_1: case kQ8_0: return 32;
-    default: TORCH_CHECK(false, "qblock: unsupported GGML type ", type); return 0;
-  }
-}
-
-int64_t block_bytes(int64_t type) {
-  switch (type) {
-    case kQ4_0: return Format<kQ4_0>::kBytes;
-    case kQ4_1: return Format<kQ4_1>::kBytes;
-    case kQ5_0: return Format<kQ5_0>::kBytes;
-    case kQ5_1: return Format<kQ5_1>::kBytes;
-    case kQ8_0: return Format<kQ8_0>::kBytes;
-    case kQ4_K: return Format<kQ4_K>::kBytes;
-    case kQ5_K: return Format<kQ5_K>::kBytes;
-    case kQ6_K: return Format<kQ6_K>::kBytes;
     default: TORCH_CHECK(false, "qblock: unsupported GGML type ", type); return 0;
   }
 }
@@ -419,35 +394,41 @@ void with_type(int64_t type, F&& f) {
   }
 }
 
-// One part's output columns [col0, col0 + rows) of every input row.
+int64_t block_bytes(int64_t type) {
+  int64_t bytes = 0;
+  with_type(type, [&](auto t) { bytes = Format<decltype(t)::value>::kBytes; });
+  return bytes;
+}
+
+// Bytes of a part of `rows` output rows over K inputs as the linear reads it: k-quants tiled (whole tiles),
+// the 32-input formats as stored.
+int64_t part_bytes(int64_t type, int64_t rows, int64_t K) {
+  int64_t bytes = 0;
+  with_type(type, [&](auto t) {
+    constexpr int64_t Type = decltype(t)::value;
+    if constexpr (is_kquant<Type>())
+      bytes = (rows + kTileCols - 1) / kTileCols * (K / 256) * Tile<Type>::kBytes;
+    else
+      bytes = rows * (K / 32) * Format<Type>::kBytes;
+  });
+  return bytes;
+}
+
+// One 32-input-format part's output columns [col0, col0 + rows) of every input row.
 template <int64_t Type>
-void qblock_part(const int16_t* xq, const float* sums, const KRows* krows, const double* xs, int64_t M,
-                 int64_t K, const uint8_t* w, int64_t rows, const float* bias, float* y, int64_t ldy) {
+void qblock_part(const QuantisedRows& x, int64_t M, int64_t K, const uint8_t* w, int64_t rows, const float* bias,
+                 float* y, int64_t ldy) {
   const int64_t row_bytes = K / Format<Type>::kInputs * Format<Type>::kBytes, G = K / 32;
   const int64_t passes = row_passes<4>(M);
-  const bool vnni = kVnni && M > 2;  // 1-2 rows are bound by memory, where it gains nothing (as in int8_linear)
   const auto run = [&](auto columns_of, int64_t n, Cursor& cursor) {
     constexpr int C = decltype(columns_of)::value;
     row_blocks<4>(M, [&](auto R, int64_t m) {
-      if constexpr (is_kquant<Type>()) {
-        if (vnni)
-          wide_vnni::kquant_block<Type, decltype(R)::value, C>(*krows, m, K, w, row_bytes, bias, y + m * ldy, ldy,
-                                                               n, cursor);
-        else if (kAvx512)
-          wide::kquant_block<Type, decltype(R)::value, C>(*krows, m, K, w, row_bytes, bias, y + m * ldy, ldy, n,
-                                                          cursor);
-        else
-          narrow::kquant_block<Type, decltype(R)::value, C>(*krows, m, K, w, row_bytes, bias, y + m * ldy, ldy, n,
-                                                            cursor);
-      }
-      else
-        qblock_block<Type, decltype(R)::value, C>(xq + m * K, sums + m * G, xs + m, K, w, row_bytes, bias,
-                                                  y + m * ldy, ldy, n, cursor);
+      qblock_block<Type, decltype(R)::value, C>(x.q.data() + m * K, x.sums.data() + m * G, x.scale.data() + m, K,
+                                                w, row_bytes, bias, y + m * ldy, ldy, n, cursor);
     });
   };
   at::parallel_for(0, rows, 64, [&](int64_t n0, int64_t n1) {
-    // One prefetch burst per 256 inputs (a k-quant block; 8 blocks of the 32-input formats), as far ahead as
-    // the columns in flight read meanwhile.
+    // One prefetch burst per 256 inputs (8 blocks), as far ahead as the columns in flight read meanwhile.
     Cursor cursor = Cursor::rows(w, row_bytes, n0, n1, 0);
     cursor.burst_mask = 256 - 1;
     const int64_t burst = std::max<int64_t>(64, row_bytes * 256 / K);
@@ -463,42 +444,142 @@ void qblock_part(const int16_t* xq, const float* sums, const KRows* krows, const
   });
 }
 
-// qblock_linear: y = x @ W.T + bias for W in GGUF blocks. `w` holds the parts' rows back to back (uint8), `parts`
-// is (P, 2) int64: each part's GGML type and row count, in output order.
+// Input rows per pass over a tile: AVX-512 keeps 4 vectors per row (float sums, block sums, two sub-block
+// sums) in its 32 registers for 6 rows; AVX2 in its 16 for 3.
+constexpr int kTileRows512 = 6, kTileRows256 = 3;
+
+// One k-quant part (tiled) for every input row: tiles split between the threads, rows in chunks whose int8
+// inputs stay in L2 while the chunk passes over the tiles, each tile read once per chunk.
+template <int64_t Type>
+void tile_part(const KRows& x, int64_t M, int64_t K, const uint8_t* w, int64_t rows, const float* bias, float* y,
+               int64_t ldy) {
+  using T = Tile<Type>;
+  const int64_t tiles = (rows + kTileCols - 1) / kTileCols, tile_bytes = K / 256 * T::kBytes;
+  const int64_t chunk = std::max<int64_t>(kTileRows512, (512 * 1024 / K) / kTileRows512 * kTileRows512);
+  const bool vnni = kVnni, wide512 = kAvx512;
+  for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+    const int64_t rows_here = std::min(chunk, M - c0);
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* tile = w + t * tile_bytes;
+        const int64_t n = t * kTileCols;
+        const int cols = static_cast<int>(std::min<int64_t>(kTileCols, rows - n));
+        if (wide512) {
+          row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) {
+            constexpr int Rows = decltype(R)::value;
+            float* out = y + (c0 + m) * ldy + n;
+            const float* b = bias ? bias + n : nullptr;
+            if (vnni)
+              wide_vnni::tile_rows<T, Rows>(x, c0 + m, K, tile, 0, b, out, ldy, cols);
+            else
+              wide::tile_rows<T, Rows>(x, c0 + m, K, tile, 0, b, out, ldy, cols);
+          });
+        } else {
+          for (int lane0 = 0; lane0 < cols; lane0 += 8)
+            row_blocks<kTileRows256>(rows_here, [&](auto R, int64_t m) {
+              narrow::tile_rows<T, decltype(R)::value>(x, c0 + m, K, tile, lane0, bias ? bias + n + lane0 : nullptr,
+                                                       y + (c0 + m) * ldy + n + lane0, ldy,
+                                                       std::min(8, cols - lane0));
+            });
+        }
+      }
+    });
+  }
+}
+
+// qblock_pack: a weight's parts (rows back to back in GGUF blocks, `parts` (P, 2) int64: GGML type and rows) in
+// the layout qblock_linear reads: k-quant parts tiled, the others as stored. Returns the bytes and (P, 3) parts:
+// type, rows, and 1 where tiled.
+std::tuple<at::Tensor, at::Tensor> qblock_pack(const at::Tensor& w, const at::Tensor& parts, int64_t K) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "qblock_pack: w must be contiguous uint8");
+  TORCH_CHECK(parts.scalar_type() == at::kLong && parts.dim() == 2 && parts.size(1) == 2 && parts.is_contiguous(),
+              "qblock_pack: parts must be int64 (P, 2)");
+  const int64_t P = parts.size(0);
+  const int64_t* pp = parts.data_ptr<int64_t>();
+  int64_t in_bytes = 0, out_bytes = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(K % block_inputs(pp[2 * p]) == 0, "qblock_pack: K must be a multiple of the block size");
+    in_bytes += pp[2 * p + 1] * K / block_inputs(pp[2 * p]) * block_bytes(pp[2 * p]);
+    out_bytes += part_bytes(pp[2 * p], pp[2 * p + 1], K);
+  }
+  TORCH_CHECK(w.numel() == in_bytes, "qblock_pack: w holds ", w.numel(), " bytes, the parts need ", in_bytes);
+  at::Tensor out = at::empty({out_bytes}, w.options());
+  at::Tensor layout = at::empty({P, 3}, parts.options());
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t type = pp[2 * p], rows = pp[2 * p + 1], row_bytes = K / block_inputs(type) * block_bytes(type);
+    bool tiled = false;
+    with_type(type, [&](auto t) {
+      constexpr int64_t Type = decltype(t)::value;
+      if constexpr (is_kquant<Type>()) {
+        tiled = true;
+        const int64_t B = K / 256, tiles = (rows + kTileCols - 1) / kTileCols;
+        at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+          for (int64_t tile = t0; tile < t1; ++tile)
+            for (int64_t blk = 0; blk < B; ++blk) {
+              const uint8_t* block[kTileCols];
+              for (int c = 0; c < kTileCols; ++c) {
+                const int64_t n = tile * kTileCols + c;
+                block[c] = n < rows ? src + n * row_bytes + blk * Format<Type>::kBytes : nullptr;
+              }
+              pack_tile_block<Type>(block, dst + (tile * B + blk) * Tile<Type>::kBytes);
+            }
+        });
+      } else {
+        std::memcpy(dst, src, rows * row_bytes);
+      }
+    });
+    layout.data_ptr<int64_t>()[3 * p] = type;
+    layout.data_ptr<int64_t>()[3 * p + 1] = rows;
+    layout.data_ptr<int64_t>()[3 * p + 2] = tiled;
+    src += rows * row_bytes;
+    dst += part_bytes(type, rows, K);
+  }
+  return {out, layout};
+}
+
+// qblock_linear: y = x @ W.T + bias for W in GGUF blocks as qblock_pack lays them out: `w` holds the parts
+// back to back (uint8), `parts` is qblock_pack's (P, 3): each part's GGML type, rows and layout, in output order.
 at::Tensor qblock_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& parts,
                          const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "qblock_linear: x must be float32 (M, K)");
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "qblock_linear: w must be contiguous uint8");
-  TORCH_CHECK(parts.scalar_type() == at::kLong && parts.dim() == 2 && parts.size(1) == 2 && parts.is_contiguous(),
-              "qblock_linear: parts must be int64 (P, 2)");
+  TORCH_CHECK(parts.scalar_type() == at::kLong && parts.dim() == 2 && parts.size(1) == 3 && parts.is_contiguous(),
+              "qblock_linear: parts must be qblock_pack's int64 (P, 3)");
   const int64_t M = x.size(0), K = x.size(1), P = parts.size(0);
   const int64_t* pp = parts.data_ptr<int64_t>();
   int64_t N = 0, bytes = 0;
+  bool kquants = false, groups32 = false;
   for (int64_t p = 0; p < P; ++p) {
-    TORCH_CHECK(K % block_inputs(pp[2 * p]) == 0, "qblock_linear: K must be a multiple of the block size");
-    N += pp[2 * p + 1];
-    bytes += pp[2 * p + 1] * K / block_inputs(pp[2 * p]) * block_bytes(pp[2 * p]);
+    const int64_t type = pp[3 * p];
+    TORCH_CHECK(K % block_inputs(type) == 0, "qblock_linear: K must be a multiple of the block size");
+    TORCH_CHECK(pp[3 * p + 2] == (block_inputs(type) == 256), "qblock_linear: part ", p,
+                " is not laid out by qblock_pack");
+    (block_inputs(type) == 256 ? kquants : groups32) = true;
+    N += pp[3 * p + 1];
+    bytes += part_bytes(type, pp[3 * p + 1], K);
   }
   TORCH_CHECK(w.numel() == bytes, "qblock_linear: w holds ", w.numel(), " bytes, the parts need ", bytes);
   const float* bp = bias_data(bias, N, "qblock_linear");
   const at::Tensor xc = x.contiguous();
-  bool kquants = false, groups32 = false;
-  for (int64_t p = 0; p < P; ++p) (block_inputs(pp[2 * p]) == 256 ? kquants : groups32) = true;
   const std::unique_ptr<QuantisedRows> rows = groups32 ? std::make_unique<QuantisedRows>(xc, kInt16Limit) : nullptr;
   const std::unique_ptr<KRows> krows = kquants ? std::make_unique<KRows>(xc.data_ptr<float>(), M, K) : nullptr;
-  const int16_t* xq = rows ? rows->q.data() : nullptr;
-  const double* xs = rows ? rows->scale.data() : nullptr;
-  const float* sums = rows ? rows->sums.data() : nullptr;
   at::Tensor y = at::empty({M, N}, xc.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   int64_t col = 0;
   for (int64_t p = 0; p < P; ++p) {
-    const int64_t type = pp[2 * p], part_rows = pp[2 * p + 1];
+    const int64_t type = pp[3 * p], part_rows = pp[3 * p + 1];
     with_type(type, [&](auto t) {
-      qblock_part<decltype(t)::value>(xq, sums, krows.get(), xs, M, K, wp, part_rows, bp ? bp + col : nullptr,
-                                      y.data_ptr<float>() + col, N);
+      constexpr int64_t Type = decltype(t)::value;
+      float* out = y.data_ptr<float>() + col;
+      const float* b = bp ? bp + col : nullptr;
+      if constexpr (is_kquant<Type>())
+        tile_part<Type>(*krows, M, K, wp, part_rows, b, out, N);
+      else
+        qblock_part<Type>(*rows, M, K, wp, part_rows, b, out, N);
     });
-    wp += part_rows * K / block_inputs(type) * block_bytes(type);
+    wp += part_bytes(type, part_rows, K);
     col += part_rows;
   }
   return y;
@@ -522,15 +603,29 @@ at::Tensor qblock_rows(const at::Tensor& w, int64_t type, int64_t K, const at::T
       for (int64_t t = t0; t < t1; ++t) {
         const uint8_t* row = w.data_ptr<uint8_t>() + ip[t] * row_bytes;
         float* o = out.data_ptr<float>() + t * K;
-        for (int64_t g = 0; g < K / 32; ++g) {
-          Group grp;
-          unpack_group<Type>(row, g, grp);
-          alignas(32) int16_t v[32];
-          _mm256_store_si256(reinterpret_cast<__m256i*>(v), grp.lo);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(v + 16), grp.hi);
-          for (int i = 0; i < 32; ++i) {
-            const float value = (i < 16 ? grp.scale_lo : grp.scale_hi) * float(v[i]);
-            o[g * 32 + i] = Format<Type>::kMin ? value + grp.min : value;
+        if constexpr (is_kquant<Type>()) {
+          for (int64_t blk = 0; blk < K / 256; ++blk) {  // ggml: (d * sc) * q - dmin * m, Q6_K's q less 32
+            KBlock k;
+            decode_kblock<Type>(row + blk * Format<Type>::kBytes, k);
+            const float d = _cvtsh_ss(k.d), dmin = _cvtsh_ss(k.dmin);
+            for (int i = 0; i < 256; ++i) {
+              if constexpr (Type == kQ6_K)
+                o[blk * 256 + i] = (d * float(k.sc[i / 16])) * float(int(k.q[i]) - 32);
+              else
+                o[blk * 256 + i] = (d * float(k.sc[i / 32])) * float(k.q[i]) - dmin * float(k.mins[i / 32]);
+            }
+          }
+        } else {
+          for (int64_t g = 0; g < K / 32; ++g) {
+            Group grp;
+            unpack_group<Type>(row, g, grp);
+            alignas(32) int16_t v[32];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(v), grp.lo);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(v + 16), grp.hi);
+            for (int i = 0; i < 32; ++i) {
+              const float value = grp.scale * float(v[i]);
+              o[g * 32 + i] = Format<Type>::kMin ? value + grp.min : value;
+            }
           }
         }
       }

@@ -1,0 +1,207 @@
+// The k-quant linear over weights tiled by 16 output columns (gguf_blocks.h's Tile<Type> layout), included by
+// gguf_blocks.h three times: AVX2 (KT_WIDE 0, a tile as two halves of 8 columns), AVX-512BW (KT_WIDE 1) and
+// AVX-512 VNNI (KT_VNNI 1), each in its own namespace. A vector lane is an output column: lane c of a value
+// vector holds 4 consecutive quantised values of column c, so one VPDPBUSD (or its VPMADDUBSW + VPMADDWD
+// twin) adds 4 products of a broadcast group of 4 int8 inputs to every column at once. A row's sub-block
+// dot products are exact int32, times the column's integer sub-block scale, summed over the super-block in
+// int32 (Q6_K's offset and the Q4_K / Q5_K mins meet the inputs' sums in VPMADDWD pairs); then one float
+// chain per output, block after block: acc += float(sum) * (d * xs) (- float(mins) * (dmin * xs)). Every
+// step is the same for a row alone, in any batch, in any row block and on either ISA: the same bits.
+
+#if KT_WIDE
+using VI = __m512i;
+using VF = __m512;
+constexpr int kLanes = 16;
+inline VI vload(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline VI vset8(int v) { return _mm512_set1_epi8(static_cast<char>(v)); }
+inline VI vand(VI a, VI b) { return _mm512_and_si512(a, b); }
+inline VI vor(VI a, VI b) { return _mm512_or_si512(a, b); }
+inline VI vadd(VI a, VI b) { return _mm512_add_epi32(a, b); }
+inline VI vsub(VI a, VI b) { return _mm512_sub_epi32(a, b); }
+inline VI vmullo(VI a, VI b) { return _mm512_mullo_epi32(a, b); }
+inline VI times32(VI v) { return _mm512_slli_epi32(v, 5); }
+inline VI shift16(VI v, int s) {  // 16-bit lanes shifted left by s (right by -s)
+  return s >= 0 ? _mm512_slli_epi16(v, s) : _mm512_srli_epi16(v, -s);
+}
+inline VI bcast4(const int8_t* p) {  // 4 bytes in every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+inline VI bcast_pair(const int16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+// u8 x s8: the 4 products of each 32-bit lane added to it
+inline VI dot4(VI acc, VI u, VI s) {
+#if KT_VNNI
+  return _mm512_dpbusd_epi32(acc, u, s);
+#else  // |pair| <= 2 * 63 * 127: VPMADDUBSW never saturates, so these are the same sums
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+inline VI dot2(VI acc, VI a, VI b) {  // int16 pairs
+#if KT_VNNI
+  return _mm512_dpwssd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+inline VI u8_i32(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline VI u8_i16(const uint8_t* p) {
+  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline VI i8_i16(const uint8_t* p) {
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline VI low_i16(VI pairs) { return _mm512_srai_epi32(_mm512_slli_epi32(pairs, 16), 16); }
+inline VI high_i16(VI pairs) { return _mm512_srai_epi32(pairs, 16); }
+inline VF half_f32(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline VF vmul(VF a, float b) { return _mm512_mul_ps(a, _mm512_set1_ps(b)); }
+inline VF cvt(VI v) { return _mm512_cvtepi32_ps(v); }
+inline VF fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VF fnmadd(VF a, VF b, VF c) { return _mm512_fnmadd_ps(a, b, c); }
+inline VF fzero() { return _mm512_setzero_ps(); }
+inline VI izero() { return _mm512_setzero_si512(); }
+inline void fstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
+inline VF fload(const float* p) { return _mm512_loadu_ps(p); }
+inline VF fadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+#else
+using VI = __m256i;
+using VF = __m256;
+constexpr int kLanes = 8;
+inline VI vload(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline VI vset8(int v) { return _mm256_set1_epi8(static_cast<char>(v)); }
+inline VI vand(VI a, VI b) { return _mm256_and_si256(a, b); }
+inline VI vor(VI a, VI b) { return _mm256_or_si256(a, b); }
+inline VI vadd(VI a, VI b) { return _mm256_add_epi32(a, b); }
+inline VI vsub(VI a, VI b) { return _mm256_sub_epi32(a, b); }
+inline VI vmullo(VI a, VI b) { return _mm256_mullo_epi32(a, b); }
+inline VI times32(VI v) { return _mm256_slli_epi32(v, 5); }
+inline VI shift16(VI v, int s) { return s >= 0 ? _mm256_slli_epi16(v, s) : _mm256_srli_epi16(v, -s); }
+inline VI bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+inline VI bcast_pair(const int16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+inline VI dot4(VI acc, VI u, VI s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+inline VI dot2(VI acc, VI a, VI b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+inline VI u8_i32(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+inline VI u8_i16(const uint8_t* p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline VI i8_i16(const uint8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline VI low_i16(VI pairs) { return _mm256_srai_epi32(_mm256_slli_epi32(pairs, 16), 16); }
+inline VI high_i16(VI pairs) { return _mm256_srai_epi32(pairs, 16); }
+inline VF half_f32(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline VF vmul(VF a, float b) { return _mm256_mul_ps(a, _mm256_set1_ps(b)); }
+inline VF cvt(VI v) { return _mm256_cvtepi32_ps(v); }
+inline VF fmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VF fnmadd(VF a, VF b, VF c) { return _mm256_fnmadd_ps(a, b, c); }
+inline VF fzero() { return _mm256_setzero_ps(); }
+inline VI izero() { return _mm256_setzero_si256(); }
+inline void fstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
+inline VF fload(const float* p) { return _mm256_loadu_ps(p); }
+inline VF fadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+#endif
+
+// Value vectors A and B of pair p, step i (T::kSteps per pair): lane l's 4 values of sub-blocks 2p and
+// 2p + 1 at inputs 4i..4i+3, as unsigned bytes. `tb` is the tile-block, `lane0` the first lane (column).
+template <typename T>
+inline void tile_values(const uint8_t* tb, int p, int I, int lane0, VI& a, VI& b) {
+  const VI low4 = vset8(0x0F);
+  const VI v = vload(tb + T::kQs + ((p * T::kSteps + I) * kTileCols + lane0) * 4);
+  a = vand(v, low4);
+  b = vand(shift16(v, -4), low4);
+  if constexpr (T::kHighBits == 1) {  // Q5_K: bits I of the low nibbles' and 4 + I of the high ones' bytes
+    const VI h = vload(tb + T::kQh + ((p * 2 + I / 4) * kTileCols + lane0) * 4);
+    const VI bit4 = vset8(0x10);
+    a = vor(a, vand(shift16(h, 4 - I % 4), bit4));
+    b = vor(b, vand(shift16(h, -(I % 4)), bit4));
+  } else if constexpr (T::kHighBits == 2) {  // Q6_K: bit pairs 4k, 4k + 2 for step I = 2k + (I % 2)
+    const VI h = vload(tb + T::kQh + ((p * 2 + I % 2) * kTileCols + lane0) * 4);
+    const VI bits45 = vset8(0x30);
+    a = vor(a, vand(shift16(h, 4 - 4 * (I / 2)), bits45));
+    b = vor(b, vand(shift16(h, 2 - 4 * (I / 2)), bits45));
+  }
+}
+
+// Rows m0..m0+R-1 times one tile's lanes lane0..lane0+kLanes-1 (all K inputs): `tile` is the tile's first
+// tile-block, `y` row m0's output at the tile's first column, `bias` at it too (or null), `cols` the lanes
+// that are real columns (a part's last tile may be short).
+template <typename T, int R>
+void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int lane0, const float* bias, float* y,
+               int64_t ldy, int cols) {
+  const int64_t B = K / 256;
+  VF acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = fzero();
+  for (int64_t blk = 0; blk < B; ++blk) {
+    const uint8_t* tb = tile + blk * T::kBytes;
+    const int8_t* xb[R];
+    for (int r = 0; r < R; ++r) xb[r] = x.q.data() + (m0 + r) * K + blk * 256;
+    VI total[R];
+    for (int r = 0; r < R; ++r) total[r] = izero();
+    for (int p = 0; p < T::kPairs; ++p) {
+      for (int64_t line = 0; line < T::kBytes; line += 64 * T::kPairs)  // a later block's lines, spread over pairs
+        _mm_prefetch(reinterpret_cast<const char*>(tb + kTileLead + line + 64 * p), _MM_HINT_T1);
+      VI sa[R], sb[R];
+      for (int r = 0; r < R; ++r) sa[r] = sb[r] = izero();
+      const int in_a = 2 * p * T::kSubInputs, in_b = in_a + T::kSubInputs;
+#pragma GCC unroll 8
+      for (int i = 0; i < T::kSteps; ++i) {  // unrolled: the shifts and offsets become constants
+        VI a, b;
+        tile_values<T>(tb, p, i, lane0, a, b);
+        for (int r = 0; r < R; ++r) {
+          sa[r] = dot4(sa[r], a, bcast4(xb[r] + in_a + 4 * i));
+          sb[r] = dot4(sb[r], b, bcast4(xb[r] + in_b + 4 * i));
+        }
+      }
+      VI scale_a, scale_b;
+      if constexpr (T::kSignedScales) {  // Q6_K: int8 scale pairs
+        const VI pairs = i8_i16(tb + T::kSc + (p * kTileCols + lane0) * 2);
+        scale_a = low_i16(pairs);
+        scale_b = high_i16(pairs);
+      } else {
+        scale_a = u8_i32(tb + T::kSc + (2 * p) * kTileCols + lane0);
+        scale_b = u8_i32(tb + T::kSc + (2 * p + 1) * kTileCols + lane0);
+      }
+      for (int r = 0; r < R; ++r) total[r] = vadd(vadd(total[r], vmullo(sa[r], scale_a)), vmullo(sb[r], scale_b));
+    }
+    const VF d = half_f32(tb + T::kD + lane0 * 2);
+    for (int r = 0; r < R; ++r) {
+      const int16_t* sums = x.sums16.data() + ((m0 + r) * K + blk * 256) / 16;
+      const float xs = x.scale[(m0 + r) * B + blk];
+      if constexpr (T::kSignedScales) {  // Q6_K's offset: 32 * sum of sc * (the inputs' 16-value sums)
+        VI offset = izero();
+        for (int p = 0; p < T::kPairs; ++p)
+          offset = dot2(offset, i8_i16(tb + T::kSc + (p * kTileCols + lane0) * 2), bcast_pair(sums + 2 * p));
+        total[r] = vsub(total[r], times32(offset));
+      }
+      acc[r] = fmadd(cvt(total[r]), vmul(d, xs), acc[r]);
+      if constexpr (T::kMins) {  // Q4_K / Q5_K: the mins times the inputs' 32-value sums
+        const int16_t* sums32 = x.sums32.data() + ((m0 + r) * K + blk * 256) / 32;
+        VI mins = izero();
+        for (int p = 0; p < T::kPairs; ++p)
+          mins = dot2(mins, u8_i16(tb + T::kMinPairs + (p * kTileCols + lane0) * 2), bcast_pair(sums32 + 2 * p));
+        acc[r] = fnmadd(cvt(mins), vmul(half_f32(tb + T::kDmin + lane0 * 2), xs), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    VF out = acc[r];
+    if (cols == kLanes) {
+      if (bias) out = fadd(out, fload(bias));
+      fstore(y + r * ldy, out);
+    } else {
+      alignas(64) float tmp[kLanes];
+      fstore(tmp, out);
+      for (int c = 0; c < cols; ++c) y[r * ldy + c] = bias ? tmp[c] + bias[c] : tmp[c];
+    }
+  }
+}
