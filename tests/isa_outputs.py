@@ -16,8 +16,9 @@ from decoding import ModelRunner, native
 
 def outputs() -> dict[str, torch.Tensor]:
     """linear_f32 over 1-13 and 300 rows, int8_linear over 8 rows, the native target's k-quant linears over
-    1, 2 and 7 rows (row blocks of each size; VNNI's instructions where the CPU has them), and a model with 64-wide heads (the
-    attention's 32-wide value chunks) through prefill and a 5-token verify, and its KV entries."""
+    1, 2 and 7 rows (row blocks of each size; VNNI's instructions where the CPU has them), and a model with
+    64-wide heads (the attention's 32-wide value chunks) through prefill and a 5-token verify, and its KV
+    entries."""
     kernels = native.cpu_kernels()
     gen = torch.Generator().manual_seed(0)
     w, x = torch.randn(200, 96, generator=gen), torch.randn(300, 96, generator=gen)
