@@ -15,10 +15,10 @@ from decoding import ModelRunner, native
 
 
 def outputs() -> dict[str, torch.Tensor]:
-    """linear_f32 over 1-13 and 300 rows, int8_linear over 8 rows, the native target's k-quant linears over
-    1, 2 and 7 rows (row blocks of each size; VNNI's instructions where the CPU has them), and a model with
-    64-wide heads (the attention's 32-wide value chunks) through prefill and a 5-token verify, and its KV
-    entries."""
+    """linear_f32 over 1-13 and 300 rows, int8_linear over 8 rows, the native target's block linears
+    (k-quants and 32-input formats) over 1, 2 and 7 rows (row blocks of each size; VNNI's instructions where
+    the CPU has them), and a model with 64-wide heads (the attention's 32-wide value chunks) through prefill
+    and a 5-token verify, and its KV entries."""
     kernels = native.cpu_kernels()
     gen = torch.Generator().manual_seed(0)
     w, x = torch.randn(200, 96, generator=gen), torch.randn(300, 96, generator=gen)
@@ -27,8 +27,10 @@ def outputs() -> dict[str, torch.Tensor]:
     q = torch.randint(-127, 128, (70, 96), generator=gen, dtype=torch.int8)
     out["int8_linear_8"] = kernels.int8_linear(x[:8], q, torch.rand(70, generator=gen), None)
     for name, type_id, nbytes, scales_at, scales in (("q4_k", 12, 144, 0, 2), ("q5_k", 13, 176, 0, 2),
-                                                     ("q6_k", 14, 210, 208, 1)):
-        blocks = torch.randint(0, 256, (40, 2, nbytes), generator=gen, dtype=torch.uint8)  # 40 rows of 512 inputs
+                                                     ("q6_k", 14, 210, 208, 1), ("q4_1", 3, 20, 0, 2),
+                                                     ("q5_1", 7, 24, 0, 2), ("q8_0", 8, 34, 0, 1)):
+        per_block = 256 if type_id >= 12 else 32
+        blocks = torch.randint(0, 256, (40, 512 // per_block, nbytes), generator=gen, dtype=torch.uint8)
         blocks[..., scales_at:scales_at + 2 * scales] = torch.full((scales,), 0.01, dtype=torch.float16).view(
             torch.uint8)
         xk = torch.randn(7, 512, generator=gen)

@@ -143,42 +143,6 @@ inline void unpack_group(const uint8_t* row, int64_t group, Group& out) {
   Format<Type>::group(row + group * Format<Type>::kBytes, out);
 }
 
-// Columns n..n+C-1 of input rows 0..R-1 (int16 rows x, their scales and 32-input sums).
-template <int64_t Type, int R, int C>
-void qblock_block(const int16_t* x, const float* group_sums, const double* x_scale, int64_t K, const uint8_t* w,
-                  int64_t row_bytes, const float* bias, float* y, int64_t ldy, int64_t n, Cursor& cursor) {
-  using F = Format<Type>;
-  const int64_t G = K / 32;
-  __m256 acc[R][C];
-  float offset[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      acc[r][c] = _mm256_setzero_ps();
-      offset[r][c] = 0.f;
-    }
-  for (int64_t g = 0; g < G; ++g) {
-    cursor.tick(g * 32);
-    Group grp[C];
-    for (int c = 0; c < C; ++c) unpack_group<Type>(w + (n + c) * row_bytes, g, grp[c]);
-    for (int r = 0; r < R; ++r) {
-      const int16_t* xg = x + r * K + g * 32;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 16));
-      for (int c = 0; c < C; ++c) {
-        const __m256i d0 = _mm256_madd_epi16(grp[c].lo, x0), d1 = _mm256_madd_epi16(grp[c].hi, x1);
-        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)), _mm256_set1_ps(grp[c].scale),
-                                    acc[r][c]);
-        if constexpr (F::kMin) offset[r][c] = std::fma(grp[c].min, group_sums[r * G + g], offset[r][c]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      const float out = float((horizontal_sum(acc[r][c]) + offset[r][c]) * x_scale[r]);
-      y[r * ldy + n + c] = bias ? out + bias[n + c] : out;
-    }
-}
-
 // Input rows for the k-quants: int8 per 256-input block with the block's absmax scale (|q| <= 127, as
 // llama.cpp's q8_K), and the values' sums per 16 inputs (for Q6_K's offset and the Q4_K / Q5_K mins).
 inline float horizontal_max(__m256 v) {
@@ -338,6 +302,66 @@ void pack_tile_block(const uint8_t* const* block, uint8_t* dst) {
   }
 }
 
+// The 32-input formats tiled alike (Tile32<Type>): per group of 32 inputs, one tile-group of its 16 columns:
+//   kD: d [16] (fp16);  kM: Q4_1 / Q5_1's m [16];  kQs: Q8_0 [16 steps][16][2] int8, the others [8][16][2]
+//   bytes, the low nibble of (s, c, j) input 2s + j, the high nibble input 16 + 2s + j;  kQh: Q5_0 / Q5_1's
+//   fifth bits as [16] 32-bit masks over the lanes (c, j): mask 2s of the low nibbles' inputs, 2s + 1 the high.
+// The same bytes as stored (16 columns' blocks), re-laid.
+template <int64_t Type>
+struct Tile32;
+
+template <int Bits, int Offset, bool Min>
+struct Tile32Layout {
+  static constexpr int kBits = Bits, kOffset = Offset;
+  static constexpr bool kMin = Min;
+  static constexpr int kD = 0, kM = 32, kQs = Min ? 64 : 32, kQh = kQs + (Bits == 8 ? 512 : 256);
+  static constexpr int kBytes = kQh + (Bits == 5 ? 64 : 0);
+  static constexpr int kPrefetchEvery = Bits == 8 ? 4 : 8;  // tile-groups per prefetch burst (~2 KB)
+};
+
+template <>
+struct Tile32<kQ4_0> : Tile32Layout<4, 8, false> {};
+template <>
+struct Tile32<kQ4_1> : Tile32Layout<4, 0, true> {};
+template <>
+struct Tile32<kQ5_0> : Tile32Layout<5, 16, false> {};
+template <>
+struct Tile32<kQ5_1> : Tile32Layout<5, 0, true> {};
+template <>
+struct Tile32<kQ8_0> : Tile32Layout<8, 0, false> {};
+
+// One tile-group from the blocks of its columns (`block[c]` null past a part's last row: zeros).
+template <int64_t Type>
+void pack_tile_group(const uint8_t* const* block, uint8_t* dst) {
+  using T = Tile32<Type>;
+  std::memset(dst, 0, T::kBytes);
+  for (int c = 0; c < kTileCols; ++c) {
+    if (!block[c]) continue;
+    std::memcpy(dst + T::kD + 2 * c, block[c], 2);
+    if constexpr (T::kMin) std::memcpy(dst + T::kM + 2 * c, block[c] + 2, 2);
+    Group grp;
+    Format<Type>::group(block[c], grp);
+    alignas(32) int16_t v[32];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(v), grp.lo);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(v + 16), grp.hi);
+    for (int s = 0; s < 8; ++s)
+      for (int j = 0; j < 2; ++j) {
+        const int low = v[2 * s + j] + T::kOffset, high = v[16 + 2 * s + j] + T::kOffset;  // stored values
+        if constexpr (T::kBits == 8) {
+          dst[T::kQs + (s * kTileCols + c) * 2 + j] = static_cast<uint8_t>(static_cast<int8_t>(low));
+          dst[T::kQs + ((s + 8) * kTileCols + c) * 2 + j] = static_cast<uint8_t>(static_cast<int8_t>(high));
+        } else {
+          dst[T::kQs + (s * kTileCols + c) * 2 + j] = static_cast<uint8_t>((low & 0xF) | ((high & 0xF) << 4));
+          if constexpr (T::kBits == 5) {
+            const int lane = 2 * c + j;
+            dst[T::kQh + (2 * s) * 4 + lane / 8] |= static_cast<uint8_t>((low >> 4) << (lane % 8));
+            dst[T::kQh + (2 * s + 1) * 4 + lane / 8] |= static_cast<uint8_t>((high >> 4) << (lane % 8));
+          }
+        }
+      }
+  }
+}
+
 // The tiled k-quant kernel (ktile_block.h), compiled three times: AVX2, AVX-512BW, and AVX-512 with VNNI's
 // VPDPBUSD / VPDPWSSD, chosen per call (kVnni, kAvx512). All sum the same integers and take the same float
 // steps per output, so they give the same bits (KNN_SSD_AVX512=0 runs the AVX2 one; the tests compare them).
@@ -400,63 +424,60 @@ int64_t block_bytes(int64_t type) {
   return bytes;
 }
 
-// Bytes of a part of `rows` output rows over K inputs as the linear reads it: k-quants tiled (whole tiles),
-// the 32-input formats as stored.
+// The tile layout of GGML type Type: a tile-block per 256 inputs (k-quants) or a tile-group per 32.
+template <int64_t Type>
+struct TileOf {
+  using T = std::conditional_t<is_kquant<Type>(), Tile<Type>, Tile32<Type>>;
+  static constexpr int64_t kInputs = Format<Type>::kInputs;
+};
+
+// Bytes of a part of `rows` output rows over K inputs as the linear reads it (whole tiles).
 int64_t part_bytes(int64_t type, int64_t rows, int64_t K) {
   int64_t bytes = 0;
   with_type(type, [&](auto t) {
-    constexpr int64_t Type = decltype(t)::value;
-    if constexpr (is_kquant<Type>())
-      bytes = (rows + kTileCols - 1) / kTileCols * (K / 256) * Tile<Type>::kBytes;
-    else
-      bytes = rows * (K / 32) * Format<Type>::kBytes;
+    using L = TileOf<decltype(t)::value>;
+    bytes = (rows + kTileCols - 1) / kTileCols * (K / L::kInputs) * L::T::kBytes;
   });
   return bytes;
 }
 
-// One 32-input-format part's output columns [col0, col0 + rows) of every input row.
-template <int64_t Type>
-void qblock_part(const QuantisedRows& x, int64_t M, int64_t K, const uint8_t* w, int64_t rows, const float* bias,
-                 float* y, int64_t ldy) {
-  const int64_t row_bytes = K / Format<Type>::kInputs * Format<Type>::kBytes, G = K / 32;
-  const int64_t passes = row_passes<4>(M);
-  const auto run = [&](auto columns_of, int64_t n, Cursor& cursor) {
-    constexpr int C = decltype(columns_of)::value;
-    row_blocks<4>(M, [&](auto R, int64_t m) {
-      qblock_block<Type, decltype(R)::value, C>(x.q.data() + m * K, x.sums.data() + m * G, x.scale.data() + m, K,
-                                                w, row_bytes, bias, y + m * ldy, ldy, n, cursor);
-    });
-  };
-  at::parallel_for(0, rows, 64, [&](int64_t n0, int64_t n1) {
-    // One prefetch burst per 256 inputs (8 blocks), as far ahead as the columns in flight read meanwhile.
-    Cursor cursor = Cursor::rows(w, row_bytes, n0, n1, 0);
-    cursor.burst_mask = 256 - 1;
-    const int64_t burst = std::max<int64_t>(64, row_bytes * 256 / K);
-    int64_t n = n0;
-    if (M == 1) {  // one row (a decode step): four weight rows in flight
-      cursor.step = 4 * burst;
-      for (; n + 4 <= n1; n += 4) run(std::integral_constant<int, 4>{}, n, cursor);
-    }
-    cursor.step = std::max<int64_t>(64, 2 * burst / passes);
-    for (; n + 2 <= n1; n += 2) run(std::integral_constant<int, 2>{}, n, cursor);
-    cursor.step = std::max<int64_t>(64, burst / passes);
-    if (n < n1) run(std::integral_constant<int, 1>{}, n, cursor);
-  });
-}
-
-// Input rows per pass over a tile: AVX-512 keeps 4 vectors per row (float sums, block sums, two sub-block
-// sums) in its 32 registers for 6 rows; AVX2 in its 16 for 3.
+// Input rows per pass over a tile: AVX-512 keeps 4 vectors per row (float sums, and block sums and two
+// sub-block sums, or two group sums and the mins' chain) in its 32 registers for 6 rows; AVX2 in its 16 for 3.
 constexpr int kTileRows512 = 6, kTileRows256 = 3;
 
-// One k-quant part (tiled) for every input row: tiles split between the threads, rows in chunks whose int8
+// Rows m..m+R-1 of one tile (lanes lane0.. of it) on the given ISA's instance of the kernel.
+template <int64_t Type, int R, typename Ns>
+inline void tile_pass(Ns, const KRows* krows, const QuantisedRows* rows, int64_t m, int64_t K, const uint8_t* tile,
+                      int lane0, const float* bias, float* y, int64_t ldy, int cols) {
+  if constexpr (is_kquant<Type>())
+    Ns::template kquant<Tile<Type>, R>(*krows, m, K, tile, lane0, bias, y, ldy, cols);
+  else
+    Ns::template groups32<Tile32<Type>, R>(*rows, m, K, tile, lane0, bias, y, ldy, cols);
+}
+
+// The three instances of the kernels, as types for tile_pass.
+struct Narrow {
+  template <typename T, int R, typename... A> static void kquant(A&&... a) { narrow::tile_rows<T, R>(a...); }
+  template <typename T, int R, typename... A> static void groups32(A&&... a) { narrow::tile32_rows<T, R>(a...); }
+};
+struct Wide {
+  template <typename T, int R, typename... A> static void kquant(A&&... a) { wide::tile_rows<T, R>(a...); }
+  template <typename T, int R, typename... A> static void groups32(A&&... a) { wide::tile32_rows<T, R>(a...); }
+};
+struct WideVnni {
+  template <typename T, int R, typename... A> static void kquant(A&&... a) { wide_vnni::tile_rows<T, R>(a...); }
+  template <typename T, int R, typename... A> static void groups32(A&&... a) {
+    wide_vnni::tile32_rows<T, R>(a...);
+  }
+};
+
+// One part (tiled) for every input row: tiles split between the threads, rows in chunks whose quantised
 // inputs stay in L2 while the chunk passes over the tiles, each tile read once per chunk.
 template <int64_t Type>
-void tile_part(const KRows& x, int64_t M, int64_t K, const uint8_t* w, int64_t rows, const float* bias, float* y,
-               int64_t ldy) {
-  using T = Tile<Type>;
-  const int64_t tiles = (rows + kTileCols - 1) / kTileCols, tile_bytes = K / 256 * T::kBytes;
-  const int64_t chunk = std::max<int64_t>(kTileRows512, (512 * 1024 / K) / kTileRows512 * kTileRows512);
-  const bool vnni = kVnni, wide512 = kAvx512;
+void tile_part(const KRows* krows, const QuantisedRows* qrows, int64_t M, int64_t K, const uint8_t* w, int64_t rows,
+               const float* bias, float* y, int64_t ldy) {
+  const int64_t tiles = (rows + kTileCols - 1) / kTileCols, tile_bytes = part_bytes(Type, kTileCols, K);
+  const int64_t chunk = std::max<int64_t>(kTileRows512, (512 * 1024 / (2 * K)) / kTileRows512 * kTileRows512);
   for (int64_t c0 = 0; c0 < M; c0 += chunk) {
     const int64_t rows_here = std::min(chunk, M - c0);
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
@@ -464,32 +485,28 @@ void tile_part(const KRows& x, int64_t M, int64_t K, const uint8_t* w, int64_t r
         const uint8_t* tile = w + t * tile_bytes;
         const int64_t n = t * kTileCols;
         const int cols = static_cast<int>(std::min<int64_t>(kTileCols, rows - n));
-        if (wide512) {
-          row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) {
-            constexpr int Rows = decltype(R)::value;
-            float* out = y + (c0 + m) * ldy + n;
-            const float* b = bias ? bias + n : nullptr;
-            if (vnni)
-              wide_vnni::tile_rows<T, Rows>(x, c0 + m, K, tile, 0, b, out, ldy, cols);
-            else
-              wide::tile_rows<T, Rows>(x, c0 + m, K, tile, 0, b, out, ldy, cols);
-          });
-        } else {
+        const auto pass = [&](auto ns, auto R, int64_t m, int lane0, int lanes) {
+          tile_pass<Type, decltype(R)::value>(ns, krows, qrows, c0 + m, K, tile, lane0,
+                                              bias ? bias + n + lane0 : nullptr, y + (c0 + m) * ldy + n + lane0,
+                                              ldy, lanes);
+        };
+        if (kVnni)
+          row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) { pass(WideVnni{}, R, m, 0, cols); });
+        else if (kAvx512)
+          row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) { pass(Wide{}, R, m, 0, cols); });
+        else
           for (int lane0 = 0; lane0 < cols; lane0 += 8)
             row_blocks<kTileRows256>(rows_here, [&](auto R, int64_t m) {
-              narrow::tile_rows<T, decltype(R)::value>(x, c0 + m, K, tile, lane0, bias ? bias + n + lane0 : nullptr,
-                                                       y + (c0 + m) * ldy + n + lane0, ldy,
-                                                       std::min(8, cols - lane0));
+              pass(Narrow{}, R, m, lane0, std::min(8, cols - lane0));
             });
-        }
       }
     });
   }
 }
 
 // qblock_pack: a weight's parts (rows back to back in GGUF blocks, `parts` (P, 2) int64: GGML type and rows) in
-// the layout qblock_linear reads: k-quant parts tiled, the others as stored. Returns the bytes and (P, 3) parts:
-// type, rows, and 1 where tiled.
+// the layout qblock_linear reads, tiles of 16 output columns (the last one zero-padded). Returns the bytes and
+// (P, 3) parts: type, rows, and 1 (tiled).
 std::tuple<at::Tensor, at::Tensor> qblock_pack(const at::Tensor& w, const at::Tensor& parts, int64_t K) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "qblock_pack: w must be contiguous uint8");
   TORCH_CHECK(parts.scalar_type() == at::kLong && parts.dim() == 2 && parts.size(1) == 2 && parts.is_contiguous(),
@@ -509,30 +526,29 @@ std::tuple<at::Tensor, at::Tensor> qblock_pack(const at::Tensor& w, const at::Te
   uint8_t* dst = out.data_ptr<uint8_t>();
   for (int64_t p = 0; p < P; ++p) {
     const int64_t type = pp[2 * p], rows = pp[2 * p + 1], row_bytes = K / block_inputs(type) * block_bytes(type);
-    bool tiled = false;
     with_type(type, [&](auto t) {
       constexpr int64_t Type = decltype(t)::value;
-      if constexpr (is_kquant<Type>()) {
-        tiled = true;
-        const int64_t B = K / 256, tiles = (rows + kTileCols - 1) / kTileCols;
-        at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-          for (int64_t tile = t0; tile < t1; ++tile)
-            for (int64_t blk = 0; blk < B; ++blk) {
-              const uint8_t* block[kTileCols];
-              for (int c = 0; c < kTileCols; ++c) {
-                const int64_t n = tile * kTileCols + c;
-                block[c] = n < rows ? src + n * row_bytes + blk * Format<Type>::kBytes : nullptr;
-              }
-              pack_tile_block<Type>(block, dst + (tile * B + blk) * Tile<Type>::kBytes);
+      using L = TileOf<Type>;
+      const int64_t B = K / L::kInputs, tiles = (rows + kTileCols - 1) / kTileCols;
+      at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+        for (int64_t tile = t0; tile < t1; ++tile)
+          for (int64_t blk = 0; blk < B; ++blk) {
+            const uint8_t* block[kTileCols];
+            for (int c = 0; c < kTileCols; ++c) {
+              const int64_t n = tile * kTileCols + c;
+              block[c] = n < rows ? src + n * row_bytes + blk * Format<Type>::kBytes : nullptr;
             }
-        });
-      } else {
-        std::memcpy(dst, src, rows * row_bytes);
-      }
+            uint8_t* to = dst + (tile * B + blk) * L::T::kBytes;
+            if constexpr (is_kquant<Type>())
+              pack_tile_block<Type>(block, to);
+            else
+              pack_tile_group<Type>(block, to);
+          }
+      });
     });
     layout.data_ptr<int64_t>()[3 * p] = type;
     layout.data_ptr<int64_t>()[3 * p + 1] = rows;
-    layout.data_ptr<int64_t>()[3 * p + 2] = tiled;
+    layout.data_ptr<int64_t>()[3 * p + 2] = 1;
     src += rows * row_bytes;
     dst += part_bytes(type, rows, K);
   }
@@ -554,8 +570,7 @@ at::Tensor qblock_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   for (int64_t p = 0; p < P; ++p) {
     const int64_t type = pp[3 * p];
     TORCH_CHECK(K % block_inputs(type) == 0, "qblock_linear: K must be a multiple of the block size");
-    TORCH_CHECK(pp[3 * p + 2] == (block_inputs(type) == 256), "qblock_linear: part ", p,
-                " is not laid out by qblock_pack");
+    TORCH_CHECK(pp[3 * p + 2] == 1, "qblock_linear: part ", p, " is not laid out by qblock_pack");
     (block_inputs(type) == 256 ? kquants : groups32) = true;
     N += pp[3 * p + 1];
     bytes += part_bytes(type, pp[3 * p + 1], K);
@@ -571,13 +586,8 @@ at::Tensor qblock_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   for (int64_t p = 0; p < P; ++p) {
     const int64_t type = pp[3 * p], part_rows = pp[3 * p + 1];
     with_type(type, [&](auto t) {
-      constexpr int64_t Type = decltype(t)::value;
-      float* out = y.data_ptr<float>() + col;
-      const float* b = bp ? bp + col : nullptr;
-      if constexpr (is_kquant<Type>())
-        tile_part<Type>(*krows, M, K, wp, part_rows, b, out, N);
-      else
-        qblock_part<Type>(*rows, M, K, wp, part_rows, b, out, N);
+      tile_part<decltype(t)::value>(krows.get(), rows.get(), M, K, wp, part_rows, bp ? bp + col : nullptr,
+                                    y.data_ptr<float>() + col, N);
     });
     wp += part_bytes(type, part_rows, K);
     col += part_rows;

@@ -67,6 +67,14 @@ inline VI izero() { return _mm512_setzero_si512(); }
 inline void fstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
 inline VF fload(const float* p) { return _mm512_loadu_ps(p); }
 inline VF fadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+inline VF fset1(float v) { return _mm512_set1_ps(v); }
+inline VI sub16(VI v, int k) { return _mm512_sub_epi16(v, _mm512_set1_epi16(static_cast<int16_t>(k))); }
+// v plus 16 in the int16 lanes whose bit is set in the 32-bit mask at p (bits from lane0 * 2 on)
+inline VI or_bits(VI v, const uint8_t* p, int lane0) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  return _mm512_mask_add_epi16(v, static_cast<__mmask32>(bits >> (2 * lane0)), v, _mm512_set1_epi16(16));
+}
 #else
 using VI = __m256i;
 using VF = __m256;
@@ -109,6 +117,13 @@ inline VI izero() { return _mm256_setzero_si256(); }
 inline void fstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
 inline VF fload(const float* p) { return _mm256_loadu_ps(p); }
 inline VF fadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+inline VF fset1(float v) { return _mm256_set1_ps(v); }
+inline VI sub16(VI v, int k) { return _mm256_sub_epi16(v, _mm256_set1_epi16(static_cast<int16_t>(k))); }
+inline VI or_bits(VI v, const uint8_t* p, int lane0) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  return _mm256_or_si256(v, bit_lanes(bits, 2 * lane0, 16));
+}
 #endif
 
 // Value vectors A and B of pair p, step i (T::kSteps per pair): lane l's 4 values of sub-blocks 2p and
@@ -202,6 +217,70 @@ void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int l
       alignas(64) float tmp[kLanes];
       fstore(tmp, out);
       for (int c = 0; c < cols; ++c) y[r * ldy + c] = bias ? tmp[c] + bias[c] : tmp[c];
+    }
+  }
+}
+
+// The 32-input formats (Q4_0 ... Q8_0) tiled the same way (Tile32<Type>): lane c of an int16 value vector
+// holds 2 consecutive values of column c, so VPDPWSSD (or VPMADDWD + VPADDD) adds a broadcast pair of the
+// row's int16 inputs times them to every column: a group's dot product exact in int32. Then, per output, as
+// the row layout did: acc += float(dot) * d over the groups in order, the mins' chain min * (the group's
+// input sum) beside it, and out = float((acc + mins) * row scale).
+inline VI i16_pairs(const uint8_t* p, bool is_signed) {  // 2 * kLanes bytes as int16
+  return is_signed ? i8_i16(p) : u8_i16(p);
+}
+
+template <typename T, int R>
+void tile32_rows(const QuantisedRows& x, int64_t m0, int64_t K, const uint8_t* tile, int lane0, const float* bias,
+                 float* y, int64_t ldy, int cols) {
+  const int64_t G = K / 32;
+  VF acc[R], mins[R];
+  for (int r = 0; r < R; ++r) acc[r] = mins[r] = fzero();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* tg = tile + g * T::kBytes;
+    if (g % T::kPrefetchEvery == 0)
+      for (int64_t line = 0; line < T::kPrefetchEvery * T::kBytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(tg + kTileLead + line), _MM_HINT_T1);
+    VI lo[R], hi[R];
+    for (int r = 0; r < R; ++r) lo[r] = hi[r] = izero();
+#pragma GCC unroll 8
+    for (int s = 0; s < 8; ++s) {  // inputs 2s, 2s + 1 (lo) and 16 + 2s, 17 + 2s (hi)
+      VI a, b;
+      if constexpr (T::kBits == 8) {
+        a = i16_pairs(tg + T::kQs + (s * kTileCols + lane0) * 2, true);
+        b = i16_pairs(tg + T::kQs + ((s + 8) * kTileCols + lane0) * 2, true);
+      } else {
+        const VI v = i16_pairs(tg + T::kQs + (s * kTileCols + lane0) * 2, false);
+        a = vand(v, vset8(0x0F));
+        b = shift16(v, -4);
+        if constexpr (T::kBits == 5) {
+          a = or_bits(a, tg + T::kQh + (2 * s) * 4, lane0);
+          b = or_bits(b, tg + T::kQh + (2 * s + 1) * 4, lane0);
+        }
+        if constexpr (T::kOffset != 0) {
+          a = sub16(a, T::kOffset);
+          b = sub16(b, T::kOffset);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const int16_t* xg = x.q.data() + (m0 + r) * K + g * 32;
+        lo[r] = dot2(lo[r], a, bcast_pair(xg + 2 * s));
+        hi[r] = dot2(hi[r], b, bcast_pair(xg + 16 + 2 * s));
+      }
+    }
+    const VF d = half_f32(tg + T::kD + lane0 * 2);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = fmadd(cvt(vadd(lo[r], hi[r])), d, acc[r]);
+      if constexpr (T::kMin)
+        mins[r] = fmadd(half_f32(tg + T::kM + lane0 * 2), fset1(x.sums[(m0 + r) * G + g]), mins[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float total[kLanes];
+    fstore(total, fadd(acc[r], mins[r]));
+    for (int c = 0; c < cols; ++c) {
+      const float out = float(double(total[c]) * x.scale[m0 + r]);
+      y[r * ldy + c] = bias ? out + bias[c] : out;
     }
   }
 }
