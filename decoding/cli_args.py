@@ -78,8 +78,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="auto", choices=["auto", "native", "exact"],
                    help="what plain decoding runs and speculation verifies against: 'native' reads a GGUF model's "
                         "weights in their stored blocks (Q4_0 ... Q8_0, Q4_K, Q5_K, Q6_K) with the native CPU "
-                        "kernels, the fastest for a single stream; 'exact' dequantises them (fp32, or bf16 per "
-                        "--dtype), the fastest under load (batched steps, long prompts); 'auto' is exact")
+                        "kernels, the fastest on one stream and under load; 'exact' dequantises them (fp32, or bf16 "
+                        "per --dtype), the target the 4-bit draft copies pay on; 'auto' is native where it runs "
+                        "(a .gguf model on a CPU with the native kernels), else exact")
     add_log_level(p)
 
 

@@ -35,11 +35,12 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """The default server: default model, shipped routing artifact, no API key; prompts logged to
-    ``server.prompt_log``."""
+    """The default server on the exact target: default model, shipped routing artifact, no API key; prompts
+    logged to ``server.prompt_log``. Its tests compare answers with ``default_engine``'s (the exact target, in
+    process); the default target (native for a .gguf model) has servers of its own in test_native_target."""
     from live_server import LiveServer
 
     prompt_log = tmp_path_factory.mktemp("prompt-log") / "prompts.jsonl"
-    with LiveServer("--max-concurrency", "8", "--log-prompts", str(prompt_log)) as live:
+    with LiveServer("--max-concurrency", "8", "--log-prompts", str(prompt_log), "--target", "exact") as live:
         live.prompt_log = prompt_log
         yield live

@@ -185,12 +185,13 @@ def test_default_model_native_target(default_model):
 
 
 def test_native_server_answers_as_plain_decoding():
-    """``serve --target native``: says so at startup and in ``knn_ssd``; routed answers (the shipped policies
-    keep their n-gram lookup drafts, the target has no quantised copy) equal ``speculate: false`` ones."""
+    """``serve`` with its default target (auto: native for the default model's .gguf on this CPU): says so at
+    startup and in ``knn_ssd``; routed answers (the shipped policies keep their n-gram lookup drafts, the
+    target has no quantised copy) equal ``speculate: false`` ones."""
     from live_server import LiveServer
     from openai import OpenAI
 
-    with LiveServer("--target", "native", "--prefix-cache-mb", "0") as server:
+    with LiveServer("--prefix-cache-mb", "0") as server:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
         messages = [{"role": "user", "content": "Repeat this list twice: apples, pears, plums, figs, dates."}]
         routed = client.chat.completions.create(model="default", messages=messages, max_tokens=48, temperature=0)

@@ -81,7 +81,7 @@ def test_completion_matches_plain_decoding(client, default_engine):
     assert ext["policy"] in ("speculative", "plain") and ext["verify_steps"] >= 1
     assert set(ext) >= {"domain", "similarity", "policy", "skip_attention", "skip_mlp", "draft_precision",
                         "draft_tokens", "accepted_tokens", "verify_steps", "mean_accepted_tokens", "router_ms"}
-    assert ext["target"] == "exact"  # --target auto
+    assert ext["target"] == "exact"  # the fixture's --target exact
 
 
 def test_completion_default_max_tokens_echo_and_list_prompt(client):
