@@ -144,7 +144,7 @@ inline void unpack_group(const uint8_t* row, int64_t group, Group& out) {
 }
 
 // Input rows for the k-quants: int8 per 256-input block with the block's absmax scale (|q| <= 127, as
-// llama.cpp's q8_K), and the values' sums per 16 inputs (for Q6_K's offset and the Q4_K / Q5_K mins).
+// llama.cpp's q8_K), and the values' sums per 16 inputs (Q6_K's offset) and per 32 (the Q4_K / Q5_K mins).
 inline float horizontal_max(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));

@@ -48,7 +48,9 @@ inline VI dot2(VI acc, VI a, VI b) {  // int16 pairs
   return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
 #endif
 }
-inline VI u8_i32(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline VI u8_i32(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline VI u8_i16(const uint8_t* p) {
   return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
@@ -57,7 +59,9 @@ inline VI i8_i16(const uint8_t* p) {
 }
 inline VI low_i16(VI pairs) { return _mm512_srai_epi32(_mm512_slli_epi32(pairs, 16), 16); }
 inline VI high_i16(VI pairs) { return _mm512_srai_epi32(pairs, 16); }
-inline VF half_f32(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline VF half_f32(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 inline VF vmul(VF a, float b) { return _mm512_mul_ps(a, _mm512_set1_ps(b)); }
 inline VF cvt(VI v) { return _mm512_cvtepi32_ps(v); }
 inline VF fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
@@ -102,9 +106,15 @@ inline VI dot4(VI acc, VI u, VI s) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 inline VI dot2(VI acc, VI a, VI b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
-inline VI u8_i32(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
-inline VI u8_i16(const uint8_t* p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline VI i8_i16(const uint8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline VI u8_i32(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline VI u8_i16(const uint8_t* p) {
+  return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline VI i8_i16(const uint8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline VI low_i16(VI pairs) { return _mm256_srai_epi32(_mm256_slli_epi32(pairs, 16), 16); }
 inline VI high_i16(VI pairs) { return _mm256_srai_epi32(pairs, 16); }
 inline VF half_f32(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
