@@ -69,10 +69,10 @@ class Linear:
 
 class BlockLinear:
     """``y = x @ W.T + b`` with W as a GGUF file stores it (the native target): blocks of Q4_0 ... Q8_0,
-    Q4_K, Q5_K or Q6_K, read by ``qblock_linear``, never widened: the 32-input formats as stored, the
-    k-quants re-laid once by ``qblock_pack`` in tiles of 16 output columns (the same bits per value and
-    scale; Q4_K / Q5_K's 6-bit scales and mins as bytes, +2.8%). ``parts`` are the fused weights' (GGML type
-    id, rows) in output order, e.g. Q4_K query and key rows then Q6_K value rows.
+    Q4_K, Q5_K or Q6_K, read by ``qblock_linear``, never widened: re-laid once by ``qblock_pack`` in tiles
+    of 16 output columns (the same bits per value and scale; Q4_K / Q5_K's 6-bit scales and mins as bytes,
+    +2.8%). ``parts`` are the fused weights' (GGML type id, rows) in output order, e.g. Q4_K query and key
+    rows then Q6_K value rows.
 
     Like ``Linear``'s kernels it is batch-invariant: each output row is one fixed chain of arithmetic
     over the row's own quantised inputs (int16 per row for the 32-input formats, int8 per 256-input block
@@ -89,7 +89,7 @@ class BlockLinear:
         self._kernel = kernels.qblock_linear
         stored = torch.cat([rows.reshape(-1) for _, rows in parts]).contiguous()
         types = torch.tensor([[type_id, rows.shape[0]] for type_id, rows in parts], dtype=torch.int64)
-        # the k-quants re-laid in tiles of 16 output columns (same values and scales), the others as stored
+        # re-laid in tiles of 16 output columns (the same values and scales), so a vector lane is an output
         self.kernel_weight, self.parts = kernels.qblock_pack(stored, types, in_features)
         self.in_features = in_features
         self.out_features = sum(rows.shape[0] for _, rows in parts)
