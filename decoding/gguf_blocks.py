@@ -1,10 +1,9 @@
 """A GGUF file's weights as stored: each tensor's raw quantised blocks, named by the HF parameter it becomes.
 
 The native target re-lays these blocks once in tiles of output columns (``qblock_pack``) and reads them
-with ``qblock_linear``; nothing is dequantised. transformers'
-own GGUF loader decides the names and the row order: the same tensor processor reorders rows where
-llama.cpp's converter permuted them (Llama's query and key rows for its rotary layout), applied here to
-whole rows of blocks, which keeps every block intact.
+with ``qblock_linear``; nothing is dequantised. transformers' own GGUF loader decides the names and the row
+order: the same tensor processor reorders rows where llama.cpp's converter permuted them (Llama's query and
+key rows for its rotary layout), applied here to whole rows of blocks, which keeps every block intact.
 """
 
 from __future__ import annotations
