@@ -16,6 +16,7 @@ from gguf.quants import dequantize, quantize
 from tiny_models import CONFIGS, tiny_model
 
 from decoding import PLAIN, DraftPolicy, ModelRunner, SamplingParams, SkipSet, SpeculativeEngine, native
+from decoding.runner import Segment
 from decoding.gguf_blocks import StoredTensor
 from decoding.linear import BlockLinear
 
@@ -149,6 +150,30 @@ def test_native_prefill_is_chunk_invariant(native_tiny):
         runner.forward(torch.tensor(ids[start:start + 7]), chunked, start, prefill=True)
     assert torch.equal(whole.keys[:, :, :, :30], chunked.keys[:, :, :, :30])
     assert torch.equal(whole.values[:, :, :, :30], chunked.values[:, :, :, :30])
+
+
+def test_native_stack_matches_the_kernels_one_by_one(native_tiny):
+    """The native layer stack (one parallel region over all layers) gives the bits of the per-layer path, which
+    calls each kernel alone: packed sequences of different lengths, with and without skipped sub-layers."""
+    runner = native_tiny[1].runner
+    if runner._full_stack is None:
+        pytest.skip("this family's layers run one by one anyway")
+    caches = [runner.new_cache(64) for _ in range(2)]
+    for cache, start in zip(caches, (30, 9)):
+        runner.forward(torch.arange(3, 3 + start), cache, 0, prefill=True)
+    segments = [Segment(torch.tensor([5, 6, 7]), caches[0], 30, all_logits=True),
+                Segment(torch.tensor([8]), caches[1], 9)]
+
+    def run(policy):
+        logits = [out.logits for out in runner.forward_packed(segments, policy)]
+        return logits, [t[:, 0, :, :40].clone() for c in caches for t in (c.keys, c.values)]
+
+    for policy in (None, DraftPolicy(SkipSet(attention=[1], mlp=[0, 3]))):
+        stacked = run(policy)
+        stack, runner._full_stack = runner._full_stack, None
+        per_layer = run(policy)
+        runner._full_stack = stack
+        assert all(torch.equal(a, b) for a, b in zip(stacked[0] + stacked[1], per_layer[0] + per_layer[1])), policy
 
 
 @pytest.mark.parametrize("policy", [DraftPolicy(SkipSet(attention=[1], mlp=[2]), threshold=0.0, max_draft=4),

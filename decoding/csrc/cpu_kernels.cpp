@@ -768,6 +768,15 @@ inline double sum_squares(const float* x, int64_t K) {
   return total;
 }
 
+// Rows m0..m1-1 of rms_norm.
+inline void rms_norm_rows(const float* xp, const float* wp, float* yp, int64_t K, double eps, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = xp + m * K;
+    const float inv = static_cast<float>(1.0 / std::sqrt(sum_squares(xr, K) / double(K) + eps));
+    for (int64_t k = 0; k < K; ++k) yp[m * K + k] = xr[k] * inv * wp[k];
+  }
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "rms_norm: x must be float32 (M, K)");
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(1),
@@ -778,13 +787,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const float* xp = xc.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {  // rows are independent: batch-invariant
-    for (int64_t m = m0; m < m1; ++m) {
-      const float* xr = xp + m * K;
-      const float inv = static_cast<float>(1.0 / std::sqrt(sum_squares(xr, K) / double(K) + eps));
-      for (int64_t k = 0; k < K; ++k) yp[m * K + k] = xr[k] * inv * wp[k];
-    }
-  });
+  // rows are independent: batch-invariant
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { rms_norm_rows(xp, wp, yp, K, eps, m0, m1); });
   return y;
 }
 
@@ -1047,44 +1051,69 @@ inline void rotate(const float* x, const float* cos, const float* sin, float* ou
   for (int64_t i = half; i < D; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
-// cached_attention: the attention block between the qkv and output projections for the
-// packed new tokens of several sequences: rotary on queries and keys, each sequence's
-// keys/values written into its layer buffers (Hkv, capacity, D) at start..start+n-1, then
-// causal (optionally sliding-window) attention of token t over positions [0, start + t].
-// Every (token, head) is computed alone in a fixed order, so a sequence's result does not
-// depend on the others or on how many tokens it brings (batch invariance). Built with
-// -ffp-contract=off, the rotary is bit-identical to torch's mul/add formulation.
-// The attention of cached_attention once its arguments are checked, for KV entries of type T.
+// The KV buffers of S sequences: contiguous (Hkv, capacity, D), float32 or bfloat16, all of one type, with
+// room for every new token.
+void check_kv_buffers(at::TensorList keys, at::TensorList values, at::IntArrayRef starts, at::IntArrayRef lengths,
+                      int64_t Hkv, int64_t D) {
+  const auto kv_type = keys[0].scalar_type();
+  for (size_t s = 0; s < keys.size(); ++s) {
+    const at::Tensor& k = keys[s];
+    TORCH_CHECK(k.is_contiguous() && values[s].is_contiguous() && k.scalar_type() == kv_type &&
+                values[s].scalar_type() == kv_type && (kv_type == at::kFloat || kv_type == at::kBFloat16) &&
+                k.sizes() == values[s].sizes() && k.size(0) == Hkv && k.size(2) == D && starts[s] >= 0 &&
+                starts[s] + lengths[s] <= k.size(1),
+                "cached_attention: contiguous float32 or bfloat16 buffers, all of one type, with room for every new token");
+  }
+}
+
+// The attention of cached_attention once its arguments are checked, for KV entries of type T: the new
+// tokens' KV entries written (by token), then units of one token's query heads sharing one KV head (each
+// key/value row read once for all of them), every unit computed alone: any split of either between
+// threads gives the same bits.
 template <typename T>
-void attend(const float* xp, const float* cp, const float* sp, int64_t T_rows, int64_t width, int64_t D, int64_t Hq,
-            int64_t Hkv, at::TensorList keys, at::TensorList values, const std::vector<int64_t>& row_seq,
-            const std::vector<int64_t>& row_pos, double scaling, int64_t window, float* yp) {
-  const auto entries = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
-  std::vector<float> rotated(D);
-  for (int64_t r = 0; r < T_rows; ++r) {
-    T* kp = entries(keys[row_seq[r]]);
-    T* vp = entries(values[row_seq[r]]);
-    const int64_t cap = keys[row_seq[r]].size(1);
-    for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t at = (h * cap + row_pos[r]) * D;
-      const float* v = xp + (r * width + Hq + Hkv + h) * D;
-      rotate(xp + (r * width + Hq + h) * D, cp + r * D, sp + r * D, rotated.data(), D);
-      for (int64_t d = 0; d < D; ++d) {
-        store_entry(rotated[d], kp + at + d);
-        store_entry(v[d], vp + at + d);
+struct Attention {
+  const float *xp, *cp, *sp;
+  int64_t T_rows, width, D, Hq, Hkv;
+  at::TensorList keys, values;
+  const std::vector<int64_t>& row_seq;
+  const std::vector<int64_t>& row_pos;
+  double scaling;
+  int64_t window;
+  float* yp;
+
+  static T* entries(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+  int64_t units() const { return T_rows * Hkv; }
+  int64_t longest() const {
+    int64_t most = 1;
+    for (int64_t r = 0; r < T_rows; ++r) most = std::max(most, row_pos[r] + 1);
+    return most;
+  }
+
+  // Rotated keys and values of tokens r0..r1-1 into their sequences' buffers.
+  void write_kv(int64_t r0, int64_t r1) const {
+    std::vector<float> rotated(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      T* kp = entries(keys[row_seq[r]]);
+      T* vp = entries(values[row_seq[r]]);
+      const int64_t cap = keys[row_seq[r]].size(1);
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t at = (h * cap + row_pos[r]) * D;
+        const float* v = xp + (r * width + Hq + Hkv + h) * D;
+        rotate(xp + (r * width + Hq + h) * D, cp + r * D, sp + r * D, rotated.data(), D);
+        for (int64_t d = 0; d < D; ++d) {
+          store_entry(rotated[d], kp + at + d);
+          store_entry(v[d], vp + at + d);
+        }
       }
     }
   }
-  const int64_t groups = Hq / Hkv;
-  int64_t longest = 1;
-  for (int64_t r = 0; r < T_rows; ++r) longest = std::max(longest, row_pos[r] + 1);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (longest * D * groups));
-  // One unit = one token's query heads sharing one KV head: each key/value row is read once for all of them.
-  // Units run head-major, so a thread takes tokens of one KV head while its rows are in cache, and
-  // within a head from both ends in turn (first, last, second, second to last, ...): a causal prefill's
-  // later tokens attend to more keys, and the threads' equal shares of units then cost about the same
-  // (in order, two threads split 5 : 7 over three KV heads).
-  at::parallel_for(0, T_rows * Hkv, grain, [&](int64_t b0, int64_t b1) {
+
+  // Units b0..b1-1. Units run head-major, so a thread takes tokens of one KV head while its rows are in
+  // cache, and within a head from both ends in turn (first, last, second, second to last, ...): a causal
+  // prefill's later tokens attend to more keys, and the threads' equal shares of units then cost about the
+  // same (in order, two threads split 5 : 7 over three KV heads).
+  void run_units(int64_t b0, int64_t b1, int64_t longest) const {
+    const int64_t groups = Hq / Hkv;
     std::vector<float> q(groups * D), scores(groups * longest);
     std::vector<T> pad(8 * D);
     for (int64_t b = b0; b < b1; ++b) {
@@ -1100,7 +1129,30 @@ void attend(const float* xp, const float* cp, const float* sp, int64_t T_rows, i
       for (int64_t g = 0; g < groups; ++g) inv[g] = softmax_weights(scores.data() + g * longest, first, last);
       mix_group_values(scores.data(), groups, longest, first, last, vp, D, inv, yp + (r * Hq + kvh * groups) * D);
     }
-  });
+  }
+};
+
+template <typename T>
+void attend(const Attention<T>& a) {
+  a.write_kv(0, a.T_rows);
+  const int64_t longest = a.longest();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (longest * a.D * (a.Hq / a.Hkv)));
+  at::parallel_for(0, a.units(), grain, [&](int64_t b0, int64_t b1) { a.run_units(b0, b1, longest); });
+}
+
+// Each new token's sequence and position, from the sequences' starts and lengths (checked against T rows).
+void token_rows(at::IntArrayRef starts, at::IntArrayRef lengths, int64_t T, std::vector<int64_t>& row_seq,
+                std::vector<int64_t>& row_pos) {
+  row_seq.assign(T, 0);
+  row_pos.assign(T, 0);
+  int64_t row = 0;
+  for (int64_t s = 0; s < static_cast<int64_t>(starts.size()); ++s)
+    for (int64_t t = 0; t < lengths[s]; ++t, ++row) {
+      TORCH_CHECK(row < T, "cached_attention: lengths add up to more than qkv's rows");
+      row_seq[row] = s;
+      row_pos[row] = starts[s] + t;
+    }
+  TORCH_CHECK(row == T, "cached_attention: lengths must add up to qkv's rows");
 }
 
 // cached_attention: the attention block between the qkv and output projections for the
@@ -1124,31 +1176,41 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   const auto kv_type = keys[0].scalar_type();
   TORCH_CHECK(x.size(1) == width && c.size(0) == T && c.size(1) == D && sn.sizes() == c.sizes(),
               "cached_attention: qkv (T, Hq + 2 Hkv, D) and cos/sin (T, D) expected");
-  std::vector<int64_t> row_seq(T), row_pos(T);
-  int64_t row = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    const at::Tensor& k = keys[s];
-    TORCH_CHECK(k.is_contiguous() && values[s].is_contiguous() && k.scalar_type() == kv_type &&
-                values[s].scalar_type() == kv_type && (kv_type == at::kFloat || kv_type == at::kBFloat16) &&
-                k.sizes() == values[s].sizes() && k.size(0) == Hkv && k.size(2) == D && starts[s] >= 0 &&
-                starts[s] + lengths[s] <= k.size(1),
-                "cached_attention: contiguous float32 or bfloat16 buffers, all of one type, with room for every new token");
-    for (int64_t t = 0; t < lengths[s]; ++t, ++row) {
-      TORCH_CHECK(row < T, "cached_attention: lengths add up to more than qkv's rows");
-      row_seq[row] = s;
-      row_pos[row] = starts[s] + t;
-    }
-  }
-  TORCH_CHECK(row == T, "cached_attention: lengths must add up to qkv's rows");
+  check_kv_buffers(keys, values, starts, lengths, Hkv, D);
+  std::vector<int64_t> row_seq, row_pos;
+  token_rows(starts, lengths, T, row_seq, row_pos);
   TORCH_CHECK(Hq % Hkv == 0 && Hq / Hkv <= 64, "cached_attention: query heads must be 1..64 times the KV heads");
   at::Tensor y = at::empty({T, Hq * D}, x.options());
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = sn.data_ptr<float>();
   if (kv_type == at::kBFloat16)
-    attend<uint16_t>(x.data_ptr<float>(), c.data_ptr<float>(), sn.data_ptr<float>(), T, width, D, Hq, Hkv, keys,
-                     values, row_seq, row_pos, scaling, window, y.data_ptr<float>());
+    attend(Attention<uint16_t>{xp, cp, sp, T, width, D, Hq, Hkv, keys, values, row_seq, row_pos, scaling, window,
+                               y.data_ptr<float>()});
   else
-    attend<float>(x.data_ptr<float>(), c.data_ptr<float>(), sn.data_ptr<float>(), T, width, D, Hq, Hkv, keys, values,
-                  row_seq, row_pos, scaling, window, y.data_ptr<float>());
+    attend(Attention<float>{xp, cp, sp, T, width, D, Hq, Hkv, keys, values, row_seq, row_pos, scaling, window,
+                            y.data_ptr<float>()});
   return y;
+}
+
+// silu_mul's work in units of 256 outputs of a row (each element computed alone: any split gives the same bits).
+constexpr int64_t kSiluBlock = 256;
+
+// Units u0..u1-1 of silu_mul over gate_up rows of 2 * I (gate, then up) into rows of I.
+inline void silu_units(const float* gp, float* yp, int64_t I, int64_t u0, int64_t u1) {
+  const __m256 one = _mm256_set1_ps(1.f), top = _mm256_set1_ps(88.f);
+  const int64_t blocks = (I + kSiluBlock - 1) / kSiluBlock;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t m = u / blocks, end = std::min(I, (u % blocks + 1) * kSiluBlock);
+    const float* gate = gp + m * 2 * I;
+    const float* up = gate + I;
+    float* out = yp + m * I;
+    int64_t i = (u % blocks) * kSiluBlock;
+    for (; i + 8 <= end; i += 8) {
+      const __m256 a = _mm256_loadu_ps(gate + i);
+      const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), top));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < end; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  }
 }
 
 // silu_mul: silu(gate) * up for the fused gate_up projection's output (M, 2 * I).
@@ -1158,32 +1220,15 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   const at::Tensor g = gate_up.contiguous();
   const int64_t M = g.size(0), I = g.size(1) / 2;
   at::Tensor y = at::empty({M, I}, g.options());
-  const float* gp = g.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const __m256 one = _mm256_set1_ps(1.f), top = _mm256_set1_ps(88.f);
-  // Work in blocks of 256 outputs of a row (each element computed alone: any split gives the same bits),
-  // split between threads from 32 blocks on: a 12-row verify's 18K outputs, not a 1-token step's 1.5K.
-  constexpr int64_t kBlock = 256;
-  const int64_t blocks = (I + kBlock - 1) / kBlock;
-  at::parallel_for(0, M * blocks, 32, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t m = u / blocks, end = std::min(I, (u % blocks + 1) * kBlock);
-      const float* gate = gp + m * 2 * I;
-      const float* up = gate + I;
-      float* out = yp + m * I;
-      int64_t i = (u % blocks) * kBlock;
-      for (; i + 8 <= end; i += 8) {
-        const __m256 a = _mm256_loadu_ps(gate + i);
-        const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), top));
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
-      }
-      for (; i < end; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-    }
+  // split between threads from 32 units on: a 12-row verify's 18K outputs, not a 1-token step's 1.5K
+  at::parallel_for(0, M * ((I + kSiluBlock - 1) / kSiluBlock), 32, [&](int64_t u0, int64_t u1) {
+    silu_units(g.data_ptr<float>(), y.data_ptr<float>(), I, u0, u1);
   });
   return y;
 }
 
 #include "gguf_blocks.h"
+#include "native_stack.h"
 
 // decoder_layers: a stack of decoder layers in one call, so the ~8 kernel calls per layer are
 // not each a trip through Python (pre-norm Llama-style layers: RMS norms, fused qkv, rotary
@@ -1207,6 +1252,9 @@ at::Tensor decoder_layers(const at::Tensor& hidden, at::TensorList norms, at::Te
               static_cast<int64_t>(biases.size()) == 4 * L &&
               static_cast<int64_t>(keys.size()) == L * S && static_cast<int64_t>(values.size()) == L * S,
               "decoder_layers: 2 norms, 4 linears, one window and S KV buffers per layer");
+  if (native_stack(scales, L))
+    return native_layers(hidden, norms, weights, scales, biases, skip_attention, skip_mlp, cos, sin, keys, values,
+                         starts, lengths, q_heads, scaling, windows, eps);
   at::Tensor h = hidden.contiguous().clone();
   const int64_t T = h.size(0), H = h.size(1);
   // n: the output width, which bf16 weights (packed in whole groups of columns) do not tell

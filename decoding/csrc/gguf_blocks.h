@@ -471,36 +471,86 @@ struct WideVnni {
   }
 };
 
-// One part (tiled) for every input row: tiles split between the threads, rows in chunks whose quantised
-// inputs stay in L2 while the chunk passes over the tiles, each tile read once per chunk.
+// A linear's input rows, quantised as its parts' kernels read them (null where no part needs them).
+struct TileInputs {
+  std::unique_ptr<KRows> krows;          // the k-quants: int8 per 256 inputs
+  std::unique_ptr<QuantisedRows> rows;   // the 32-input formats: int16 per row
+};
+
+// Tiles t0..t1-1 of one part (tiled) for every input row: rows in chunks whose quantised inputs stay in L2
+// while the chunk passes over the tiles, each tile read once per chunk.
 template <int64_t Type>
-void tile_part(const KRows* krows, const QuantisedRows* qrows, int64_t M, int64_t K, const uint8_t* w, int64_t rows,
-               const float* bias, float* y, int64_t ldy) {
-  const int64_t tiles = (rows + kTileCols - 1) / kTileCols, tile_bytes = part_bytes(Type, kTileCols, K);
+void tile_range(const TileInputs& in, int64_t M, int64_t K, const uint8_t* w, int64_t rows, const float* bias,
+                float* y, int64_t ldy, int64_t t0, int64_t t1) {
+  const int64_t tile_bytes = part_bytes(Type, kTileCols, K);
   const int64_t chunk = std::max<int64_t>(kTileRows512, (512 * 1024 / (2 * K)) / kTileRows512 * kTileRows512);
   for (int64_t c0 = 0; c0 < M; c0 += chunk) {
     const int64_t rows_here = std::min(chunk, M - c0);
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* tile = w + t * tile_bytes;
-        const int64_t n = t * kTileCols;
-        const int cols = static_cast<int>(std::min<int64_t>(kTileCols, rows - n));
-        const auto pass = [&](auto ns, auto R, int64_t m, int lane0, int lanes) {
-          tile_pass<Type, decltype(R)::value>(ns, krows, qrows, c0 + m, K, tile, lane0,
-                                              bias ? bias + n + lane0 : nullptr, y + (c0 + m) * ldy + n + lane0,
-                                              ldy, lanes);
-        };
-        if (kVnni)
-          row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) { pass(WideVnni{}, R, m, 0, cols); });
-        else if (kAvx512)
-          row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) { pass(Wide{}, R, m, 0, cols); });
-        else
-          for (int lane0 = 0; lane0 < cols; lane0 += 8)
-            row_blocks<kTileRows256>(rows_here, [&](auto R, int64_t m) {
-              pass(Narrow{}, R, m, lane0, std::min(8, cols - lane0));
-            });
-      }
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = w + t * tile_bytes;
+      const int64_t n = t * kTileCols;
+      const int cols = static_cast<int>(std::min<int64_t>(kTileCols, rows - n));
+      const auto pass = [&](auto ns, auto R, int64_t m, int lane0, int lanes) {
+        tile_pass<Type, decltype(R)::value>(ns, in.krows.get(), in.rows.get(), c0 + m, K, tile, lane0,
+                                            bias ? bias + n + lane0 : nullptr, y + (c0 + m) * ldy + n + lane0,
+                                            ldy, lanes);
+      };
+      if (kVnni)
+        row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) { pass(WideVnni{}, R, m, 0, cols); });
+      else if (kAvx512)
+        row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) { pass(Wide{}, R, m, 0, cols); });
+      else
+        for (int lane0 = 0; lane0 < cols; lane0 += 8)
+          row_blocks<kTileRows256>(rows_here, [&](auto R, int64_t m) {
+            pass(Narrow{}, R, m, lane0, std::min(8, cols - lane0));
+          });
+    }
+  }
+}
+
+// Checks qblock_pack's (P, 3) parts against K and the weight's bytes; returns the output width.
+int64_t check_parts(const at::Tensor& w, const at::Tensor& parts, int64_t K) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "qblock_linear: w must be contiguous uint8");
+  TORCH_CHECK(parts.scalar_type() == at::kLong && parts.dim() == 2 && parts.size(1) == 3 && parts.is_contiguous(),
+              "qblock_linear: parts must be qblock_pack's int64 (P, 3)");
+  const int64_t* pp = parts.data_ptr<int64_t>();
+  int64_t N = 0, bytes = 0;
+  for (int64_t p = 0; p < parts.size(0); ++p) {
+    const int64_t type = pp[3 * p];
+    TORCH_CHECK(K % block_inputs(type) == 0, "qblock_linear: K must be a multiple of the block size");
+    TORCH_CHECK(pp[3 * p + 2] == 1, "qblock_linear: part ", p, " is not laid out by qblock_pack");
+    N += pp[3 * p + 1];
+    bytes += part_bytes(type, pp[3 * p + 1], K);
+  }
+  TORCH_CHECK(w.numel() == bytes, "qblock_linear: w holds ", w.numel(), " bytes, the parts need ", bytes);
+  return N;
+}
+
+// The input rows `x` (M, K), contiguous float32, quantised for the parts' block types.
+TileInputs tile_inputs(const at::Tensor& x, const at::Tensor& parts) {
+  bool kquants = false, groups32 = false;
+  const int64_t* pp = parts.data_ptr<int64_t>();
+  for (int64_t p = 0; p < parts.size(0); ++p) (block_inputs(pp[3 * p]) == 256 ? kquants : groups32) = true;
+  TileInputs in;
+  if (groups32) in.rows = std::make_unique<QuantisedRows>(x, kInt16Limit);
+  if (kquants) in.krows = std::make_unique<KRows>(x.data_ptr<float>(), x.size(0), x.size(1));
+  return in;
+}
+
+// Share `thread` of `threads` of a linear's tiles (a contiguous range of each part's), written into y (M, N).
+void qblock_share(const TileInputs& in, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& parts,
+                  const float* bias, float* y, int64_t N, int64_t thread, int64_t threads) {
+  const int64_t* pp = parts.data_ptr<int64_t>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  int64_t col = 0;
+  for (int64_t p = 0; p < parts.size(0); ++p) {
+    const int64_t type = pp[3 * p], rows = pp[3 * p + 1], tiles = (rows + kTileCols - 1) / kTileCols;
+    with_type(type, [&](auto t) {
+      tile_range<decltype(t)::value>(in, M, K, wp, rows, bias ? bias + col : nullptr, y + col, N,
+                                     tiles * thread / threads, tiles * (thread + 1) / threads);
     });
+    wp += part_bytes(type, rows, K);
+    col += rows;
   }
 }
 
@@ -560,38 +610,15 @@ std::tuple<at::Tensor, at::Tensor> qblock_pack(const at::Tensor& w, const at::Te
 at::Tensor qblock_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& parts,
                          const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "qblock_linear: x must be float32 (M, K)");
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "qblock_linear: w must be contiguous uint8");
-  TORCH_CHECK(parts.scalar_type() == at::kLong && parts.dim() == 2 && parts.size(1) == 3 && parts.is_contiguous(),
-              "qblock_linear: parts must be qblock_pack's int64 (P, 3)");
-  const int64_t M = x.size(0), K = x.size(1), P = parts.size(0);
-  const int64_t* pp = parts.data_ptr<int64_t>();
-  int64_t N = 0, bytes = 0;
-  bool kquants = false, groups32 = false;
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t type = pp[3 * p];
-    TORCH_CHECK(K % block_inputs(type) == 0, "qblock_linear: K must be a multiple of the block size");
-    TORCH_CHECK(pp[3 * p + 2] == 1, "qblock_linear: part ", p, " is not laid out by qblock_pack");
-    (block_inputs(type) == 256 ? kquants : groups32) = true;
-    N += pp[3 * p + 1];
-    bytes += part_bytes(type, pp[3 * p + 1], K);
-  }
-  TORCH_CHECK(w.numel() == bytes, "qblock_linear: w holds ", w.numel(), " bytes, the parts need ", bytes);
+  const int64_t M = x.size(0), K = x.size(1), N = check_parts(w, parts, K);
   const float* bp = bias_data(bias, N, "qblock_linear");
   const at::Tensor xc = x.contiguous();
-  const std::unique_ptr<QuantisedRows> rows = groups32 ? std::make_unique<QuantisedRows>(xc, kInt16Limit) : nullptr;
-  const std::unique_ptr<KRows> krows = kquants ? std::make_unique<KRows>(xc.data_ptr<float>(), M, K) : nullptr;
+  const TileInputs in = tile_inputs(xc, parts);
   at::Tensor y = at::empty({M, N}, xc.options());
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  int64_t col = 0;
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t type = pp[3 * p], part_rows = pp[3 * p + 1];
-    with_type(type, [&](auto t) {
-      tile_part<decltype(t)::value>(krows.get(), rows.get(), M, K, wp, part_rows, bp ? bp + col : nullptr,
-                                    y.data_ptr<float>() + col, N);
-    });
-    wp += part_bytes(type, part_rows, K);
-    col += part_rows;
-  }
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) qblock_share(in, M, K, w, parts, bp, y.data_ptr<float>(), N, t, threads);
+  });
   return y;
 }
 
