@@ -239,7 +239,8 @@ def run_benchmark(engine: SpeculativeEngine, info: ModelInfo, router: Router, da
     for r in routes[:len(prompts)]:
         hits[r["domain"]].append(r["label"] == r["domain"])
     return {
-        "model": info.name, "device": info.device, "dtype": info.dtype, "machine": machine(),
+        "model": info.name, "device": info.device, "dtype": info.dtype, "target": engine.runner.target,
+        "machine": machine(),
         "model_info": info.to_dict(),
         "max_new_tokens": max_new_tokens, "stop_at_eos": stop_at_eos, "prompts_per_domain": per_domain,
         "prompts": len(prompts), "domains": sorted(texts), "seed": seed,

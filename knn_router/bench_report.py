@@ -57,7 +57,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['model_info']['num_layers']} layers)",
         "",
         f"{report['prompts']} Spec-Bench prompts ({report['prompts_per_domain']} per domain, held-out half), "
-        f"{_length(report)}, greedy; {report['device']} {report['dtype']} on {m['cpu']} "
+        f"{_length(report)}, greedy; {report['device']} {report['dtype']}, {report.get('target', 'exact')} target, "
+        f"on {m['cpu']} "
         f"({m['threads']} threads, torch {m['torch']}, {m['cpu_capability']}). Wall time {report['wall_s']:.0f} s.",
         "",
         f"Lossless: **{report['lossless']}** (exact match rate {report['exact_match_rate']:.3f}, divergences at "

@@ -10,6 +10,7 @@ import pytest
 import torch
 from live_server import ROOT
 
+from decoding import native
 from decoding.benchmark import SPEC_BENCH
 from decoding.divergence import tie_tolerance
 from knn_router.artifact import default_artifact_dir, load_router
@@ -30,10 +31,11 @@ def quick_report(tmp_path_factory):
 
 def test_quick_bench_report_structure(quick_report):
     out, report, stdout = quick_report
-    for key in ("model", "device", "dtype", "max_new_tokens", "prompts_per_domain", "lossless", "exact_match_rate",
-                "divergences_at_non_ties", "methods", "routing", "streams"):
+    for key in ("model", "device", "dtype", "target", "max_new_tokens", "prompts_per_domain", "lossless",
+                "exact_match_rate", "divergences_at_non_ties", "methods", "routing", "streams"):
         assert key in report, key
     assert report["max_new_tokens"] == 16 and report["prompts_per_domain"] == 1 and report["stop_at_eos"] is False
+    assert report["target"] == ("native" if native.cpu_kernels() is not None else "exact")  # --target auto, a GGUF
     domains = {"translation", "summarization", "qa", "math_reasoning", "rag", "chat"}
     assert set(report["domains"]) == domains
     methods = report["methods"]
