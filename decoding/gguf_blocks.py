@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-# GGML types the native kernels read in place (their ids, as GGUF stores them)
+# GGML types the native kernels compute on as stored (their ids, as GGUF stores them)
 BLOCK_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 
 

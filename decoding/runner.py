@@ -331,7 +331,7 @@ class ModelRunner:
                 name = BLOCK_TYPES.get(type_id, f"widened {str(self.dtype).removeprefix('torch.')}")
                 counts[name] = counts.get(name, 0) + 1
         stored = sum(lin.kernel_bytes for lin in self._full_linears if isinstance(lin, BlockLinear))
-        return (f"native (the GGUF's blocks read in place, {stored / 2**20:.0f} MiB: " +
+        return (f"native (the GGUF's blocks as stored, tiled once, {stored / 2**20:.0f} MiB: " +
                 ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())) + ")")
 
     @property

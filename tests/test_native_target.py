@@ -1,4 +1,4 @@
-"""The native target: GGUF blocks read in place by the CPU kernels, against ggml's own dequantisation.
+"""The native target: GGUF blocks computed on as stored by the CPU kernels, against ggml's own dequantisation.
 
 Kernel tests use random blocks of every supported GGML type (any bytes are valid blocks once their float16
 scales are sane) and gguf-py's reference dequantisation; model tests quantise tiny models of every family
@@ -225,4 +225,4 @@ def test_native_server_answers_as_plain_decoding():
         assert routed.choices[0].message.content == plain.choices[0].message.content
         assert routed.model_extra["knn_ssd"]["target"] == plain.model_extra["knn_ssd"]["target"] == "native"
         assert routed.model_extra["knn_ssd"]["draft_precision"] in (None, "full")
-        assert "target: native (the GGUF's blocks read in place" in server.log_text()
+        assert "target: native (the GGUF's blocks as stored, tiled once" in server.log_text()

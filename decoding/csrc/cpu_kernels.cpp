@@ -1083,11 +1083,6 @@ struct Attention {
 
   static T* entries(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
   int64_t units() const { return T_rows * Hkv; }
-  int64_t longest() const {
-    int64_t most = 1;
-    for (int64_t r = 0; r < T_rows; ++r) most = std::max(most, row_pos[r] + 1);
-    return most;
-  }
 
   // Rotated keys and values of tokens r0..r1-1 into their sequences' buffers.
   void write_kv(int64_t r0, int64_t r1) const {
@@ -1132,10 +1127,17 @@ struct Attention {
   }
 };
 
+// The most keys any new token attends to (its position + 1): the length of a unit's score rows.
+int64_t longest_row(const std::vector<int64_t>& row_pos) {
+  int64_t most = 1;
+  for (int64_t pos : row_pos) most = std::max(most, pos + 1);
+  return most;
+}
+
 template <typename T>
 void attend(const Attention<T>& a) {
   a.write_kv(0, a.T_rows);
-  const int64_t longest = a.longest();
+  const int64_t longest = longest_row(a.row_pos);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (longest * a.D * (a.Hq / a.Hkv)));
   at::parallel_for(0, a.units(), grain, [&](int64_t b0, int64_t b1) { a.run_units(b0, b1, longest); });
 }

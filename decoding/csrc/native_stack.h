@@ -54,8 +54,7 @@ at::Tensor native_layers(const at::Tensor& hidden, at::TensorList norms, at::Ten
   const bool bf16_kv = keys[0].scalar_type() == at::kBFloat16;
   const int64_t silu_units_count = T * ((inner + kSiluBlock - 1) / kSiluBlock);
   TileInputs in;  // the current linear's quantised inputs: one thread writes them, all read them
-  int64_t longest = 1;
-  for (int64_t r = 0; r < T; ++r) longest = std::max(longest, row_pos[r] + 1);
+  const int64_t longest = longest_row(row_pos);
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
