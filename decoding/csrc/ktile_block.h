@@ -23,12 +23,7 @@ inline VI times32(VI v) { return _mm512_slli_epi32(v, 5); }
 inline VI shift16(VI v, int s) {  // 16-bit lanes shifted left by s (right by -s)
   return s >= 0 ? _mm512_slli_epi16(v, s) : _mm512_srli_epi16(v, -s);
 }
-inline VI bcast4(const int8_t* p) {  // 4 bytes in every 32-bit lane
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
-inline VI bcast_pair(const int16_t* p) {
+inline VI bcast32(const void* p) {  // 4 bytes (4 int8 inputs, or a pair of int16) in every 32-bit lane
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
@@ -92,12 +87,7 @@ inline VI vsub(VI a, VI b) { return _mm256_sub_epi32(a, b); }
 inline VI vmullo(VI a, VI b) { return _mm256_mullo_epi32(a, b); }
 inline VI times32(VI v) { return _mm256_slli_epi32(v, 5); }
 inline VI shift16(VI v, int s) { return s >= 0 ? _mm256_slli_epi16(v, s) : _mm256_srli_epi16(v, -s); }
-inline VI bcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
-}
-inline VI bcast_pair(const int16_t* p) {
+inline VI bcast32(const void* p) {  // 4 bytes (4 int8 inputs, or a pair of int16) in every 32-bit lane
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
@@ -183,8 +173,8 @@ void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int l
         VI a, b;
         tile_values<T>(tb, p, i, lane0, a, b);
         for (int r = 0; r < R; ++r) {
-          sa[r] = dot4(sa[r], a, bcast4(xb[r] + in_a + 4 * i));
-          sb[r] = dot4(sb[r], b, bcast4(xb[r] + in_b + 4 * i));
+          sa[r] = dot4(sa[r], a, bcast32(xb[r] + in_a + 4 * i));
+          sb[r] = dot4(sb[r], b, bcast32(xb[r] + in_b + 4 * i));
         }
       }
       VI scale_a, scale_b;
@@ -205,7 +195,7 @@ void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int l
       if constexpr (T::kSignedScales) {  // Q6_K's offset: 32 * sum of sc * (the inputs' 16-value sums)
         VI offset = izero();
         for (int p = 0; p < T::kPairs; ++p)
-          offset = dot2(offset, i8_i16(tb + T::kSc + (p * kTileCols + lane0) * 2), bcast_pair(sums + 2 * p));
+          offset = dot2(offset, i8_i16(tb + T::kSc + (p * kTileCols + lane0) * 2), bcast32(sums + 2 * p));
         total[r] = vsub(total[r], times32(offset));
       }
       acc[r] = fmadd(cvt(total[r]), vmul(d, xs), acc[r]);
@@ -213,7 +203,7 @@ void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int l
         const int16_t* sums32 = x.sums32.data() + ((m0 + r) * K + blk * 256) / 32;
         VI mins = izero();
         for (int p = 0; p < T::kPairs; ++p)
-          mins = dot2(mins, u8_i16(tb + T::kMinPairs + (p * kTileCols + lane0) * 2), bcast_pair(sums32 + 2 * p));
+          mins = dot2(mins, u8_i16(tb + T::kMinPairs + (p * kTileCols + lane0) * 2), bcast32(sums32 + 2 * p));
         acc[r] = fnmadd(cvt(mins), vmul(half_f32(tb + T::kDmin + lane0 * 2), xs), acc[r]);
       }
     }
@@ -274,8 +264,8 @@ void tile32_rows(const QuantisedRows& x, int64_t m0, int64_t K, const uint8_t* t
       }
       for (int r = 0; r < R; ++r) {
         const int16_t* xg = x.q.data() + (m0 + r) * K + g * 32;
-        lo[r] = dot2(lo[r], a, bcast_pair(xg + 2 * s));
-        hi[r] = dot2(hi[r], b, bcast_pair(xg + 16 + 2 * s));
+        lo[r] = dot2(lo[r], a, bcast32(xg + 2 * s));
+        hi[r] = dot2(hi[r], b, bcast32(xg + 16 + 2 * s));
       }
     }
     const VF d = half_f32(tg + T::kD + lane0 * 2);
