@@ -31,36 +31,43 @@ class ArtifactError(ValueError):
     """A calibration artifact that is missing, corrupted or made for another model."""
 
 
-SHIPPED_ARTIFACTS = {DEFAULT_MODEL: "smollm2-135m", "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b"}  # --model: directory
+# --model: the directory of the artifact calibrated on the exact target; the native target's is "<directory>-native"
+SHIPPED_ARTIFACTS = {DEFAULT_MODEL: "smollm2-135m", "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b"}
+TARGETS = ("native", "exact")
 
 
-def default_artifact_dir() -> Path:
-    """The prebuilt artifact for the default model, shipped inside the package."""
-    return _shipped(DEFAULT_MODEL)
+def default_artifact_dir(target: str = "native") -> Path:
+    """The prebuilt artifact for the default model and ``target``, shipped inside the package."""
+    return _shipped(DEFAULT_MODEL, target)
 
 
-def artifact_dir(index: str, model: str) -> Path | None:
-    """The artifact directory an ``--index`` value names: a path, ``auto`` (the one shipped for
-    ``model``, the default or a packaged model; else None) or ``none`` (None)."""
+def artifact_dir(index: str, model: str, target: str) -> Path | None:
+    """The artifact directory an ``--index`` value names: a path, ``auto`` (the one shipped for ``model``, the
+    default or a packaged model, calibrated on ``target``; else None) or ``none`` (None). Each target has
+    its own: the exact target's policies draft on quantised copies the native target does not make."""
     if index == "none":
         return None
     if index != "auto":
         return Path(index)
-    return _shipped(model) if model in SHIPPED_ARTIFACTS else None
+    return _shipped(model, target) if model in SHIPPED_ARTIFACTS else None
 
 
-def _shipped(model: str) -> Path:
-    return Path(__file__).resolve().parent / "artifacts" / SHIPPED_ARTIFACTS[model]
+def _shipped(model: str, target: str) -> Path:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    suffix = "-native" if target == "native" else ""
+    return Path(__file__).resolve().parent / "artifacts" / f"{SHIPPED_ARTIFACTS[model]}{suffix}"
 
 
 def save_artifact(directory: Path, router: Router, anchors: np.ndarray, model: dict[str, Any],
-                  report: dict[str, Any]) -> None:
-    """Write ``router`` (with its ``anchors``) and the calibration ``report`` to ``directory``."""
+                  report: dict[str, Any], target: str) -> None:
+    """Write ``router`` (with its ``anchors``) and the calibration ``report`` to ``directory``; ``target`` is
+    what the calibration decoded with (``native`` or ``exact``), recorded as the manifest's ``target``."""
     directory.mkdir(parents=True, exist_ok=True)
     save_file({"anchors": np.ascontiguousarray(anchors, dtype=np.float32)}, str(directory / ANCHORS))
     router.index.save_index(str(directory / INDEX))
     manifest = {
-        "format": FORMAT, "version": VERSION, "model": model,
+        "format": FORMAT, "version": VERSION, "model": model, "target": target,
         "embedding": "mean over prompt positions of the final-norm last hidden state",
         "space": "cosine", "k": router.k, "threshold": router.threshold,
         "labels": router.labels,

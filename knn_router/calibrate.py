@@ -145,8 +145,15 @@ def _policy_for(engine: SpeculativeEngine, name: str, search_seqs: list[Sequence
     only if it is expected to beat ``mixed`` on this domain's prompts by
     ``config.domain_margin`` and then measures at least as fast as ``mixed`` on the
     held-out prompts: a domain-specific policy must earn its place, so the router
-    never routes to a policy that is no better than the fallback.
+    never routes to a policy that is no better than the fallback. Plain decoding is a
+    departure too: a domain leaves ``mixed`` for it only where ``mixed`` is expected (and
+    measured) that margin below plain, not on a near tie a few prompts decide (lookup
+    drafts that find nothing cost nothing, and pay on the copy-heavy prompts a small
+    calibration set may lack).
     """
+    def floor(chosen: DraftPolicy) -> float:  # leaving the mixed policy for plain needs the margin too
+        return config.min_speedup * (1 - config.domain_margin) if chosen == mixed else config.min_speedup
+
     t0 = time.perf_counter()
     with tqdm(total=config.budget, desc=f"search {name}", unit="cand", leave=False) as bar:
         result = search(engine.runner, search_seqs, costs, config.budget, seed=config.seed, progress=bar)
@@ -160,7 +167,7 @@ def _policy_for(engine: SpeculativeEngine, name: str, search_seqs: list[Sequence
         if best.expected < mixed_expected * (1 + config.domain_margin):
             policy, expected = mixed, mixed_expected
             reason = f"own policy not expected to beat the mixed policy by {config.domain_margin:.0%} here"
-    if expected < config.min_speedup:
+    if expected < floor(policy):
         policy, reason = PLAIN, "no candidate expected to beat plain decoding"
     else:
         rival = mixed if mixed is not None and not mixed.is_plain and policy != mixed else None
@@ -173,7 +180,7 @@ def _policy_for(engine: SpeculativeEngine, name: str, search_seqs: list[Sequence
                 policy, measured = rival, rival_measured[0]
                 reason = "own policy measured slower than the mixed policy on held-out prompts"
         report.update({k: round(v, 3) for k, v in measured.items()})
-        if measured["measured_speedup"] < config.min_speedup:
+        if measured["measured_speedup"] < floor(policy):
             policy, reason = PLAIN, "speculation measured slower than plain decoding on held-out prompts"
     report.update({"chosen": "plain" if policy.is_plain else "speculative", "policy": policy.to_dict(),
                    "search_s": round(time.perf_counter() - t0, 1)})
@@ -228,5 +235,5 @@ def calibrate(engine: SpeculativeEngine, info: ModelInfo, domains: dict[str, lis
         "calibration_s": round(time.perf_counter() - t_start, 1),
     }
     model = {k: getattr(info, k) for k in ("name", "architecture", "num_layers", "hidden_size", "fingerprint")}
-    save_artifact(out, router, anchor_matrix, model, full_report)
+    save_artifact(out, router, anchor_matrix, model, full_report, target=engine.runner.target)
     return full_report

@@ -13,11 +13,12 @@ from decoding.cli_args import POSITIVE, add_chat_template_arg, add_command, add_
 from .router import Router
 
 
-def load_index(index: str, model: str, fingerprint: str) -> Router:
-    """The router of ``--index`` (``auto``: the artifact shipped for ``model``); a clear exit where there is none."""
+def load_index(index: str, model: str, fingerprint: str, target: str) -> Router:
+    """The router of ``--index`` (``auto``: the artifact shipped for ``model`` and ``target``); a clear exit
+    where there is none."""
     from .artifact import ArtifactError, artifact_dir, load_router
 
-    directory = artifact_dir(index, model)
+    directory = artifact_dir(index, model, target)
     if directory is None:
         raise SystemExit(f"--index {index}: no shipped artifact for model {model!r}; pass --index DIR "
                          "(made by 'knn-ssd calibrate')")
@@ -104,7 +105,7 @@ def cmd_route_eval(args: argparse.Namespace) -> int:
     result: dict = {"lookup_latency": lookup_latency(args.anchors)}
     if not args.latency_only:
         engine, info = load_engine_for(args, draft_copies=False)
-        router = load_index(args.index, args.model, info.fingerprint)
+        router = load_index(args.index, args.model, info.fingerprint, engine.runner.target)
         prompts = {d: texts[:: max(1, len(texts) // args.per_domain)][: args.per_domain]
                    for d, texts in spec_bench_by_domain(Path(args.data)).items()}
         result["routing"] = routing_accuracy(engine, router, prompts)
@@ -139,7 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown or not streams:
         raise SystemExit(f"--streams: choose from {', '.join(STREAMS)}")
     engine, info = load_engine_for(args)
-    router = load_index(args.index, args.model, info.fingerprint)
+    router = load_index(args.index, args.model, info.fingerprint, engine.runner.target)
     router.restrict_precisions(engine.runner.draft_precisions)  # e.g. int4 policies on CUDA
     report = run_benchmark(engine, info, router, Path(args.data), args.per_domain, args.max_new_tokens, args.seed,
                            streams, args.stop_at_eos)
@@ -190,7 +191,8 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
 def add_route_eval(sub: argparse._SubParsersAction, spec_bench: Path) -> None:
     route = add_command(sub, cmd_route_eval)
     add_model_args(route)
-    route.add_argument("--index", default="auto", help="artifact directory ('auto': the one shipped for the model)")
+    route.add_argument("--index", default="auto",
+                       help="artifact directory ('auto': the one shipped for the model and target)")
     route.add_argument("--data", type=existing_file, default=str(spec_bench), help="Spec-Bench question.jsonl")
     route.add_argument("--per-domain", type=POSITIVE, default=80,
                        help="prompts per domain, spread evenly (80: all 480 Spec-Bench questions)")
@@ -203,7 +205,7 @@ def add_bench(sub: argparse._SubParsersAction, spec_bench: Path) -> None:
     bench = add_command(sub, cmd_bench)
     add_model_args(bench)
     bench.add_argument("--index", default="auto",
-                       help="calibration artifact directory ('auto': the one shipped for the model)")
+                       help="calibration artifact directory ('auto': the one shipped for the model and target)")
     bench.add_argument("--data", type=existing_file, default=str(spec_bench),
                        help="Spec-Bench question.jsonl (domain-labelled prompts)")
     bench.add_argument("--per-domain", type=POSITIVE, default=5, help="held-out prompts per domain")

@@ -24,7 +24,7 @@ from decoding.policy import MAX_DRAFT_LIMIT
 from .costs import StepCosts
 
 THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
-MAX_DRAFTS = (3, 5, 8, 12)
+MAX_DRAFTS = (1, 2, 3, 4, 5, 8, 12)  # short ones for lookup drafts where a longer verify costs more
 
 
 Arrays = list[tuple[np.ndarray, np.ndarray]]

@@ -77,7 +77,8 @@ def add_serve_args(serve: argparse.ArgumentParser) -> None:
     add_model_args(serve)
     serve.add_argument("--index", default="auto",
                        help="calibration artifact directory for KNN routing; 'auto' uses the one shipped for the "
-                            "model (the default one and qwen2.5-coder-1.5b), 'none' disables routing")
+                            "model (the default one and qwen2.5-coder-1.5b) and the target it runs, 'none' "
+                            "disables routing")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind")
     serve.add_argument("--port", type=port_number, default=8000, help="port to bind")
     serve.add_argument("--served-model-name", default=None,

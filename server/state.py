@@ -56,9 +56,10 @@ class ServerState:
     started: int
 
 
-def _router(config: ServerConfig, info: ModelInfo) -> Router | None:
-    """The router of ``--index``: an explicit artifact must fit the model; ``auto`` degrades to no routing."""
-    directory = artifact_dir(config.index, config.model)
+def _router(config: ServerConfig, info: ModelInfo, target: str) -> Router | None:
+    """The router of ``--index`` (``auto``: the artifact shipped for the model and the runner's ``target``): an
+    explicit artifact must fit the model; ``auto`` degrades to no routing."""
+    directory = artifact_dir(config.index, config.model, target)
     if config.index not in ("auto", "none"):
         return load_router(directory, info.fingerprint)
     if config.index == "none":
@@ -100,7 +101,7 @@ def _build_state(config: ServerConfig, thread: concurrent.futures.ThreadPoolExec
                                max_model_len=config.max_model_len, prefix_cache_mb=config.prefix_cache_mb)
     _log_engine(config, engine, info, time.perf_counter() - t0)
     runner = engine.runner
-    router = _router(config, info)
+    router = _router(config, info, engine.runner.target)
     fallback = fallback_policy(runner.draft_precisions, runner.target == "native")
     if router is None:
         log.info("index: none; speculative requests use the built-in policy: %s", fallback.describe())
@@ -184,7 +185,7 @@ def reload_router(state: ServerState, config: ServerConfig) -> bool:
         return False
     reloads = state.metrics.index_reloads
     try:
-        router = _router(config, state.info)
+        router = _router(config, state.info, state.engine.runner.target)
     except ArtifactError as exc:
         log.error("index reload failed, the current index stays: %s", exc)
         reloads.labels(state.metrics.model, "failed").inc()

@@ -15,6 +15,7 @@ from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
 from decoding.packaged import PACKAGED_MODELS
 from knn_router.artifact import (
     SHIPPED_ARTIFACTS,
+    TARGETS,
     ArtifactError,
     artifact_dir,
     load_router,
@@ -95,7 +96,7 @@ def test_add_items_while_routing_from_threads():
 
 def _saved(tmp_path: Path, fingerprint: str = "abc") -> Path:
     router, anchors = _router()
-    save_artifact(tmp_path, router, anchors, {"fingerprint": fingerprint}, {"note": "test"})
+    save_artifact(tmp_path, router, anchors, {"fingerprint": fingerprint}, {"note": "test"}, "native")
     return tmp_path
 
 
@@ -106,15 +107,19 @@ def test_artifact_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.pkl"))
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("model", sorted(SHIPPED_ARTIFACTS))
-def test_auto_index_is_the_artifact_shipped_for_the_model(model, default_model):
-    directory = artifact_dir("auto", model)
-    made_for = read_manifest(directory)["model"]
-    assert made_for["name"] == model
+def test_auto_index_is_the_artifact_shipped_for_the_model_and_target(model, target, default_model):
+    directory = artifact_dir("auto", model, target)
+    manifest = read_manifest(directory)
+    made_for = manifest["model"]
+    assert made_for["name"] == model and manifest["target"] == target
     expected = PACKAGED_MODELS[model].sha256[:32] if model in PACKAGED_MODELS else default_model[2].fingerprint
     assert made_for["fingerprint"] == expected  # the GGUF's own hash: the artifact fits the model it names
-    load_router(directory, expected)
-    assert artifact_dir("auto", "/some/other/model") is None and artifact_dir("none", model) is None
+    router = load_router(directory, expected)
+    if target == "native":  # no quantised copy there: every policy runs as calibrated, none is replaced
+        assert router.restrict_precisions(("full",)) == {}
+    assert artifact_dir("auto", "/some/other/model", target) is None and artifact_dir("none", model, target) is None
 
 
 def test_artifact_for_another_model_is_refused(tmp_path):
@@ -173,6 +178,10 @@ def test_calibration_end_to_end(tmp_path, default_model, default_engine):
             assert own_wins or entry["policy"] in (mixed["policy"], PLAIN.to_dict())
             if entry["policy"] not in (mixed["policy"], PLAIN.to_dict()):  # ... and measures no slower on held-out
                 assert entry["measured_speedup"] >= entry["mixed_measured_speedup"]
+            if entry.get("reason") == "no candidate expected to beat plain decoding":  # plain, a departure too:
+                # mixed expected the margin below plain (or the domain's own policy, the margin above mixed, below it)
+                bound = max(1 - config.domain_margin, 1 / (1 + config.domain_margin))
+                assert entry["mixed_expected_speedup"] < bound + 5e-4  # the report rounds to 3 decimals
     manifest = json.loads((out / "router.json").read_text())
     assert manifest["report"]["costs"]["verify_ms"]["1"] > 0  # measured on this machine
     assert (manifest["report"]["tokens"], manifest["report"]["confirm_tokens"]) == (8, 12)

@@ -139,7 +139,8 @@ def test_sighup_reloads_a_recalibrated_index(tmp_path):
         policies = {rename.get(name, name): DraftPolicy.from_dict(p) for name, p in manifest["policies"].items()}
         anchors = load_file(str(index / "anchors.safetensors"))["anchors"]
         labels = [rename.get(label, label) for label in manifest["labels"]]
-        save_artifact(index, Router(anchors, labels, policies), anchors, manifest["model"], {"note": "renamed"})
+        save_artifact(index, Router(anchors, labels, policies), anchors, manifest["model"], {"note": "renamed"},
+                      manifest["target"])
         assert after_sighup(200) == 200
         (index / "router.json").write_text("{broken")
         assert after_sighup(400) == 200  # the reload failed: chat-v2 is still served
