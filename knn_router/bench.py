@@ -102,6 +102,23 @@ class StreamResult:
     identical: int = 0
     divergences: list[dict[str, Any]] = field(default_factory=list)
 
+    def headroom(self) -> dict[str, Any]:
+        """Per domain, the best Self-SD Fix policy against Self-SD Mix: the most a router choosing among these
+        policies per domain could win over one policy for all; and overall, every domain on its best one."""
+        fixes = [m for m in self.tallies if m.startswith(FIX_PREFIX)]
+        domains, best_all, mix_all = {}, Tally(), Tally()
+        for domain, mix in sorted(self.tallies[MIX_METHOD].items()):
+            best = max(fixes, key=lambda m: self.tallies[m][domain].summary()["speedup"])
+            tally = self.tallies[best][domain]
+            best_all.merge(tally)
+            mix_all.merge(mix)
+            best_speedup, mix_speedup = tally.summary()["speedup"], mix.summary()["speedup"]
+            domains[domain] = {"best": best.removeprefix(FIX_PREFIX), "best_speedup": best_speedup,
+                               "mix_speedup": mix_speedup, "headroom": best_speedup / mix_speedup}
+        best_speedup, mix_speedup = best_all.summary()["speedup"], mix_all.summary()["speedup"]
+        return {"domains": domains, "best_per_domain_speedup": best_speedup, "mix_speedup": mix_speedup,
+                "headroom": best_speedup / mix_speedup}
+
     def methods(self) -> dict[str, Any]:
         out = {}
         for method, by_domain in self.tallies.items():
@@ -140,14 +157,25 @@ def stream_order(prompts: list[BenchPrompt], stream: str, seed: int) -> list[Ben
     return shuffled
 
 
-def method_policies(router: Router, domain: str, embedding: torch.Tensor) -> tuple[dict[str, DraftPolicy], float, str]:
-    """Each method's policy for one prompt, KNN-SSD's lookup seconds and its routed label."""
+def headroom_policies(runner: Any) -> dict[str, DraftPolicy]:
+    """``--headroom``'s extra Self-SD Fix policies: lookup drafts alone of 1 to 8 tokens, and each quantised
+    draft copy the runner has with lookup first (the built-in policy where there is one)."""
+    policies = {f"lookup {n}": DraftPolicy(lookup=True, max_draft=n) for n in (1, 2, 3, 4, 6, 8)}
+    policies.update({f"{p} draft + lookup": DraftPolicy(precision=p, lookup=True) for p in runner.quantised_precisions})
+    return policies
+
+
+def method_policies(router: Router, domain: str, embedding: torch.Tensor, extra: dict[str, DraftPolicy],
+                    ) -> tuple[dict[str, DraftPolicy], float, str]:
+    """Each method's policy for one prompt (``extra``: more Self-SD Fix policies, by name), KNN-SSD's lookup
+    seconds and its routed label."""
     route = router.route(embedding.float().cpu().numpy())
     policies = {PLAIN_METHOD: PLAIN, MIX_METHOD: router.policy_for(MIXED), KNN_METHOD: route.policy,
                 ORACLE_METHOD: router.policies.get(domain, router.policy_for(MIXED))}
     for fixed in router.domains:
         if fixed != MIXED:
             policies[FIX_PREFIX + fixed] = router.policy_for(fixed)
+    policies.update({FIX_PREFIX + name: policy for name, policy in extra.items()})
     return policies, route.lookup_ms / 1000, route.label
 
 
@@ -163,16 +191,17 @@ def decode(engine: SpeculativeEngine, ids: list[int], policy: DraftPolicy, param
 
 
 def run_stream(engine: SpeculativeEngine, router: Router, prompts: list[BenchPrompt], params: SamplingParams,
-               progress: Callable[[], None]) -> tuple[StreamResult, list[dict[str, Any]]]:
+               progress: Callable[[], None], extra: dict[str, DraftPolicy],
+               ) -> tuple[StreamResult, list[dict[str, Any]]]:
     """Decode every prompt with every method; returns the tallies and the per-prompt routing records."""
     result = StreamResult()
     routes = []
-    distinct = list(dict.fromkeys([PLAIN, *router.policies.values()]))  # every method's policy is one of these
+    distinct = list(dict.fromkeys([PLAIN, *router.policies.values(), *extra.values()]))  # every method's policy
     for i, prompt in enumerate(prompts):
         runs, embedding = {}, None
         for policy in distinct[i % len(distinct):] + distinct[:i % len(distinct)]:
             runs[policy], embedding = decode(engine, prompt.ids, policy, params)
-        policies, lookup_s, label = method_policies(router, prompt.domain, embedding)
+        policies, lookup_s, label = method_policies(router, prompt.domain, embedding, extra)
         routes.append({"domain": prompt.domain, "label": label, "lookup_ms": lookup_s * 1000})
         plain = runs[PLAIN]
         for method, policy in policies.items():
@@ -212,11 +241,14 @@ def machine() -> dict[str, Any]:
 
 
 def run_benchmark(engine: SpeculativeEngine, info: ModelInfo, router: Router, data: Path, per_domain: int,
-                  max_new_tokens: int, seed: int, streams: list[str], stop_at_eos: bool = False) -> dict[str, Any]:
+                  max_new_tokens: int, seed: int, streams: list[str], stop_at_eos: bool = False,
+                  headroom: bool = False) -> dict[str, Any]:
     """The whole benchmark; returns the report (see ``write_report`` for the files).
 
     Every output is ``max_new_tokens`` long (EOS ignored, as speculative decoding papers measure), or
-    with ``stop_at_eos`` ends where the model ends it, as a server returns it."""
+    with ``stop_at_eos`` ends where the model ends it, as a server returns it. ``headroom`` adds
+    ``headroom_policies`` as Self-SD Fix rows."""
+    extra = headroom_policies(engine.runner) if headroom else {}
     texts = split_prompts(data, per_domain)
     prompts = [BenchPrompt(d, t, chat_ids(engine.tokenizer, t)) for d, ts in texts.items() for t in ts]
     params = SamplingParams(max_tokens=max_new_tokens, ignore_eos=not stop_at_eos)
@@ -227,7 +259,7 @@ def run_benchmark(engine: SpeculativeEngine, info: ModelInfo, router: Router, da
     with tqdm(total=len(prompts) * len(streams), desc="bench", unit="prompt") as bar:
         for stream in streams:
             order = stream_order(prompts, stream, seed)
-            results[stream], stream_routes = run_stream(engine, router, order, params, bar.update)
+            results[stream], stream_routes = run_stream(engine, router, order, params, bar.update, extra)
             routes += stream_routes
     main = results[streams[0]]
     compared = sum(r.compared for r in results.values())
@@ -250,12 +282,13 @@ def run_benchmark(engine: SpeculativeEngine, info: ModelInfo, router: Router, da
         "tie_tolerance": ("0: the verify path is batch-invariant (native kernels), outputs must match"
                           if engine.runner.batch_invariant else
                           f"{TIE_ULPS} ulps of the dtype at the top-1 logit (0 in float32: outputs must match)"),
-        "stream": streams[0], "methods": main.methods(),
+        "stream": streams[0], "methods": main.methods(), "headroom": main.headroom(),
         "streams": {s: {"description": STREAMS[s], "methods": r.methods()} for s, r in results.items()},
         "routing": {"accuracy": float(np.mean([h for hs in hits.values() for h in hs])),
                     "domains": {d: float(np.mean(h)) for d, h in sorted(hits.items())},
                     "lookup_ms_p50": float(np.percentile(lookups, 50)),
                     "lookup_ms_p99": float(np.percentile(lookups, 99))},
         "policies": {name: p.to_dict() for name, p in sorted(router.policies.items())},
+        "extra_fix_policies": {name: p.to_dict() for name, p in extra.items()},
         "wall_s": time.perf_counter() - t0,
     }

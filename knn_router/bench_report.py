@@ -72,9 +72,25 @@ def markdown(report: dict[str, Any]) -> str:
                   *_table(body["methods"], domains, "speedup", ".2f"),
                   "", f"## Mean accepted tokens per verify step, {body['description']}", "",
                   *_table(body["methods"], domains, "mean_accepted_tokens", ".2f")]
+    if "headroom" in report:
+        lines += ["", *_headroom(report["headroom"], report["streams"][report["stream"]]["description"])]
     lines += ["", "## Plain decoding tokens/s", "", *_table({PLAIN_METHOD: report["methods"][PLAIN_METHOD]}, domains,
                                                            "tokens_per_s", ".1f")]
     return "\n".join(lines) + "\n"
+
+
+def _headroom(headroom: dict[str, Any], stream: str) -> list[str]:
+    """What routing could win: each domain's best Self-SD Fix policy against Self-SD Mix."""
+    lines = [f"## Per-domain headroom over Self-SD Mix, {stream}", "",
+             "Each domain's best Self-SD Fix policy (`--headroom` adds lookup-only and draft-copy ones): a router "
+             "choosing among these policies per domain wins at most this over one policy for all.", "",
+             "| domain | best Self-SD Fix | its speedup | Self-SD Mix | headroom |", "| --- " * 5 + "|"]
+    for domain, row in headroom["domains"].items():
+        lines.append(f"| {domain} | {row['best']} | {row['best_speedup']:.2f} | {row['mix_speedup']:.2f} | "
+                     f"{row['headroom']:.3f}x |")
+    lines.append(f"| **every domain on its best** | | {headroom['best_per_domain_speedup']:.2f} | "
+                 f"{headroom['mix_speedup']:.2f} | **{headroom['headroom']:.3f}x** |")
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -143,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     router = load_index(args.index, args.model, info.fingerprint, engine.runner.target)
     router.restrict_precisions(engine.runner.draft_precisions)  # e.g. int4 policies on CUDA
     report = run_benchmark(engine, info, router, Path(args.data), args.per_domain, args.max_new_tokens, args.seed,
-                           streams, args.stop_at_eos)
+                           streams, args.stop_at_eos, args.headroom)
     report["command"] = " ".join(["knn-ssd", *sys.argv[1:]])
     write_report(report, Path(args.out))
     print(markdown(report))
@@ -220,5 +220,10 @@ def add_bench(sub: argparse._SubParsersAction, spec_bench: Path) -> None:
                             "one is the report's main stream")
     bench.add_argument("--seed", type=int, default=0, help="seed of the mixed stream's shuffle")
     bench.add_argument("--out", default="bench-out", help="output directory for report.json, report.md, speedup.png")
+    bench.add_argument("--headroom", action="store_true",
+                       help="also decode every prompt with lookup drafts alone of 1, 2, 3, 4, 6 and 8 tokens (and "
+                            "each quantised draft copy with lookup) as extra Self-SD Fix rows, so the report's "
+                            "per-domain headroom table shows what routing among them could win over Self-SD Mix "
+                            "(each extra policy adds about one decoding per prompt)")
     bench.add_argument("--quick", action="store_true",
                        help="1 prompt per domain, 16 tokens, mixed stream only: checks structure and losslessness")

@@ -23,8 +23,8 @@ METRIC_KEYS = {"speedup", "tokens_per_s", "mean_accepted_tokens", "acceptance_ra
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    result = subprocess.run([sys.executable, "-m", "server.cli", "bench", "--quick", "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "server.cli", "bench", "--quick", "--headroom", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, json.loads((out / "report.json").read_text()), result.stdout
 
@@ -53,6 +53,24 @@ def test_quick_bench_report_structure(quick_report):
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| **KNN-SSD** |" in (out / "report.md").read_text()
     assert "Lossless: **True**" in stdout
+
+
+def test_quick_bench_measures_the_per_domain_headroom(quick_report):
+    """``--headroom``: lookup-only policies as extra Self-SD Fix rows, and each domain's best against Mix."""
+    out, report, _ = quick_report
+    extra = report["extra_fix_policies"]
+    assert {f"lookup {n}" for n in (1, 2, 3, 4, 6, 8)} <= set(extra)
+    assert all(f"self_sd_fix_{name}" in report["methods"] for name in extra)
+    headroom, methods = report["headroom"], report["methods"]
+    assert set(headroom["domains"]) == set(report["domains"])
+    for domain, row in headroom["domains"].items():
+        fixes = [body["domains"][domain]["speedup"] for name, body in methods.items()
+                 if name.startswith("self_sd_fix_")]
+        assert row["best_speedup"] == pytest.approx(max(fixes))
+        assert row["mix_speedup"] == pytest.approx(methods["self_sd_mix"]["domains"][domain]["speedup"])
+        assert row["headroom"] == pytest.approx(row["best_speedup"] / row["mix_speedup"])
+    assert headroom["mix_speedup"] == pytest.approx(methods["self_sd_mix"]["overall"]["speedup"])
+    assert "## Per-domain headroom over Self-SD Mix" in (out / "report.md").read_text()
 
 
 def test_quick_bench_is_lossless_in_fp32(quick_report):
