@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from decoding import PLAIN, DraftPolicy, ModelInfo, SamplingParams, SpeculativeEngine
+from decoding import PLAIN, DraftPolicy, ModelInfo, ModelRunner, SamplingParams, SpeculativeEngine
 from decoding.divergence import TIE_ULPS, divergence
 
 from .evaluate import chat_ids, spec_bench_by_domain
@@ -157,7 +157,7 @@ def stream_order(prompts: list[BenchPrompt], stream: str, seed: int) -> list[Ben
     return shuffled
 
 
-def headroom_policies(runner: Any) -> dict[str, DraftPolicy]:
+def headroom_policies(runner: ModelRunner) -> dict[str, DraftPolicy]:
     """``--headroom``'s extra Self-SD Fix policies: lookup drafts alone of 1 to 8 tokens, and each quantised
     draft copy the runner has with lookup first (the built-in policy where there is one)."""
     policies = {f"lookup {n}": DraftPolicy(lookup=True, max_draft=n) for n in (1, 2, 3, 4, 6, 8)}
