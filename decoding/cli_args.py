@@ -99,9 +99,11 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     """Flags of one explicit draft policy (skip set, precision, threshold, length, lookup)."""
     p.add_argument("--skip-attention", default="", help="comma-separated attention layer indices the draft skips")
     p.add_argument("--skip-mlp", default="", help="comma-separated MLP layer indices the draft skips")
-    p.add_argument("--draft-precision", default="int8", choices=["full", "int8", "int4"],
+    p.add_argument("--draft-precision", default="auto", choices=["auto", "full", "int8", "int4"],
                    help="weights the draft runs on: the model's own (full), the int8 copy, or the 4-bit copy "
-                        "(groups of 32, as GGUF's Q4 blocks; CPUs with the native kernels)")
+                        "(groups of 32, as GGUF's Q4 blocks; CPUs with the native kernels); auto: int8 where "
+                        "the runner has that copy (the exact target), else full (the native target has no "
+                        "quantised copy: it would cost what the target does)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="stop drafting when the draft's top-1 probability falls below this (default: %(default)s)")
     p.add_argument("--max-draft", type=POSITIVE, default=DEFAULT_MAX_DRAFT,

@@ -43,6 +43,8 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 
     engine, info = load_engine_for(args)
     runner, tokenizer = engine.runner, engine.tokenizer
+    if args.draft_precision == "auto":
+        args.draft_precision = "int8" if "int8" in runner.draft_precisions else "full"
     if args.draft_precision not in runner.draft_precisions:
         raise SystemExit(f"--draft-precision {args.draft_precision}: this runner has no such copy on {info.device} "
                          f"(it serves {', '.join(runner.draft_precisions)})")
@@ -53,8 +55,12 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
                                              tokenize=True, return_dict=False)
                for _, text in spec_bench_prompts(Path(args.data), args.prompts)]
     latencies = forward_latencies(runner)
-    result = decode_throughput(engine, prompts, policy, args.max_new_tokens, hf_generate=not args.no_transformers)
-    print(f"model {info.name} ({info.architecture}, {info.num_layers} layers) on {info.device} {info.dtype}; "
+    # The native target frees the loaded model's widened weights (it reads the file's blocks): nothing is left
+    # for transformers' generate to run.
+    hf_generate = not args.no_transformers and runner.target == "exact"
+    result = decode_throughput(engine, prompts, policy, args.max_new_tokens, hf_generate=hf_generate)
+    print(f"model {info.name} ({info.architecture}, {info.num_layers} layers) on {info.device} {info.dtype}, "
+          f"{runner.target} target; "
           f"{runner.draft_copies_summary}")
     print("forward latency (ms, median):")
     base = latencies["forward_1"]
@@ -71,7 +77,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     if result["plain_vs_transformers"]:
         print(f"  plain / transformers generate  {result['plain_vs_transformers']:.2f}x")
     if args.json:
-        report = {"model": info.to_dict(), "int8_draft_bytes": runner.int8_draft_bytes,
+        report = {"model": info.to_dict(), "target": runner.target, "int8_draft_bytes": runner.int8_draft_bytes,
                   "draft_bytes": {p: runner.draft_bytes(p) for p in runner.quantised_precisions},
                   "latency_ms": latencies, "throughput": result}
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -139,5 +145,6 @@ def add_bench_decode(sub: argparse._SubParsersAction, spec_bench: Path) -> None:
     p.add_argument("--prompts", type=POSITIVE, default=10, help="number of prompts")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens generated per prompt")
     p.add_argument("--no-transformers", action="store_true",
-                   help="skip timing transformers' generate() as a reference")
+                   help="skip timing transformers' generate() as a reference (only the exact target runs it: the "
+                        "native one frees the widened weights generate() would read)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
