@@ -375,12 +375,16 @@ class ModelRunner:
 
     @property
     def kv_dtype(self) -> torch.dtype:
-        """The KV cache's dtype: the activations' (float32 where the native kernels run), but bfloat16 for
-        bf16 models whose every layer attends with the native kernel, which rounds each entry once as it
-        writes it (half the bytes a batch of decode rows reads per step; the same entries in every forward)."""
-        native_kv = self.dtype == torch.bfloat16 and self.kernels is not None and all(
-            self._native_attention(layer) for layer in self.layers)
-        return torch.bfloat16 if native_kv else self.act_dtype
+        """The KV cache's dtype: the activations' (float32 where the native kernels run), but 16 bits where
+        every layer attends with the native kernel, which rounds each entry once as it writes it (half the
+        bytes decode rows read per step, where long contexts and batches spend most of it; the same entries
+        in every forward): float16 on the native target, as llama.cpp keeps them (3 more mantissa bits than
+        bfloat16), bfloat16 for bf16 models on the exact target."""
+        if self.kernels is None or not all(self._native_attention(layer) for layer in self.layers):
+            return self.act_dtype
+        if self.target == "native":
+            return torch.float16
+        return torch.bfloat16 if self.dtype == torch.bfloat16 else self.act_dtype
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, capacity, self.kv_dtype, self.device)

@@ -152,7 +152,8 @@ def _attention_case(seed: int, t: int, start: int, hq: int = 6, hkv: int = 2, d:
 
 
 @needs_kernels
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])  # bf16: the KV cache of bf16 models
+# bf16: the KV cache of bf16 models; float16: the native target's
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("d", [16, 12, 64])  # 12: a head size off the 8-wide vector path; 64: 32-wide chunks
 def test_cached_attention_matches_sdpa(window, d, kv_dtype):
@@ -184,7 +185,7 @@ def test_cached_attention_rejects_mixed_kv_dtypes():
 
 
 @needs_kernels
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cached_attention_is_batch_and_length_invariant(kv_dtype):
     """A token's output is the same alone, among a verify step's tokens, or packed with other sequences."""
     cases = [_attention_case(seed, t, start, kv_dtype=kv_dtype)

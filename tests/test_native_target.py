@@ -125,6 +125,9 @@ def test_native_runner_reads_blocks_and_frees_the_widened_weights(native_tiny):
     assert all(isinstance(lin, BlockLinear) for lin in runner._full_linears)
     assert runner.model.model.layers[0].mlp.down_proj.weight.numel() == 0  # no widened copy left
     assert runner.draft_precisions == ("full",)  # a quantised draft copy would cost what the target does
+    # float16 KV entries, as llama.cpp keeps them, where every layer attends with the native kernel
+    native_attention = all(runner._native_attention(layer) for layer in runner.layers)
+    assert runner.new_cache(8).keys.dtype == (torch.float16 if native_attention else torch.float32)
 
 
 def test_native_forward_matches_transformers_on_dequantised_weights(native_tiny):
@@ -134,9 +137,10 @@ def test_native_forward_matches_transformers_on_dequantised_weights(native_tiny)
     cache = runner.new_cache(64)
     runner.forward(torch.tensor(ids[:25]), cache, 0)
     out = runner.forward(torch.tensor(ids[25:]), cache, 25, all_logits=True).logits
-    # the blocks' own values, with inputs rounded to 16 bits per row at each linear: logits of magnitude ~3
-    # stay within a few 1e-3 of the float32 forward of the dequantised weights
-    torch.testing.assert_close(out, reference[25:], rtol=5e-3, atol=5e-3)
+    # the blocks' own values, with inputs rounded to 16 bits per row at each linear and KV entries to float16
+    # (2^-11 relative): logits of magnitude ~3 stay within ~1.4e-2 of the float32 forward of the dequantised
+    # weights on these random tiny models (within 5e-3 with float32 KV entries); a wrong block or head is O(1)
+    torch.testing.assert_close(out, reference[25:], rtol=2e-2, atol=2e-2)
 
 
 def test_native_prefill_is_chunk_invariant(native_tiny):

@@ -792,13 +792,18 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
-// KV entries are float32, or bfloat16 (as uint16_t bits) for models held in bfloat16: half the bytes
-// that a batch of decode rows streams per step. Either way they are read as float32 lanes.
+// KV entries are float32; bfloat16 (as uint16_t bits) for models held in bfloat16; float16 (Half16) for
+// the native target, as llama.cpp keeps them: half the bytes that decode rows stream per step. Either
+// way they are read as float32 lanes.
+struct Half16 {
+  uint16_t bits;
+};
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
   const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
+inline __m256 load8(const Half16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) {
   const uint32_t bits = uint32_t(v) << 16;
@@ -806,13 +811,27 @@ inline float to_float(uint16_t v) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
-// Stores a float32 KV entry: as is, or rounded to bfloat16 (nearest even; NaN stays NaN) as torch rounds.
+inline float to_float(Half16 v) { return _cvtsh_ss(v.bits); }
+// Stores a float32 KV entry: as is, or rounded to bfloat16 / float16 (nearest even; NaN stays NaN, float16
+// overflows to infinity) as torch rounds.
 inline void store_entry(float v, float* out) { *out = v; }
 inline void store_entry(float v, uint16_t* out) {
   uint32_t bits;
   std::memcpy(&bits, &v, 4);
   *out = (bits & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t((bits >> 16) | 0x40)
                                               : uint16_t((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+inline void store_entry(float v, Half16* out) { out->bits = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
+
+// Calls f with a null pointer of the KV entries' type: float, bfloat16 bits (uint16_t) or Half16.
+template <typename F>
+inline void with_kv_entries(at::ScalarType kv_type, F&& f) {
+  if (kv_type == at::kBFloat16)
+    f(static_cast<uint16_t*>(nullptr));
+  else if (kv_type == at::kHalf)
+    f(static_cast<Half16*>(nullptr));
+  else
+    f(static_cast<float*>(nullptr));
 }
 
 template <typename T>
@@ -992,6 +1011,9 @@ inline __m512 load16(const uint16_t* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
+inline __m512 load16(const Half16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 
 template <int H, int W, typename T>
 void mix_heads_wide(const float* p, int64_t stride, int64_t first, int64_t last, const T* v, int64_t D, int64_t d0,
@@ -1051,7 +1073,7 @@ inline void rotate(const float* x, const float* cos, const float* sin, float* ou
   for (int64_t i = half; i < D; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
-// The KV buffers of S sequences: contiguous (Hkv, capacity, D), float32 or bfloat16, all of one type, with
+// The KV buffers of S sequences: contiguous (Hkv, capacity, D), float32, bfloat16 or float16, all of one type, with
 // room for every new token.
 void check_kv_buffers(at::TensorList keys, at::TensorList values, at::IntArrayRef starts, at::IntArrayRef lengths,
                       int64_t Hkv, int64_t D) {
@@ -1059,10 +1081,12 @@ void check_kv_buffers(at::TensorList keys, at::TensorList values, at::IntArrayRe
   for (size_t s = 0; s < keys.size(); ++s) {
     const at::Tensor& k = keys[s];
     TORCH_CHECK(k.is_contiguous() && values[s].is_contiguous() && k.scalar_type() == kv_type &&
-                values[s].scalar_type() == kv_type && (kv_type == at::kFloat || kv_type == at::kBFloat16) &&
+                values[s].scalar_type() == kv_type &&
+                (kv_type == at::kFloat || kv_type == at::kBFloat16 || kv_type == at::kHalf) &&
                 k.sizes() == values[s].sizes() && k.size(0) == Hkv && k.size(2) == D && starts[s] >= 0 &&
                 starts[s] + lengths[s] <= k.size(1),
-                "cached_attention: contiguous float32 or bfloat16 buffers, all of one type, with room for every new token");
+                "cached_attention: contiguous float32, bfloat16 or float16 buffers, all of one type, with room for every "
+                "new token");
   }
 }
 
@@ -1184,12 +1208,11 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   TORCH_CHECK(Hq % Hkv == 0 && Hq / Hkv <= 64, "cached_attention: query heads must be 1..64 times the KV heads");
   at::Tensor y = at::empty({T, Hq * D}, x.options());
   const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = sn.data_ptr<float>();
-  if (kv_type == at::kBFloat16)
-    attend(Attention<uint16_t>{xp, cp, sp, T, width, D, Hq, Hkv, keys, values, row_seq, row_pos, scaling, window,
-                               y.data_ptr<float>()});
-  else
-    attend(Attention<float>{xp, cp, sp, T, width, D, Hq, Hkv, keys, values, row_seq, row_pos, scaling, window,
-                            y.data_ptr<float>()});
+  with_kv_entries(kv_type, [&](auto* entry) {
+    using E = std::remove_pointer_t<decltype(entry)>;
+    attend(Attention<E>{xp, cp, sp, T, width, D, Hq, Hkv, keys, values, row_seq, row_pos, scaling, window,
+                        y.data_ptr<float>()});
+  });
   return y;
 }
 

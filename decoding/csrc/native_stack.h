@@ -51,7 +51,7 @@ at::Tensor native_layers(const at::Tensor& hidden, at::TensorList norms, at::Ten
                    att = at::empty({T, att_width}, opts), gate_up = at::empty({T, 2 * inner}, opts),
                    act = at::empty({T, inner}, opts), out = at::empty({T, H}, opts);
   float *hp = h.data_ptr<float>(), *outp = out.data_ptr<float>();
-  const bool bf16_kv = keys[0].scalar_type() == at::kBFloat16;
+  const auto kv_type = keys[0].scalar_type();
   const int64_t silu_units_count = T * ((inner + kSiluBlock - 1) / kSiluBlock);
   TileInputs in;  // the current linear's quantised inputs: one thread writes them, all read them
   const int64_t longest = longest_row(row_pos);
@@ -84,12 +84,11 @@ at::Tensor native_layers(const at::Tensor& hidden, at::TensorList norms, at::Ten
         linear(xn, 4 * i, qkv.data_ptr<float>(), qkv_width);
         const float *xp = qkv.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = sn.data_ptr<float>();
         const at::TensorList k = keys.slice(i * S, S), v = values.slice(i * S, S);
-        if (bf16_kv)
-          attention(Attention<uint16_t>{xp, cp, sp, T, q_heads + 2 * Hkv, D, q_heads, Hkv, k, v, row_seq, row_pos,
-                                        scaling, windows[i], att.data_ptr<float>()});
-        else
-          attention(Attention<float>{xp, cp, sp, T, q_heads + 2 * Hkv, D, q_heads, Hkv, k, v, row_seq, row_pos,
-                                     scaling, windows[i], att.data_ptr<float>()});
+        with_kv_entries(kv_type, [&](auto* entry) {
+          using E = std::remove_pointer_t<decltype(entry)>;
+          attention(Attention<E>{xp, cp, sp, T, q_heads + 2 * Hkv, D, q_heads, Hkv, k, v, row_seq, row_pos, scaling,
+                                 windows[i], att.data_ptr<float>()});
+        });
         linear(att, 4 * i + 1, outp, H);
         add_out();
       }
