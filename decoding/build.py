@@ -8,7 +8,7 @@ from typing import Any
 from . import native
 from .engine import SpeculativeEngine
 from .gguf_blocks import read_stored_tensors
-from .loading import ModelInfo, ModelLoadError, gguf_file, load_model
+from .loading import ModelInfo, ModelLoadError, gguf_file, load_model, load_weights, resolve_device
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner
 
@@ -45,10 +45,14 @@ def load_engine(model: str, device: str = "auto", dtype: str = "auto", *, target
     if target not in TARGETS:
         raise ModelLoadError(f"unknown target {target!r}; choose {', '.join(TARGETS)}")
     template = read_chat_template(chat_template) if chat_template else None
-    hf_model, tokenizer, info = load_model(model, device, dtype)
+    path = _native_file(model, device, target)
+    hf_model, tokenizer, info = load_model(model, device, dtype, weights=path is None)
     if template is not None:
         tokenizer.chat_template = template
-    stored = _stored_tensors(model, hf_model, target)
+    stored = None
+    if path is not None:  # the file's blocks, and from the converted copy only what is not in blocks
+        stored = read_stored_tensors(path, hf_model)
+        load_weights(hf_model, Path(info.source), {name for name, tensor in stored.items() if tensor.quantised})
     runner = ModelRunner(hf_model, int8_draft=draft_copies, int4_draft=draft_copies, stored=stored)
     if stored is not None:  # the file's tensors now live in the runner's own layout: give their copies back
         del stored
@@ -62,15 +66,14 @@ def load_engine_for(args: Any, **options: Any) -> tuple[SpeculativeEngine, Model
     return load_engine(args.model, args.device, args.dtype, target=args.target, **options)
 
 
-def _stored_tensors(model: str, hf_model: object, target: str) -> dict | None:
-    """The GGUF file's tensors where the target is native (None: the exact target)."""
+def _native_file(model: str, device: str, target: str) -> Path | None:
+    """The GGUF file whose blocks the native target reads (None: the exact target)."""
     if target == "exact":
         return None
     path = gguf_file(model)
-    runs = path is not None and native.cpu_kernels() is not None and next(hf_model.parameters()).device.type == "cpu"
-    if not runs:
+    if path is None or native.cpu_kernels() is None or resolve_device(device).type != "cpu":
         if target == "native":
             raise ModelLoadError("--target native needs a .gguf model on a CPU with the native kernels (AVX2 and a "
                                  "C++ compiler); use --target exact")
         return None
-    return read_stored_tensors(path, hf_model)
+    return path

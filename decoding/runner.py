@@ -212,7 +212,10 @@ class ModelRunner:
             else torch.cat([b.rows.reshape(-1).float() if b is not None else m.bias.detach().float()
                             for b, m in zip(biases, modules)])
         self._widened += modules
-        return BlockLinear([(part.type_id, part.rows) for part in parts], parts[0].in_features, bias)
+        linear = BlockLinear([(part.type_id, part.rows) for part in parts], parts[0].in_features, bias)
+        for name in names:  # re-laid: the file's rows are not needed again (peak memory at load)
+            self._stored.pop(f"{name}.weight")
+        return linear
 
     def _embedding(self, module: torch.nn.Module) -> Any:
         """The token embedding: the file's rows, dequantised per call, on the native target; else the module."""

@@ -138,3 +138,31 @@ def test_local_hf_directory_loads_in_its_own_dtype_where_native(tmp_path, defaul
     ids = tokenizer("The quick brown fox").input_ids
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     assert engine.run(ids, params, DraftPolicy(SkipSet([1], [2]))).generated == engine.run(ids, params, PLAIN).generated
+
+
+def test_a_model_without_weights_is_filled_but_for_what_the_caller_reads_elsewhere(tmp_path, default_model):
+    """``load_model(weights=False)`` + ``load_weights``: the native target's way, which never widens the
+    blocks it reads from the GGUF file. Skipped parameters (and the LM head tied to a skipped embedding)
+    stay empty; every other one is the converted copy's value; a missing one is an error."""
+    from decoding.loading import load_weights
+
+    full, _, full_info = default_model
+    skeleton, _, info = load_model("default", device="cpu", dtype="float32", weights=False)
+    assert info.parameters == full_info.parameters  # counted on the empty parameters, the tie included
+    assert skeleton.generation_config.eos_token_id == full.generation_config.eos_token_id
+    skip = {"model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"}
+    load_weights(skeleton, converted_gguf(default_gguf_path()), skip)
+    values = dict(full.named_parameters())
+    for name, param in skeleton.named_parameters(remove_duplicate=False):
+        if name in skip or name == "lm_head.weight":
+            assert param.numel() == 0, name
+        else:
+            assert torch.equal(param, values[name]), name
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight
+
+    copy = tmp_path / "converted"
+    shutil.copytree(converted_gguf(default_gguf_path()), copy)
+    (copy / "model.safetensors").unlink()
+    skeleton, _, _ = load_model(str(copy), device="cpu", dtype="float32", weights=False)
+    with pytest.raises(ModelLoadError, match="no weights for"):
+        load_weights(skeleton, copy, set())
