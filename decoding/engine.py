@@ -20,7 +20,7 @@ from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .grammar import GrammarCompiler, GrammarConstraint
 from .kv_cache import KVCache
 from .logprobs import TokenLogprob, token_logprobs
-from .lookup import ngram_lookup, prediction_matches
+from .lookup import lookup_min_ngram, ngram_lookup, prediction_matches
 from .policy import MAX_DRAFT_LIMIT, PLAIN, DraftPolicy
 from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixCache
 from .runner import ForwardOutput, ModelRunner, Segment
@@ -392,7 +392,8 @@ class SpeculativeEngine:
 
         The draft is a function of the tokens so far, so for sampling rows its distribution is the
         point mass on each drafted token and speculative sampling keeps the target distribution."""
-        for token in ngram_lookup(seq.tokens, room, seq.params.prediction):
+        min_ngram = lookup_min_ngram(seq.policy.drafts_with_model)
+        for token in ngram_lookup(seq.tokens, room, seq.params.prediction, min_ngram):
             if seq.grammar is not None and not seq.grammar.advance(token):
                 break
             drafts.append(token)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from decoding import DraftPolicy, ModelRunner, Sequence, SkipSet
-from decoding.lookup import ngram_lookup
+from decoding.lookup import lookup_min_ngram, ngram_lookup
 from decoding.policy import MAX_DRAFT_LIMIT
 
 from .costs import StepCosts
@@ -63,15 +63,17 @@ def agreement(runner: ModelRunner, seqs: list[Sequence], skip: SkipSet, precisio
     return out
 
 
-def lookups(seqs: list[Sequence]) -> Arrays:
+def lookups(seqs: list[Sequence], drafts_with_model: bool) -> Arrays:
     """Per sequence and position j of ``agreement``'s arrays: how many tokens an n-gram lookup drafts after
-    the prompt and the continuation's first j + 1 tokens, and how many of them the continuation repeats."""
+    the prompt and the continuation's first j + 1 tokens, and how many of them the continuation repeats
+    (matches as short as the engine takes for a policy that does or does not draft with the model)."""
     out = []
+    min_ngram = lookup_min_ngram(drafts_with_model)
     for seq in seqs:
         prompt, cont = seq.tokens[:seq.prompt_len], seq.generated
         drafted, matched = np.zeros(len(cont) - 1, dtype=np.int64), np.zeros(len(cont) - 1, dtype=np.int64)
         for j in range(len(cont) - 1):
-            found = ngram_lookup(prompt + cont[:j + 1], MAX_DRAFT_LIMIT)
+            found = ngram_lookup(prompt + cont[:j + 1], MAX_DRAFT_LIMIT, min_ngram=min_ngram)
             drafted[j] = len(found)
             matched[j] = next((m for m, (a, b) in enumerate(zip(found, cont[j + 1:])) if a != b),
                               min(len(found), len(cont) - j - 1))
@@ -115,7 +117,7 @@ def expected_speedup(runner: ModelRunner, seqs: list[Sequence], policy: DraftPol
     """Expected speedup of ``policy`` exactly as given (threshold, max draft and lookup too) on ``seqs``."""
     arrays = _arrays(runner, seqs, policy.skip, policy.precision)
     return simulate(arrays, policy.threshold, policy.max_draft, costs.draft_ms(policy), costs,
-                    lookups(seqs) if policy.lookup else None, policy.drafts_with_model)
+                    lookups(seqs, policy.drafts_with_model) if policy.lookup else None, policy.drafts_with_model)
 
 
 def _arrays(runner: ModelRunner, seqs: list[Sequence], skip: SkipSet, precision: str) -> Arrays:
@@ -125,16 +127,17 @@ def _arrays(runner: ModelRunner, seqs: list[Sequence], skip: SkipSet, precision:
     return agreement(runner, seqs, skip, precision)
 
 
-def score(candidate: Candidate, arrays: Arrays, costs: StepCosts, looked_up: Arrays) -> Candidate:
-    """Fill in the best threshold / max draft / lookup of ``candidate`` and its expected speedup."""
+def score(candidate: Candidate, arrays: Arrays, costs: StepCosts, looked_up: dict[bool, Arrays]) -> Candidate:
+    """Fill in the best threshold / max draft / lookup of ``candidate`` and its expected speedup
+    (``looked_up``: ``lookups`` for policies that draft with the model and for lookup alone)."""
     model = DraftPolicy(candidate.skip, precision=candidate.precision)
     draft_ms = costs.draft_ms(model)
     best = (-1.0, 0.0, 1, False)
     for lookup in (False, True) if model.drafts_with_model else (True,):
         for threshold in THRESHOLDS if model.drafts_with_model else (0.0,):
             for max_draft in MAX_DRAFTS:
-                value = simulate(arrays, threshold, max_draft, draft_ms, costs, looked_up if lookup else None,
-                                 model.drafts_with_model)
+                value = simulate(arrays, threshold, max_draft, draft_ms, costs,
+                                 looked_up[model.drafts_with_model] if lookup else None, model.drafts_with_model)
                 if value > best[0]:
                     best = (value, threshold, max_draft, lookup)
     candidate.expected = best[0]
@@ -172,7 +175,7 @@ def search(runner: ModelRunner, seqs: list[Sequence], costs: StepCosts, budget: 
     precisions = runner.draft_precisions
     evaluated: list[Candidate] = []
     seen: set = set()
-    looked_up = lookups(seqs)
+    looked_up = {with_model: lookups(seqs, with_model) for with_model in (True, False)}
 
     def evaluate(skip: SkipSet, precision: str) -> None:
         key = (skip, precision)

@@ -11,7 +11,7 @@ import decoding.engine
 from decoding import PLAIN, DraftPolicy, SamplingParams, SkipSet
 from decoding.batching import generate_batch
 from decoding.grammar import json_schema_grammar
-from decoding.lookup import ngram_lookup, prediction_matches
+from decoding.lookup import lookup_min_ngram, ngram_lookup, prediction_matches
 from knn_router.costs import DraftCost, StepCosts
 from knn_router.search import expected_speedup
 
@@ -28,9 +28,20 @@ def test_lookup_takes_the_latest_longest_match():
     assert ngram_lookup(context, 10) == [7, 8, 0, 1, 2, 3, 4]  # up to the end of the context
     assert ngram_lookup([5, 6, 7, 5, 6, 8, 1, 5, 6, 7], 3) == [5, 6, 8]  # a 3-token match, not the 2-token one
     assert ngram_lookup([1, 2, 3, 4, 5], 4) == []  # nothing repeats
-    assert ngram_lookup([1, 2, 9, 1, 2], 4) == []  # 2-token matches are too short to trust
+    assert ngram_lookup([1, 2, 9, 1, 2], 4) == []  # 2-token matches are too short where the model drafts
     assert ngram_lookup(context, 3, reference=[2, 3, 4, 42, 43]) == [42, 43]  # the prediction first
     assert ngram_lookup(context, 0) == []
+
+
+def test_lookup_alone_drafts_from_short_matches_a_token_past_their_length():
+    """Where nothing else drafts, a 2-token match drafts up to 3 tokens and a 1-token match up to 2; 3+ token
+    matches draft up to the limit as before."""
+    assert lookup_min_ngram(drafts_with_model=True) == 3 and lookup_min_ngram(drafts_with_model=False) == 1
+    assert ngram_lookup([1, 2, 9, 8, 7, 6, 1, 2], 8, min_ngram=1) == [9, 8, 7]
+    assert ngram_lookup([5, 9, 8, 7, 6, 5], 8, min_ngram=1) == [9, 8]
+    assert ngram_lookup([5, 9, 8, 7, 6, 5], 1, min_ngram=1) == [9]  # the limit still caps
+    assert ngram_lookup([1, 2, 3, 4, 5, 6, 7, 1, 2, 3], 8, min_ngram=1) == [4, 5, 6, 7, 1, 2, 3]
+    assert ngram_lookup([1, 2, 3, 4], 8, min_ngram=1) == []  # nothing repeats
 
 
 @pytest.mark.parametrize("text", [ARTICLE, "Repeat exactly: red green blue, red green blue, red green blue."])
