@@ -81,7 +81,9 @@ def gguf_tensors(path: Path) -> tuple[dict[str, Any], list[FileTensor]]:
             magic, at = take("I", 0)
             if magic != gguf.GGUF_MAGIC:
                 raise ValueError(f"{path} is not a GGUF file")
-            _version, at = take("I", at)
+            version, at = take("I", at)
+            if version not in (2, 3):  # 1 had 32-bit counts; a byte-swapped (big-endian) file reads as garbage
+                raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
             tensor_count, at = take("Q", at)
             kv_count, at = take("Q", at)
             metadata = {}

@@ -62,8 +62,11 @@ def test_reads_every_kind_of_metadata_value_and_an_alignment(tmp_path):
     assert metadata["kinds.strings"] is None  # arrays are skipped, not read
 
 
-def test_rejects_a_file_that_is_not_gguf(tmp_path):
+def test_rejects_a_file_that_is_not_gguf_or_of_an_unknown_version(tmp_path):
     path = tmp_path / "not.gguf"
     path.write_bytes(bytes(64))
     with pytest.raises(ValueError, match="not a GGUF file"):
+        gguf_tensors(path)
+    path.write_bytes(b"GGUF" + (1).to_bytes(4, "little") + bytes(56))
+    with pytest.raises(ValueError, match="GGUF version 1 is not supported"):
         gguf_tensors(path)
