@@ -157,19 +157,21 @@ def load_weights(hf_model: Any, directory: Path, skip: set[str]) -> None:
     ties: dict[int, list[str]] = {}  # tied parameters (an LM head sharing the embedding) are one object
     for name, param in hf_model.named_parameters(remove_duplicate=False):
         ties.setdefault(id(param), []).append(name)
-    files = {}
-    for path in sorted(directory.glob("*.safetensors")):
+    values = {}  # one per tie group, by the group's first name
+    for path in sorted(directory.glob("*.safetensors")):  # each file opened once
         with safe_open(path, framework="pt") as f:
-            files.update(dict.fromkeys(f.keys(), path))
+            stored = set(f.keys())
+            for names in ties.values():
+                source = next((n for n in names if n in stored), None)
+                if names[0] not in values and not skip.intersection(names) and source is not None:
+                    values[names[0]] = f.get_tensor(source).to(dtype)
     for names in ties.values():
         if skip.intersection(names):
             value = torch.empty(0, dtype=dtype)
+        elif names[0] in values:
+            value = values[names[0]]
         else:
-            source = next((n for n in names if n in files), None)
-            if source is None:
-                raise ModelLoadError(f"{directory} has no weights for {names[0]}")
-            with safe_open(files[source], framework="pt") as f:
-                value = f.get_tensor(source).to(dtype)
+            raise ModelLoadError(f"{directory} has no weights for {names[0]}")
         param = torch.nn.Parameter(value, requires_grad=False)
         for name in names:
             module, _, leaf = name.rpartition(".")
