@@ -5,7 +5,9 @@ drafted token costs real compute in the packed verify, so the best draft length 
 down to none. ``StepCosts`` fits the measured seconds of packed verify and draft forwards
 (flat, then steeper: ``HingeCost``);
 ``SpeculationPlanner`` uses it with each row's observed acceptance to choose the cap that
-maximises the whole batch's expected tokens per second.
+maximises the whole batch's expected tokens per second before drafting, and, once the drafts
+are known (an n-gram lookup drafts without a forward pass, so only a row's draft says how
+long it is), how many of each row's drafted tokens the packed verify checks.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ class SpeculationPlanner:
         ``most``: the drafts a row can make this step anyway (1 while requests wait for their
         prefill, see ``SpeculativeEngine.step_batch``), so the choice is between what can run.
         """
-        speculative = [s for s in seqs if not s.policy.is_plain]
+        speculative = [s for s in seqs if s.policy.drafts_with_model]  # lookup drafts are free: ``trim`` bounds them
         if len(seqs) <= 1 or not speculative:
             return None
         longest = max(s.policy.max_draft for s in speculative)
@@ -143,6 +145,34 @@ class SpeculationPlanner:
                 best_cap, best_rate = cap, rate
         return None if best_cap == longest else best_cap
 
+    def trim(self, seqs: list[Sequence], drafted: list[int]) -> list[int]:
+        """How many of each row's ``drafted`` tokens to verify: the most likely to be accepted first, as many as
+        maximise the batch's expected tokens per second of verify (a lone row verifies all, as calibrated).
+
+        A row's j-th draft is accepted with probability ``alpha ** j``, so the candidates in order of that
+        value keep every row's prefix; the drafting is spent already, only the verify's cost counts.
+        """
+        rows = len(seqs)
+        if rows <= 1 or not any(drafted):
+            return drafted
+        alphas = [token_acceptance(seq.stats) for seq in seqs]
+        candidates = sorted(((alphas[i] ** j, i) for i, d in enumerate(drafted) for j in range(1, d + 1)),
+                            key=lambda gain_row: -gain_row[0])
+
+        def rate(tokens: float, drafts: int) -> float:
+            return tokens / max(self.costs.verify_s(rows, rows + drafts), 1e-9)
+
+        best, best_rate, tokens = 0, rate(rows, 0), float(rows)
+        for n, (gain, _) in enumerate(candidates, start=1):
+            tokens += gain
+            rate_n = rate(tokens, n)
+            if rate_n > best_rate * 1.0001:
+                best, best_rate = n, rate_n
+        keep = [0] * rows
+        for _, i in candidates[:best]:
+            keep[i] += 1
+        return keep
+
     def expected_rate(self, seqs: list[Sequence], cap: int) -> float:
         """Expected tokens per second of one step of ``seqs`` with draft lengths capped at ``cap``."""
         tokens, verify_tokens = 0.0, 0.0
@@ -150,7 +180,7 @@ class SpeculationPlanner:
         rows_in_group: dict[DraftPolicy, int] = {}
         for seq in seqs:
             drafted = 0.0
-            if not seq.policy.is_plain:
+            if seq.policy.drafts_with_model:
                 s = seq.stats
                 usual = s.draft_tokens / s.draft_steps if s.draft_steps else seq.policy.max_draft
                 drafted = min(usual, cap, seq.policy.max_draft)

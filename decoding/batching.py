@@ -3,7 +3,8 @@
 Each ``ContinuousBatcher.step`` runs (1) one packed prefill forward over the next prompt
 chunks of newly admitted sequences, within a per-step token budget so that a long prompt
 cannot stall running sequences (chunked prefill), and (2) one batched speculative step of
-every running sequence, with the draft length chosen for the whole batch by the planner.
+every running sequence, with the draft length capped for the whole batch by the planner
+before drafting and each row's drafts trimmed by it once they are known.
 Sequences join and leave between steps. Outputs never depend on the batch: the packed
 forwards are batch-invariant, and no row's output depends on how many tokens it drafted.
 """
@@ -92,7 +93,7 @@ class ContinuousBatcher:
         return result
 
     def decode_step(self, cut_drafts: Callable[[], bool] | None = None) -> BatchStep:
-        """Advance every running sequence by one batched speculative step, draft length capped by the planner.
+        """Advance every running sequence by one batched speculative step, drafts capped and trimmed by the planner.
 
         ``cut_drafts`` (e.g. "a request is waiting") ends drafting early so that the step
         finishes sooner; outputs do not change (see ``SpeculativeEngine.step_batch``).
@@ -104,8 +105,10 @@ class ContinuousBatcher:
             cap = self.planner.cap(running, most=1 if cut_now else None) if self.planner else None
             result.decode_rows, result.draft_cap = len(running), cap
 
+            trim = self.planner.trim if self.planner else None
+
             def step(rows: list[Sequence]) -> list[StepOutput]:
-                return self.engine.step_batch(rows, cap, cut_drafts)
+                return self.engine.step_batch(rows, cap, cut_drafts, trim)
 
             for seq, out in self._guarded(step, running, running):
                 result.outputs.append((seq, out))

@@ -251,13 +251,17 @@ class SpeculativeEngine:
         return _raised(self.step_batch([seq])[0])
 
     def step_batch(self, seqs: list[Sequence], draft_cap: int | None = None,
-                   cut_drafts: Callable[[], bool] | None = None) -> list[StepOutput | Exception]:
+                   cut_drafts: Callable[[], bool] | None = None,
+                   trim: Callable[[list[Sequence], list[int]], list[int]] | None = None,
+                   ) -> list[StepOutput | Exception]:
         """Advance every sequence by one step: grouped drafts, one packed verify, per-row acceptance.
 
-        ``draft_cap`` bounds every row's draft length, and when ``cut_drafts()`` turns true
+        ``draft_cap`` bounds every row's draft length, when ``cut_drafts()`` turns true
         between draft positions (e.g. a request is waiting for its prefill) the rows stop
-        drafting and the step verifies at once: no row's output depends on its draft length
-        (greedy rows take the argmax, seeded sampling rows each position's own draw).
+        drafting and the step verifies at once, and ``trim(seqs, drafted)`` says how many of each
+        row's drafted tokens to verify: no row's output depends on its draft length (greedy rows
+        take the argmax, seeded sampling rows each position's own draw, and speculative sampling
+        keeps the target distribution for any draft length chosen before the acceptance draws).
 
         A row whose acceptance fails gets the exception in place of its output; the other rows
         commit as usual. If drafting or the verify forward raises, nothing was committed (every
@@ -268,6 +272,10 @@ class SpeculativeEngine:
                 raise RuntimeError("step on a finished or not fully prefilled sequence")
         starts = [seq.cache.length for seq in seqs]
         drafts, draft_probs, kinds = self._draft_batch(seqs, starts, draft_cap, cut_drafts)
+        if trim is not None:
+            keep = trim(seqs, [len(d) for d in drafts])
+            drafts = [d[:n] for d, n in zip(drafts, keep)]
+            draft_probs = [p[:n] if p is not None and n else None for p, n in zip(draft_probs, keep)]
         t0 = time.perf_counter()
         segments = [Segment(torch.tensor([seq.tokens[-1], *d], device=self.runner.device), seq.cache, start,
                             all_logits=bool(d)) for seq, start, d in zip(seqs, starts, drafts)]
@@ -322,6 +330,7 @@ class SpeculativeEngine:
         stats.verify_s += verify_s
         stats.verify_steps += 1
         stats.draft_tokens += len(drafts)
+        stats.lookup_tokens += len(drafts) if draft_kind == "lookup" else 0
         stats.accepted_tokens += accepted
         stats.draft_steps += bool(drafts)
         stats.draft_rejections += accepted < len(drafts)
@@ -404,7 +413,6 @@ class SpeculativeEngine:
             ended = token in self.eos_ids and not seq.params.ignore_eos
             if ended or (seq.grammar is not None and seq.grammar.stopped):
                 break
-        seq.stats.lookup_tokens += len(drafts)
         return bool(drafts)
 
     def _draft_one(self, seq: Sequence, logits: torch.Tensor, drafts: list[int], probs: list[torch.Tensor]) -> bool:

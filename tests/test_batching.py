@@ -102,6 +102,26 @@ def test_planner_choice_follows_costs(default_engine):
     assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs[1:2]) is None  # a lone row decodes as calibrated
 
 
+def test_planner_trims_drafts_to_what_pays(default_engine):
+    """Once drafts are known, the planner verifies the likeliest tokens first, as many as the verify's cost pays
+    for: all of them where verification is free, fewer as it grows steeper, and never a row's later draft
+    without its earlier ones."""
+    seqs = [default_engine.admit(chat_ids(default_engine.tokenizer, text), SamplingParams()) for text in TEXTS[:3]]
+    for seq in seqs:
+        seq.policy = DraftPolicy(lookup=True, max_draft=6)
+    seqs[0].stats = RequestStats(accepted_tokens=60, draft_rejections=2)  # drafts almost always accepted (0.95)
+    seqs[1].stats = RequestStats(accepted_tokens=1, draft_rejections=20)  # rarely (0.15)
+    drafted = [5, 2, 0]
+    assert SpeculationPlanner(FREE_VERIFY).trim(seqs, drafted) == drafted
+    # a token costing a quarter of the step: worth it only while a draft is near-certain (0.95 ** 4 = 0.81)
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).trim(seqs, drafted) == [4, 0, 0]
+    # each verified token costs 5% of a step: a ~0.95-acceptance row's drafts pay, a ~0.15 one's do not
+    linear = StepCosts(verify=HingeCost(0.06, c=0.003), drafts={}, num_layers=30)
+    assert SpeculationPlanner(linear).trim(seqs, drafted) == [5, 0, 0]
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).trim(seqs[:1], [5]) == [5]  # a lone row verifies as calibrated
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs) is None  # lookup drafts cost nothing to make
+
+
 def test_step_cost_fit_finds_where_forwards_turn_compute_bound():
     """Flat while the weights' read dominates, steep after: the fit recovers the knee a line would miss."""
     rows = [b for b in (1, 2, 4, 8, 16) for _ in (0, 2, 4, 8)]
