@@ -72,10 +72,9 @@ class StepCosts:
     verify: HingeCost
     drafts: dict[str, HingeCost]
     num_layers: int
-    lone: HingeCost | None = None  # one row's verify alone: the batch-wide fit follows the many-row points
 
     def verify_s(self, rows: int, tokens: int) -> float:
-        return self.lone(1, tokens) if rows == 1 and self.lone is not None else self.verify(rows, tokens)
+        return self.verify(rows, tokens)
 
     def draft_s(self, policy: DraftPolicy, rows: int) -> float:
         """One draft position for ``rows`` rows of ``policy``: the kept share of its precision's forward (none
@@ -88,8 +87,7 @@ class StepCosts:
 
     def describe(self) -> str:
         drafts = "".join(f"; {p} draft s = {cost.describe('rows')}" for p, cost in self.drafts.items())
-        lone = f"; one row's verify s = {self.lone.describe('tokens')}" if self.lone is not None else ""
-        return f"verify s = {self.verify.describe('tokens')}{lone}{drafts}"
+        return f"verify s = {self.verify.describe('tokens')}{drafts}"
 
 
 @torch.inference_mode()
@@ -120,9 +118,7 @@ def measure_step_costs(runner: ModelRunner, context: int = 128, rows: tuple[int,
             segs = [Segment(torch.randint(10, 1000, (1,), device=runner.device), caches[i], context) for i in range(b)]
             draft_seconds.append(seconds(segs, policy))
         drafts[precision] = HingeCost.fit(list(rows), list(rows), draft_seconds, per_row=False)
-    lone = [(tokens, s) for b, tokens, s in zip(verify_rows, verify_tokens, verify_seconds) if b == 1]
-    return StepCosts(HingeCost.fit(verify_rows, verify_tokens, verify_seconds), drafts, runner.num_layers,
-                     HingeCost.fit([1] * len(lone), *map(list, zip(*lone)), per_row=False))
+    return StepCosts(HingeCost.fit(verify_rows, verify_tokens, verify_seconds), drafts, runner.num_layers)
 
 
 class SpeculationPlanner:
@@ -151,16 +147,13 @@ class SpeculationPlanner:
 
     def trim(self, seqs: list[Sequence], drafted: list[int]) -> list[int]:
         """How many of each row's ``drafted`` tokens to verify: the most likely to be accepted first, as many as
-        maximise the batch's expected tokens per second of verify.
+        maximise the batch's expected tokens per second of verify (a lone row verifies all, as calibrated).
 
         A row's j-th draft is accepted with probability ``alpha ** j``, so the candidates in order of that
-        value keep every row's prefix; the drafting is spent already, only the verify's cost counts. A lone
-        row is trimmed too: calibration chose its policy's length on the machine it ran on, and a k-token
-        verify costs this machine what it measured at start (on a 2-core AVX2 EPYC a 5-token verify of the
-        1.5B is ~1.6 steps, with AVX-512 VNNI ~1.1: docs/measurements.md).
+        value keep every row's prefix; the drafting is spent already, only the verify's cost counts.
         """
         rows = len(seqs)
-        if not any(drafted):
+        if rows <= 1 or not any(drafted):
             return drafted
         alphas = [token_acceptance(seq.stats) for seq in seqs]
         candidates = sorted(((alphas[i] ** j, i) for i, d in enumerate(drafted) for j in range(1, d + 1)),

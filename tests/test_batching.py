@@ -99,7 +99,7 @@ def test_planner_choice_follows_costs(default_engine):
     # while requests wait for prefill a row drafts one token at most: the choice is 0 or 1
     assert SpeculationPlanner(FREE_VERIFY).cap(int8_rows, most=1) == 1
     assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs, most=1) == 0
-    assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs[1:2]) is None  # a lone row drafts as calibrated (then trimmed)
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs[1:2]) is None  # a lone row decodes as calibrated
 
 
 def test_planner_trims_drafts_to_what_pays(default_engine):
@@ -118,11 +118,7 @@ def test_planner_trims_drafts_to_what_pays(default_engine):
     # each verified token costs 5% of a step: a ~0.95-acceptance row's drafts pay, a ~0.15 one's do not
     linear = StepCosts(verify=HingeCost(0.06, c=0.003), drafts={}, num_layers=30)
     assert SpeculationPlanner(linear).trim(seqs, drafted) == [5, 0, 0]
-    # a lone row is priced by the one-row fit where there is one (each verified token costing half a step)
-    lone_steep = StepCosts(verify=HingeCost(0.04), drafts={}, num_layers=30, lone=HingeCost(0.04, c=0.04))
-    assert SpeculationPlanner(lone_steep).trim(seqs[1:2], [2]) == [0]
-    assert SpeculationPlanner(lone_steep).trim(seqs[:1], [5]) == [5]
-    assert SpeculationPlanner(FREE_VERIFY).trim(seqs[1:2], [2]) == [2]
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).trim(seqs[:1], [5]) == [5]  # a lone row verifies as calibrated
     assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs) is None  # lookup drafts cost nothing to make
 
 
