@@ -145,30 +145,34 @@ class SpeculationPlanner:
                 best_cap, best_rate = cap, rate
         return None if best_cap == longest else best_cap
 
-    def trim(self, seqs: list[Sequence], drafted: list[int]) -> list[int]:
+    def trim(self, seqs: list[Sequence], drafted: list[int], whole: list[bool] | None = None) -> list[int]:
         """How many of each row's ``drafted`` tokens to verify: the most likely to be accepted first, as many as
         maximise the batch's expected tokens per second of verify (a lone row verifies all, as calibrated).
 
         A row's j-th draft is accepted with probability ``alpha ** j``, so the candidates in order of that
-        value keep every row's prefix; the drafting is spent already, only the verify's cost counts.
+        value keep every row's prefix; the drafting is spent already, only the verify's cost counts. Rows
+        marked in ``whole`` verify all their drafts (they count in the cost, and are never cut).
         """
         rows = len(seqs)
-        if rows <= 1 or not any(drafted):
+        whole = whole or [False] * rows
+        if rows <= 1 or not any(d for d, w in zip(drafted, whole) if not w):
             return drafted
         alphas = [token_acceptance(seq.stats) for seq in seqs]
-        candidates = sorted(((alphas[i] ** j, i) for i, d in enumerate(drafted) for j in range(1, d + 1)),
-                            key=lambda gain_row: -gain_row[0])
+        keep = [d if w else 0 for d, w in zip(drafted, whole)]
+        fixed = sum(keep)
+        tokens = rows + sum(expected_accepted(alphas[i], d) for i, d in enumerate(keep))
+        candidates = sorted(((alphas[i] ** j, i) for i, d in enumerate(drafted) if not whole[i]
+                             for j in range(1, d + 1)), key=lambda gain_row: -gain_row[0])
 
-        def rate(tokens: float, drafts: int) -> float:
-            return tokens / max(self.costs.verify_s(rows, rows + drafts), 1e-9)
+        def rate(expected: float, drafts: int) -> float:
+            return expected / max(self.costs.verify_s(rows, rows + fixed + drafts), 1e-9)
 
-        best, best_rate, tokens = 0, rate(rows, 0), float(rows)
+        best, best_rate = 0, rate(tokens, 0)
         for n, (gain, _) in enumerate(candidates, start=1):
             tokens += gain
             rate_n = rate(tokens, n)
             if rate_n > best_rate * 1.0001:
                 best, best_rate = n, rate_n
-        keep = [0] * rows
         for _, i in candidates[:best]:
             keep[i] += 1
         return keep

@@ -258,10 +258,12 @@ class SpeculativeEngine:
 
         ``draft_cap`` bounds every row's draft length, when ``cut_drafts()`` turns true
         between draft positions (e.g. a request is waiting for its prefill) the rows stop
-        drafting and the step verifies at once, and ``trim(seqs, drafted)`` says how many of each
-        row's drafted tokens to verify: no row's output depends on its draft length (greedy rows
-        take the argmax, seeded sampling rows each position's own draw, and speculative sampling
-        keeps the target distribution for any draft length chosen before the acceptance draws).
+        drafting and the step verifies at once, and ``trim(seqs, drafted, whole)`` says how many of
+        each row's drafted tokens to verify: no row's output depends on its draft length (greedy rows
+        take the argmax, seeded sampling rows each position's own draw). Unseeded sampling rows keep the
+        target distribution as long as whether a draft is verified never depends on that draft's own
+        token: their n-gram drafts are functions of the context, but a model draft drawn from the draft
+        distribution is verified ``whole`` (how many more were drafted after a token can depend on it).
 
         A row whose acceptance fails gets the exception in place of its output; the other rows
         commit as usual. If drafting or the verify forward raises, nothing was committed (every
@@ -273,7 +275,8 @@ class SpeculativeEngine:
         starts = [seq.cache.length for seq in seqs]
         drafts, draft_probs, kinds = self._draft_batch(seqs, starts, draft_cap, cut_drafts)
         if trim is not None:
-            keep = trim(seqs, [len(d) for d in drafts])
+            whole = [kind == "draft" and seq.params.needs_draft_probs for seq, kind in zip(seqs, kinds)]
+            keep = trim(seqs, [len(d) for d in drafts], whole)
             drafts = [d[:n] for d, n in zip(drafts, keep)]
             draft_probs = [p[:n] if p is not None and n else None for p, n in zip(draft_probs, keep)]
         t0 = time.perf_counter()

@@ -120,6 +120,10 @@ def test_planner_trims_drafts_to_what_pays(default_engine):
     assert SpeculationPlanner(linear).trim(seqs, drafted) == [5, 0, 0]
     assert SpeculationPlanner(EXPENSIVE_VERIFY).trim(seqs[:1], [5]) == [5]  # a lone row verifies as calibrated
     assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs) is None  # lookup drafts cost nothing to make
+    # a row verified whole (a sampled model draft) keeps its drafts and its cost counts for the others
+    assert SpeculationPlanner(FREE_VERIFY).trim(seqs, drafted, [False, True, False]) == drafted
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).trim(seqs, [2, 5, 0], [False, True, False]) == [2, 5, 0]
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).trim(seqs, [5, 5, 0], [True, False, False]) == [5, 0, 0]
 
 
 def test_step_cost_fit_finds_where_forwards_turn_compute_bound():
