@@ -252,7 +252,7 @@ class SpeculativeEngine:
 
     def step_batch(self, seqs: list[Sequence], draft_cap: int | None = None,
                    cut_drafts: Callable[[], bool] | None = None,
-                   trim: Callable[[list[Sequence], list[int]], list[int]] | None = None,
+                   trim: Callable[[list[Sequence], list[int], list[bool]], list[int]] | None = None,
                    ) -> list[StepOutput | Exception]:
         """Advance every sequence by one step: grouped drafts, one packed verify, per-row acceptance.
 
