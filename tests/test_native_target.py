@@ -62,6 +62,26 @@ def test_block_kernel_matches_dequantised_reference(qtype):
     assert torch.equal(torch.cat([linear(x[:2]), linear(x[2:7]), linear(x[7:])]), out)
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
+def test_kquant_kernel_holds_the_largest_sums(qtype):
+    """Every quantised value at its largest and every input at +-127 once quantised: the partial sums the
+    kernels keep in int16 (AVX2, AVX-512 without VNNI) reach their bound here and must not wrap."""
+    inputs = 512
+    per_block, _, scale_offsets = BLOCKS[qtype]
+    blocks = random_blocks(qtype, 24, inputs).reshape(24, inputs // per_block, -1)
+    scales = {offset + i for offset in scale_offsets for i in (0, 1)}
+    values = [i for i in range(blocks.shape[-1]) if i not in scales]
+    blocks[..., values] = 0xFF
+    blocks = blocks.reshape(24, -1)
+    weight = dequantize(blocks, qtype).astype(np.float64)
+    signs = torch.ones(inputs)
+    signs[1::2] = -1
+    x = torch.stack([torch.ones(inputs), -torch.ones(inputs), signs, torch.randn(inputs).sign()])
+    out = block_linear([(qtype, blocks)], inputs)(x)
+    ref = x.double().numpy() @ weight.T
+    assert np.abs(out.double().numpy() - ref).max() <= MAX_RELATIVE_ERROR[qtype] * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("qtype", sorted(BLOCKS), ids=lambda t: t.name)
 def test_embedding_rows_are_ggml_dequantisation(qtype):
     inputs = 256

@@ -442,8 +442,10 @@ int64_t part_bytes(int64_t type, int64_t rows, int64_t K) {
 }
 
 // Input rows per pass over a tile: AVX-512 keeps 4 vectors per row (float sums, and block sums and two
-// sub-block sums, or two group sums and the mins' chain) in its 32 registers for 6 rows; AVX2 in its 16 for 3.
-constexpr int kTileRows512 = 6, kTileRows256 = 3;
+// sub-block sums, or two group sums and the mins' chain) in its 32 registers for 6 rows. AVX2 takes 4 (its
+// 16 registers hold a k-quant row's two int16 sums; the float sums spill once per block): 1.1-1.2x 3 rows'
+// speed at 4-16 rows, and 5 or 6 rows no faster (the 1.5B's Q4_K / Q6_K shapes, measured here).
+constexpr int kTileRows512 = 6, kTileRows256 = 4;
 
 // Rows m..m+R-1 of one tile (lanes lane0.. of it) on the given ISA's instance of the kernel.
 template <int64_t Type, int R, typename Ns>

@@ -1,12 +1,13 @@
 // The k-quant linear over weights tiled by 16 output columns (gguf_blocks.h's Tile<Type> layout), included by
 // gguf_blocks.h three times: AVX2 (KT_WIDE 0, a tile as two halves of 8 columns), AVX-512BW (KT_WIDE 1) and
 // AVX-512 VNNI (KT_VNNI 1), each in its own namespace. A vector lane is an output column: lane c of a value
-// vector holds 4 consecutive quantised values of column c, so one VPDPBUSD (or its VPMADDUBSW + VPMADDWD
-// twin) adds 4 products of a broadcast group of 4 int8 inputs to every column at once. A row's sub-block
-// dot products are exact int32, times the column's integer sub-block scale, summed over the super-block in
-// int32 (Q6_K's offset and the Q4_K / Q5_K mins meet the inputs' sums in VPMADDWD pairs); then one float
-// chain per output, block after block: acc += float(sum) * (d * xs) (- float(mins) * (dmin * xs)). Every
-// step is the same for a row alone, in any batch, in any row block and on either ISA: the same bits.
+// vector holds 4 consecutive quantised values of column c, so one VPDPBUSD (without VNNI: VPMADDUBSW, its
+// int16 pair sums added up over a few steps) adds 4 products of a broadcast group of 4 int8 inputs to every
+// column at once. A row's sub-block dot products are exact int32, times the column's integer sub-block
+// scale, summed over the super-block in int32 (Q6_K's offset and the Q4_K / Q5_K mins meet the inputs' sums
+// in VPMADDWD pairs); then one float chain per output, block after block: acc += float(sum) * (d * xs)
+// (- float(mins) * (dmin * xs)). Every step is the same for a row alone, in any batch, in any row block and
+// on either ISA: the same bits.
 
 #if KT_WIDE
 using VI = __m512i;
@@ -18,7 +19,6 @@ inline VI vand(VI a, VI b) { return _mm512_and_si512(a, b); }
 inline VI vor(VI a, VI b) { return _mm512_or_si512(a, b); }
 inline VI vadd(VI a, VI b) { return _mm512_add_epi32(a, b); }
 inline VI vsub(VI a, VI b) { return _mm512_sub_epi32(a, b); }
-inline VI vmullo(VI a, VI b) { return _mm512_mullo_epi32(a, b); }
 inline VI times32(VI v) { return _mm512_slli_epi32(v, 5); }
 inline VI shift16(VI v, int s) {  // 16-bit lanes shifted left by s (right by -s)
   return s >= 0 ? _mm512_slli_epi16(v, s) : _mm512_srli_epi16(v, -s);
@@ -28,14 +28,18 @@ inline VI bcast32(const void* p) {  // 4 bytes (4 int8 inputs, or a pair of int1
   std::memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
 }
-// u8 x s8: the 4 products of each 32-bit lane added to it
-inline VI dot4(VI acc, VI u, VI s) {
 #if KT_VNNI
-  return _mm512_dpbusd_epi32(acc, u, s);
-#else  // |pair| <= 2 * 63 * 127: VPMADDUBSW never saturates, so these are the same sums
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
-#endif
+// u8 x s8: the 4 products of each 32-bit lane added to it
+inline VI dot4(VI acc, VI u, VI s) { return _mm512_dpbusd_epi32(acc, u, s); }
+inline VI vmullo(VI a, VI b) { return _mm512_mullo_epi32(a, b); }
+#else
+// u8 x s8: the products of each int16 lane's byte pair added to it, in int16 (VPMADDUBSW saturates at
+// +-32767; the callers' kInt16Steps keep every partial sum under it)
+inline VI pairs16(VI acc, VI u, VI s) { return _mm512_add_epi16(acc, _mm512_maddubs_epi16(u, s)); }
+inline VI dup16(VI v) {  // a 32-bit lane's low int16 in both of its halves
+  return _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(v, 16));
 }
+#endif
 inline VI dot2(VI acc, VI a, VI b) {  // int16 pairs
 #if KT_VNNI
   return _mm512_dpwssd_epi32(acc, a, b);
@@ -84,7 +88,6 @@ inline VI vand(VI a, VI b) { return _mm256_and_si256(a, b); }
 inline VI vor(VI a, VI b) { return _mm256_or_si256(a, b); }
 inline VI vadd(VI a, VI b) { return _mm256_add_epi32(a, b); }
 inline VI vsub(VI a, VI b) { return _mm256_sub_epi32(a, b); }
-inline VI vmullo(VI a, VI b) { return _mm256_mullo_epi32(a, b); }
 inline VI times32(VI v) { return _mm256_slli_epi32(v, 5); }
 inline VI shift16(VI v, int s) { return s >= 0 ? _mm256_slli_epi16(v, s) : _mm256_srli_epi16(v, -s); }
 inline VI bcast32(const void* p) {  // 4 bytes (4 int8 inputs, or a pair of int16) in every 32-bit lane
@@ -92,8 +95,15 @@ inline VI bcast32(const void* p) {  // 4 bytes (4 int8 inputs, or a pair of int1
   std::memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
 }
-inline VI dot4(VI acc, VI u, VI s) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+inline VI pairs16(VI acc, VI u, VI s) {
+  VI sum = _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s));
+  // Ties the sum to this step: integer adds reassociate, and GCC rebuilt a row's chain of steps as a tree
+  // whose partial sums spill out of AVX2's 16 registers (1.25x slower at 4-16 rows, measured here).
+  asm("" : "+x"(sum));
+  return sum;
+}
+inline VI dup16(VI v) {
+  return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(v, 16));
 }
 inline VI dot2(VI acc, VI a, VI b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 inline VI u8_i32(const uint8_t* p) {
@@ -125,6 +135,12 @@ inline VI or_bits(VI v, const uint8_t* p, int lane0) {
   return _mm256_or_si256(v, bit_lanes(bits, 2 * lane0, 16));
 }
 #endif
+
+// Steps of a pair whose VPMADDUBSW pair sums stay within int16: a step adds at most 2 * (2^bits - 1) * 127
+// per lane (inputs are clamped to +-127), so 8 steps of 4-bit values (30480), 4 of 5-bit (31496), 2 of 6-bit
+// (32004).
+template <typename T>
+constexpr int kInt16Steps = T::kHighBits == 0 ? 8 : T::kHighBits == 1 ? 4 : 2;
 
 // Value vectors A and B of pair p, step i (T::kSteps per pair): lane l's 4 values of sub-blocks 2p and
 // 2p + 1 at inputs 4i..4i+3, as unsigned bytes. `tb` is the tile-block, `lane0` the first lane (column).
@@ -165,9 +181,19 @@ void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int l
     for (int p = 0; p < T::kPairs; ++p) {
       for (int64_t line = 0; line < T::kBytes; line += 64 * T::kPairs)  // a later block's lines, spread over pairs
         _mm_prefetch(reinterpret_cast<const char*>(tb + kTileLead + line + 64 * p), _MM_HINT_T1);
+      VI scale_a, scale_b;  // the columns' sub-block scales, one per 32-bit lane
+      if constexpr (T::kSignedScales) {  // Q6_K: int8 scale pairs
+        const VI pairs = i8_i16(tb + T::kSc + (p * kTileCols + lane0) * 2);
+        scale_a = low_i16(pairs);
+        scale_b = high_i16(pairs);
+      } else {
+        scale_a = u8_i32(tb + T::kSc + (2 * p) * kTileCols + lane0);
+        scale_b = u8_i32(tb + T::kSc + (2 * p + 1) * kTileCols + lane0);
+      }
+      const int in_a = 2 * p * T::kSubInputs, in_b = in_a + T::kSubInputs;
+#if KT_VNNI
       VI sa[R], sb[R];
       for (int r = 0; r < R; ++r) sa[r] = sb[r] = izero();
-      const int in_a = 2 * p * T::kSubInputs, in_b = in_a + T::kSubInputs;
 #pragma GCC unroll 8
       for (int i = 0; i < T::kSteps; ++i) {  // unrolled: the shifts and offsets become constants
         VI a, b;
@@ -177,16 +203,31 @@ void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int l
           sb[r] = dot4(sb[r], b, bcast32(xb[r] + in_b + 4 * i));
         }
       }
-      VI scale_a, scale_b;
-      if constexpr (T::kSignedScales) {  // Q6_K: int8 scale pairs
-        const VI pairs = i8_i16(tb + T::kSc + (p * kTileCols + lane0) * 2);
-        scale_a = low_i16(pairs);
-        scale_b = high_i16(pairs);
-      } else {
-        scale_a = u8_i32(tb + T::kSc + (2 * p) * kTileCols + lane0);
-        scale_b = u8_i32(tb + T::kSc + (2 * p + 1) * kTileCols + lane0);
-      }
       for (int r = 0; r < R; ++r) total[r] = vadd(vadd(total[r], vmullo(sa[r], scale_a)), vmullo(sb[r], scale_b));
+#else
+      // Without VNNI a 4-product dot would take VPMADDUBSW, VPMADDWD and VPADDD a step, and a VPMULLD by the
+      // scale a sub-block: instead the VPMADDUBSW pair sums of kInt16Steps<T> steps add up in int16 (exact),
+      // then one VPMADDWD by the scale, duplicated into both int16 halves of its lane, adds scale * (the
+      // group's 4-product sums) to the int32 total. The same integers, so the same bits; 1.1x faster at 8-16
+      // rows on the 2-core AVX2 EPYC (docs/measurements.md).
+      const VI scale16_a = dup16(scale_a), scale16_b = dup16(scale_b);
+      constexpr int G = kInt16Steps<T>;
+#pragma GCC unroll 8
+      for (int g = 0; g < T::kSteps; g += G) {
+        VI pa[R], pb[R];
+        for (int r = 0; r < R; ++r) pa[r] = pb[r] = izero();
+#pragma GCC unroll 8
+        for (int i = g; i < g + G; ++i) {
+          VI a, b;
+          tile_values<T>(tb, p, i, lane0, a, b);
+          for (int r = 0; r < R; ++r) {
+            pa[r] = pairs16(pa[r], a, bcast32(xb[r] + in_a + 4 * i));
+            pb[r] = pairs16(pb[r], b, bcast32(xb[r] + in_b + 4 * i));
+          }
+        }
+        for (int r = 0; r < R; ++r) total[r] = dot2(dot2(total[r], pa[r], scale16_a), pb[r], scale16_b);
+      }
+#endif
     }
     const VF d = half_f32(tb + T::kD + lane0 * 2);
     for (int r = 0; r < R; ++r) {
