@@ -447,29 +447,37 @@ int64_t part_bytes(int64_t type, int64_t rows, int64_t K) {
 // speed at 4-16 rows, and 5 or 6 rows no faster (the 1.5B's Q4_K / Q6_K shapes, measured here).
 constexpr int kTileRows512 = 6, kTileRows256 = 4;
 
-// Rows m..m+R-1 of one tile (lanes lane0.. of it) on the given ISA's instance of the kernel.
-template <int64_t Type, int R, typename Ns>
+// Rows m..m+R-1 of one tile (H vectors of lanes from lane0) on the given ISA's instance of the kernel.
+template <int64_t Type, int R, int H, typename Ns>
 inline void tile_pass(Ns, const KRows* krows, const QuantisedRows* rows, int64_t m, int64_t K, const uint8_t* tile,
                       int lane0, const float* bias, float* y, int64_t ldy, int cols) {
   if constexpr (is_kquant<Type>())
-    Ns::template kquant<Tile<Type>, R>(*krows, m, K, tile, lane0, bias, y, ldy, cols);
+    Ns::template kquant<Tile<Type>, R, H>(*krows, m, K, tile, lane0, bias, y, ldy, cols);
   else
-    Ns::template groups32<Tile32<Type>, R>(*rows, m, K, tile, lane0, bias, y, ldy, cols);
+    Ns::template groups32<Tile32<Type>, R, H>(*rows, m, K, tile, lane0, bias, y, ldy, cols);
 }
 
 // The three instances of the kernels, as types for tile_pass.
 struct Narrow {
-  template <typename T, int R, typename... A> static void kquant(A&&... a) { narrow::tile_rows<T, R>(a...); }
-  template <typename T, int R, typename... A> static void groups32(A&&... a) { narrow::tile32_rows<T, R>(a...); }
+  template <typename T, int R, int H, typename... A> static void kquant(A&&... a) {
+    narrow::tile_rows<T, R, H>(a...);
+  }
+  template <typename T, int R, int H, typename... A> static void groups32(A&&... a) {
+    narrow::tile32_rows<T, R, H>(a...);
+  }
 };
 struct Wide {
-  template <typename T, int R, typename... A> static void kquant(A&&... a) { wide::tile_rows<T, R>(a...); }
-  template <typename T, int R, typename... A> static void groups32(A&&... a) { wide::tile32_rows<T, R>(a...); }
+  template <typename T, int R, int H, typename... A> static void kquant(A&&... a) { wide::tile_rows<T, R, H>(a...); }
+  template <typename T, int R, int H, typename... A> static void groups32(A&&... a) {
+    wide::tile32_rows<T, R, H>(a...);
+  }
 };
 struct WideVnni {
-  template <typename T, int R, typename... A> static void kquant(A&&... a) { wide_vnni::tile_rows<T, R>(a...); }
-  template <typename T, int R, typename... A> static void groups32(A&&... a) {
-    wide_vnni::tile32_rows<T, R>(a...);
+  template <typename T, int R, int H, typename... A> static void kquant(A&&... a) {
+    wide_vnni::tile_rows<T, R, H>(a...);
+  }
+  template <typename T, int R, int H, typename... A> static void groups32(A&&... a) {
+    wide_vnni::tile32_rows<T, R, H>(a...);
   }
 };
 
@@ -492,19 +500,22 @@ void tile_range(const TileInputs& in, int64_t M, int64_t K, const uint8_t* w, in
       const uint8_t* tile = w + t * tile_bytes;
       const int64_t n = t * kTileCols;
       const int cols = static_cast<int>(std::min<int64_t>(kTileCols, rows - n));
-      const auto pass = [&](auto ns, auto R, int64_t m, int lane0, int lanes) {
-        tile_pass<Type, decltype(R)::value>(ns, in.krows.get(), in.rows.get(), c0 + m, K, tile, lane0,
-                                            bias ? bias + n + lane0 : nullptr, y + (c0 + m) * ldy + n + lane0,
-                                            ldy, lanes);
+      const auto pass = [&](auto ns, auto R, auto H, int64_t m, int lane0, int lanes) {
+        tile_pass<Type, decltype(R)::value, decltype(H)::value>(
+            ns, in.krows.get(), in.rows.get(), c0 + m, K, tile, lane0, bias ? bias + n + lane0 : nullptr,
+            y + (c0 + m) * ldy + n + lane0, ldy, lanes);
       };
+      using One = std::integral_constant<int, 1>;
       if (kVnni)
-        row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) { pass(WideVnni{}, R, m, 0, cols); });
+        row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) { pass(WideVnni{}, R, One{}, m, 0, cols); });
       else if (kAvx512)
-        row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) { pass(Wide{}, R, m, 0, cols); });
+        row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) { pass(Wide{}, R, One{}, m, 0, cols); });
+      else if (rows_here == 1)  // both halves of the tile in one pass (tile_rows)
+        pass(Narrow{}, One{}, std::integral_constant<int, 2>{}, 0, 0, cols);
       else
         for (int lane0 = 0; lane0 < cols; lane0 += 8)
           row_blocks<kTileRows256>(rows_here, [&](auto R, int64_t m) {
-            pass(Narrow{}, R, m, lane0, std::min(8, cols - lane0));
+            pass(Narrow{}, R, One{}, m, lane0, std::min(8, cols - lane0));
           });
     }
   }

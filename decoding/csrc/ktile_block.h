@@ -163,101 +163,123 @@ inline void tile_values(const uint8_t* tb, int p, int I, int lane0, VI& a, VI& b
   }
 }
 
-// Rows m0..m0+R-1 times one tile's lanes lane0..lane0+kLanes-1 (all K inputs): `tile` is the tile's first
-// tile-block, `y` row m0's output at the tile's first column, `bias` at it too (or null), `cols` the lanes
-// that are real columns (a part's last tile may be short).
-template <typename T, int R>
+// Rows m0..m0+R-1 times H vectors of one tile's lanes from lane0 (lanes lane0 + h * kLanes ... of vector h;
+// all K inputs): `tile` is the tile's first tile-block, `y` row m0's output at lane0's column, `bias` at it
+// too (or null), `cols` the lanes from lane0 that are real columns (a part's last tile may be short). AVX2
+// takes a 1-row pass over both halves of a tile (H = 2): every cache line a step reads is then used whole
+// while it streams in, where two passes of a half each left the memory idle through the second.
+template <typename T, int R, int H>
 void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int lane0, const float* bias, float* y,
                int64_t ldy, int cols) {
   const int64_t B = K / 256;
-  VF acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = fzero();
+  VF acc[R][H];
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < H; ++h) acc[r][h] = fzero();
   for (int64_t blk = 0; blk < B; ++blk) {
     const uint8_t* tb = tile + blk * T::kBytes;
     const int8_t* xb[R];
     for (int r = 0; r < R; ++r) xb[r] = x.q.data() + (m0 + r) * K + blk * 256;
-    VI total[R];
-    for (int r = 0; r < R; ++r) total[r] = izero();
+    VI total[R][H];
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < H; ++h) total[r][h] = izero();
     for (int p = 0; p < T::kPairs; ++p) {
       for (int64_t line = 0; line < T::kBytes; line += 64 * T::kPairs)  // a later block's lines, spread over pairs
         _mm_prefetch(reinterpret_cast<const char*>(tb + kTileLead + line + 64 * p), _MM_HINT_T1);
-      VI scale_a, scale_b;  // the columns' sub-block scales, one per 32-bit lane
-      if constexpr (T::kSignedScales) {  // Q6_K: int8 scale pairs
-        const VI pairs = i8_i16(tb + T::kSc + (p * kTileCols + lane0) * 2);
-        scale_a = low_i16(pairs);
-        scale_b = high_i16(pairs);
-      } else {
-        scale_a = u8_i32(tb + T::kSc + (2 * p) * kTileCols + lane0);
-        scale_b = u8_i32(tb + T::kSc + (2 * p + 1) * kTileCols + lane0);
+      VI scale_a[H], scale_b[H];  // the columns' sub-block scales, one per 32-bit lane
+      for (int h = 0; h < H; ++h) {
+        const int l = lane0 + h * kLanes;
+        if constexpr (T::kSignedScales) {  // Q6_K: int8 scale pairs
+          const VI pairs = i8_i16(tb + T::kSc + (p * kTileCols + l) * 2);
+          scale_a[h] = low_i16(pairs);
+          scale_b[h] = high_i16(pairs);
+        } else {
+          scale_a[h] = u8_i32(tb + T::kSc + (2 * p) * kTileCols + l);
+          scale_b[h] = u8_i32(tb + T::kSc + (2 * p + 1) * kTileCols + l);
+        }
       }
       const int in_a = 2 * p * T::kSubInputs, in_b = in_a + T::kSubInputs;
 #if KT_VNNI
-      VI sa[R], sb[R];
-      for (int r = 0; r < R; ++r) sa[r] = sb[r] = izero();
+      VI sa[R][H], sb[R][H];
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < H; ++h) sa[r][h] = sb[r][h] = izero();
 #pragma GCC unroll 8
       for (int i = 0; i < T::kSteps; ++i) {  // unrolled: the shifts and offsets become constants
-        VI a, b;
-        tile_values<T>(tb, p, i, lane0, a, b);
-        for (int r = 0; r < R; ++r) {
-          sa[r] = dot4(sa[r], a, bcast32(xb[r] + in_a + 4 * i));
-          sb[r] = dot4(sb[r], b, bcast32(xb[r] + in_b + 4 * i));
-        }
+        VI a[H], b[H];
+        for (int h = 0; h < H; ++h) tile_values<T>(tb, p, i, lane0 + h * kLanes, a[h], b[h]);
+        for (int r = 0; r < R; ++r)
+          for (int h = 0; h < H; ++h) {
+            sa[r][h] = dot4(sa[r][h], a[h], bcast32(xb[r] + in_a + 4 * i));
+            sb[r][h] = dot4(sb[r][h], b[h], bcast32(xb[r] + in_b + 4 * i));
+          }
       }
-      for (int r = 0; r < R; ++r) total[r] = vadd(vadd(total[r], vmullo(sa[r], scale_a)), vmullo(sb[r], scale_b));
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < H; ++h)
+          total[r][h] = vadd(vadd(total[r][h], vmullo(sa[r][h], scale_a[h])), vmullo(sb[r][h], scale_b[h]));
 #else
       // Without VNNI a 4-product dot would take VPMADDUBSW, VPMADDWD and VPADDD a step, and a VPMULLD by the
       // scale a sub-block: instead the VPMADDUBSW pair sums of kInt16Steps<T> steps add up in int16 (exact),
       // then one VPMADDWD by the scale, duplicated into both int16 halves of its lane, adds scale * (the
       // group's 4-product sums) to the int32 total. The same integers, so the same bits; 1.1x faster at 8-16
       // rows on the 2-core AVX2 EPYC (docs/measurements.md).
-      const VI scale16_a = dup16(scale_a), scale16_b = dup16(scale_b);
+      VI scale16_a[H], scale16_b[H];
+      for (int h = 0; h < H; ++h) scale16_a[h] = dup16(scale_a[h]), scale16_b[h] = dup16(scale_b[h]);
       constexpr int G = kInt16Steps<T>;
 #pragma GCC unroll 8
       for (int g = 0; g < T::kSteps; g += G) {
-        VI pa[R], pb[R];
-        for (int r = 0; r < R; ++r) pa[r] = pb[r] = izero();
+        VI pa[R][H], pb[R][H];
+        for (int r = 0; r < R; ++r)
+          for (int h = 0; h < H; ++h) pa[r][h] = pb[r][h] = izero();
 #pragma GCC unroll 8
         for (int i = g; i < g + G; ++i) {
-          VI a, b;
-          tile_values<T>(tb, p, i, lane0, a, b);
-          for (int r = 0; r < R; ++r) {
-            pa[r] = pairs16(pa[r], a, bcast32(xb[r] + in_a + 4 * i));
-            pb[r] = pairs16(pb[r], b, bcast32(xb[r] + in_b + 4 * i));
-          }
+          VI a[H], b[H];
+          for (int h = 0; h < H; ++h) tile_values<T>(tb, p, i, lane0 + h * kLanes, a[h], b[h]);
+          for (int r = 0; r < R; ++r)
+            for (int h = 0; h < H; ++h) {
+              pa[r][h] = pairs16(pa[r][h], a[h], bcast32(xb[r] + in_a + 4 * i));
+              pb[r][h] = pairs16(pb[r][h], b[h], bcast32(xb[r] + in_b + 4 * i));
+            }
         }
-        for (int r = 0; r < R; ++r) total[r] = dot2(dot2(total[r], pa[r], scale16_a), pb[r], scale16_b);
+        for (int r = 0; r < R; ++r)
+          for (int h = 0; h < H; ++h)
+            total[r][h] = dot2(dot2(total[r][h], pa[r][h], scale16_a[h]), pb[r][h], scale16_b[h]);
       }
 #endif
     }
-    const VF d = half_f32(tb + T::kD + lane0 * 2);
-    for (int r = 0; r < R; ++r) {
-      const int16_t* sums = x.sums16.data() + ((m0 + r) * K + blk * 256) / 16;
-      const float xs = x.scale[(m0 + r) * B + blk];
-      if constexpr (T::kSignedScales) {  // Q6_K's offset: 32 * sum of sc * (the inputs' 16-value sums)
-        VI offset = izero();
-        for (int p = 0; p < T::kPairs; ++p)
-          offset = dot2(offset, i8_i16(tb + T::kSc + (p * kTileCols + lane0) * 2), bcast32(sums + 2 * p));
-        total[r] = vsub(total[r], times32(offset));
-      }
-      acc[r] = fmadd(cvt(total[r]), vmul(d, xs), acc[r]);
-      if constexpr (T::kMins) {  // Q4_K / Q5_K: the mins times the inputs' 32-value sums
-        const int16_t* sums32 = x.sums32.data() + ((m0 + r) * K + blk * 256) / 32;
-        VI mins = izero();
-        for (int p = 0; p < T::kPairs; ++p)
-          mins = dot2(mins, u8_i16(tb + T::kMinPairs + (p * kTileCols + lane0) * 2), bcast32(sums32 + 2 * p));
-        acc[r] = fnmadd(cvt(mins), vmul(half_f32(tb + T::kDmin + lane0 * 2), xs), acc[r]);
+    for (int h = 0; h < H; ++h) {
+      const int l = lane0 + h * kLanes;
+      const VF d = half_f32(tb + T::kD + l * 2);
+      for (int r = 0; r < R; ++r) {
+        const int16_t* sums = x.sums16.data() + ((m0 + r) * K + blk * 256) / 16;
+        const float xs = x.scale[(m0 + r) * B + blk];
+        if constexpr (T::kSignedScales) {  // Q6_K's offset: 32 * sum of sc * (the inputs' 16-value sums)
+          VI offset = izero();
+          for (int p = 0; p < T::kPairs; ++p)
+            offset = dot2(offset, i8_i16(tb + T::kSc + (p * kTileCols + l) * 2), bcast32(sums + 2 * p));
+          total[r][h] = vsub(total[r][h], times32(offset));
+        }
+        acc[r][h] = fmadd(cvt(total[r][h]), vmul(d, xs), acc[r][h]);
+        if constexpr (T::kMins) {  // Q4_K / Q5_K: the mins times the inputs' 32-value sums
+          const int16_t* sums32 = x.sums32.data() + ((m0 + r) * K + blk * 256) / 32;
+          VI mins = izero();
+          for (int p = 0; p < T::kPairs; ++p)
+            mins = dot2(mins, u8_i16(tb + T::kMinPairs + (p * kTileCols + l) * 2), bcast32(sums32 + 2 * p));
+          acc[r][h] = fnmadd(cvt(mins), vmul(half_f32(tb + T::kDmin + l * 2), xs), acc[r][h]);
+        }
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    VF out = acc[r];
-    if (cols == kLanes) {
-      if (bias) out = fadd(out, fload(bias));
-      fstore(y + r * ldy, out);
-    } else {
-      alignas(64) float tmp[kLanes];
-      fstore(tmp, out);
-      for (int c = 0; c < cols; ++c) y[r * ldy + c] = bias ? tmp[c] + bias[c] : tmp[c];
+  for (int h = 0; h < H; ++h) {
+    const int c0 = h * kLanes, n = std::min(cols - c0, kLanes);
+    for (int r = 0; r < R; ++r) {
+      VF out = acc[r][h];
+      if (n == kLanes) {
+        if (bias) out = fadd(out, fload(bias + c0));
+        fstore(y + r * ldy + c0, out);
+      } else {
+        alignas(64) float tmp[kLanes];
+        fstore(tmp, out);
+        for (int c = 0; c < n; ++c) y[r * ldy + c0 + c] = bias ? tmp[c] + bias[c0 + c] : tmp[c];
+      }
     }
   }
 }
@@ -271,57 +293,70 @@ inline VI i16_pairs(const uint8_t* p, bool is_signed) {  // 2 * kLanes bytes as 
   return is_signed ? i8_i16(p) : u8_i16(p);
 }
 
-template <typename T, int R>
+template <typename T, int R, int H>
 void tile32_rows(const QuantisedRows& x, int64_t m0, int64_t K, const uint8_t* tile, int lane0, const float* bias,
-                 float* y, int64_t ldy, int cols) {
+                 float* y, int64_t ldy, int cols) {  // the arguments as tile_rows's
   const int64_t G = K / 32;
-  VF acc[R], mins[R];
-  for (int r = 0; r < R; ++r) acc[r] = mins[r] = fzero();
+  VF acc[R][H], mins[R][H];
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < H; ++h) acc[r][h] = mins[r][h] = fzero();
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* tg = tile + g * T::kBytes;
     if (g % T::kPrefetchEvery == 0)
       for (int64_t line = 0; line < T::kPrefetchEvery * T::kBytes; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(tg + kTileLead + line), _MM_HINT_T1);
-    VI lo[R], hi[R];
-    for (int r = 0; r < R; ++r) lo[r] = hi[r] = izero();
+    VI lo[R][H], hi[R][H];
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < H; ++h) lo[r][h] = hi[r][h] = izero();
 #pragma GCC unroll 8
     for (int s = 0; s < 8; ++s) {  // inputs 2s, 2s + 1 (lo) and 16 + 2s, 17 + 2s (hi)
-      VI a, b;
-      if constexpr (T::kBits == 8) {
-        a = i16_pairs(tg + T::kQs + (s * kTileCols + lane0) * 2, true);
-        b = i16_pairs(tg + T::kQs + ((s + 8) * kTileCols + lane0) * 2, true);
-      } else {
-        const VI v = i16_pairs(tg + T::kQs + (s * kTileCols + lane0) * 2, false);
-        a = vand(v, vset8(0x0F));
-        b = shift16(v, -4);
-        if constexpr (T::kBits == 5) {
-          a = or_bits(a, tg + T::kQh + (2 * s) * 4, lane0);
-          b = or_bits(b, tg + T::kQh + (2 * s + 1) * 4, lane0);
-        }
-        if constexpr (T::kOffset != 0) {
-          a = sub16(a, T::kOffset);
-          b = sub16(b, T::kOffset);
+      VI a[H], b[H];
+      for (int h = 0; h < H; ++h) {
+        const int l = lane0 + h * kLanes;
+        if constexpr (T::kBits == 8) {
+          a[h] = i16_pairs(tg + T::kQs + (s * kTileCols + l) * 2, true);
+          b[h] = i16_pairs(tg + T::kQs + ((s + 8) * kTileCols + l) * 2, true);
+        } else {
+          const VI v = i16_pairs(tg + T::kQs + (s * kTileCols + l) * 2, false);
+          a[h] = vand(v, vset8(0x0F));
+          b[h] = shift16(v, -4);
+          if constexpr (T::kBits == 5) {
+            a[h] = or_bits(a[h], tg + T::kQh + (2 * s) * 4, l);
+            b[h] = or_bits(b[h], tg + T::kQh + (2 * s + 1) * 4, l);
+          }
+          if constexpr (T::kOffset != 0) {
+            a[h] = sub16(a[h], T::kOffset);
+            b[h] = sub16(b[h], T::kOffset);
+          }
         }
       }
       for (int r = 0; r < R; ++r) {
         const int16_t* xg = x.q.data() + (m0 + r) * K + g * 32;
-        lo[r] = dot2(lo[r], a, bcast32(xg + 2 * s));
-        hi[r] = dot2(hi[r], b, bcast32(xg + 16 + 2 * s));
+        for (int h = 0; h < H; ++h) {
+          lo[r][h] = dot2(lo[r][h], a[h], bcast32(xg + 2 * s));
+          hi[r][h] = dot2(hi[r][h], b[h], bcast32(xg + 16 + 2 * s));
+        }
       }
     }
-    const VF d = half_f32(tg + T::kD + lane0 * 2);
-    for (int r = 0; r < R; ++r) {
-      acc[r] = fmadd(cvt(vadd(lo[r], hi[r])), d, acc[r]);
-      if constexpr (T::kMin)
-        mins[r] = fmadd(half_f32(tg + T::kM + lane0 * 2), fset1(x.sums[(m0 + r) * G + g]), mins[r]);
+    for (int h = 0; h < H; ++h) {
+      const int l = lane0 + h * kLanes;
+      const VF d = half_f32(tg + T::kD + l * 2);
+      for (int r = 0; r < R; ++r) {
+        acc[r][h] = fmadd(cvt(vadd(lo[r][h], hi[r][h])), d, acc[r][h]);
+        if constexpr (T::kMin)
+          mins[r][h] = fmadd(half_f32(tg + T::kM + l * 2), fset1(x.sums[(m0 + r) * G + g]), mins[r][h]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(64) float total[kLanes];
-    fstore(total, fadd(acc[r], mins[r]));
-    for (int c = 0; c < cols; ++c) {
-      const float out = float(double(total[c]) * x.scale[m0 + r]);
-      y[r * ldy + c] = bias ? out + bias[c] : out;
+  for (int h = 0; h < H; ++h) {
+    const int c0 = h * kLanes, n = std::min(cols - c0, kLanes);
+    for (int r = 0; r < R; ++r) {
+      alignas(64) float total[kLanes];
+      fstore(total, fadd(acc[r][h], mins[r][h]));
+      for (int c = 0; c < n; ++c) {
+        const float out = float(double(total[c]) * x.scale[m0 + r]);
+        y[r * ldy + c0 + c] = bias ? out + bias[c0 + c] : out;
+      }
     }
   }
 }
