@@ -367,7 +367,9 @@ void pack_tile_group(const uint8_t* const* block, uint8_t* dst) {
 // steps per output, so they give the same bits (KNN_SSD_AVX512=0 runs the AVX2 one; the tests compare them).
 namespace narrow {
 #define KT_WIDE 0
+#define KT_VNNI 0
 #include "ktile_block.h"
+#undef KT_VNNI
 #undef KT_WIDE
 }  // namespace narrow
 #pragma GCC push_options

@@ -29,15 +29,19 @@ inline VI bcast32(const void* p) {  // 4 bytes (4 int8 inputs, or a pair of int1
   return _mm512_set1_epi32(v);
 }
 #if KT_VNNI
-// u8 x s8: the 4 products of each 32-bit lane added to it
-inline VI dot4(VI acc, VI u, VI s) { return _mm512_dpbusd_epi32(acc, u, s); }
-inline VI vmullo(VI a, VI b) { return _mm512_mullo_epi32(a, b); }
+// u8 x s8 step sums (see kGroupSteps): the 4 products of each 32-bit lane added to it, in int32
+inline VI step4(VI acc, VI u, VI s) { return _mm512_dpbusd_epi32(acc, u, s); }
+inline VI scale_operand(VI scale) { return scale; }
+inline VI add_scaled(VI total, VI sums, VI scale) { return vadd(total, _mm512_mullo_epi32(sums, scale)); }
 #else
-// u8 x s8: the products of each int16 lane's byte pair added to it, in int16 (VPMADDUBSW saturates at
-// +-32767; the callers' kInt16Steps keep every partial sum under it)
-inline VI pairs16(VI acc, VI u, VI s) { return _mm512_add_epi16(acc, _mm512_maddubs_epi16(u, s)); }
-inline VI dup16(VI v) {  // a 32-bit lane's low int16 in both of its halves
-  return _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(v, 16));
+// u8 x s8 step sums: the products of each int16 lane's byte pair added to it, in int16 (VPMADDUBSW saturates
+// at +-32767; kGroupSteps keeps every partial sum under it)
+inline VI step4(VI acc, VI u, VI s) { return _mm512_add_epi16(acc, _mm512_maddubs_epi16(u, s)); }
+inline VI scale_operand(VI scale) {  // a 32-bit lane's low int16 in both of its halves
+  return _mm512_or_si512(_mm512_and_si512(scale, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(scale, 16));
+}
+inline VI add_scaled(VI total, VI sums, VI scale16) {
+  return _mm512_add_epi32(total, _mm512_madd_epi16(sums, scale16));
 }
 #endif
 inline VI dot2(VI acc, VI a, VI b) {  // int16 pairs
@@ -95,15 +99,18 @@ inline VI bcast32(const void* p) {  // 4 bytes (4 int8 inputs, or a pair of int1
   std::memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
 }
-inline VI pairs16(VI acc, VI u, VI s) {
+inline VI step4(VI acc, VI u, VI s) {
   VI sum = _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s));
   // Ties the sum to this step: integer adds reassociate, and GCC rebuilt a row's chain of steps as a tree
   // whose partial sums spill out of AVX2's 16 registers (1.25x slower at 4-16 rows, measured here).
   asm("" : "+x"(sum));
   return sum;
 }
-inline VI dup16(VI v) {
-  return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(v, 16));
+inline VI scale_operand(VI scale) {
+  return _mm256_or_si256(_mm256_and_si256(scale, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(scale, 16));
+}
+inline VI add_scaled(VI total, VI sums, VI scale16) {
+  return _mm256_add_epi32(total, _mm256_madd_epi16(sums, scale16));
 }
 inline VI dot2(VI acc, VI a, VI b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 inline VI u8_i32(const uint8_t* p) {
@@ -136,11 +143,15 @@ inline VI or_bits(VI v, const uint8_t* p, int lane0) {
 }
 #endif
 
-// Steps of a pair whose VPMADDUBSW pair sums stay within int16: a step adds at most 2 * (2^bits - 1) * 127
-// per lane (inputs are clamped to +-127), so 8 steps of 4-bit values (30480), 4 of 5-bit (31496), 2 of 6-bit
-// (32004).
+// Steps of a pair summed by step4 before add_scaled multiplies the sums by the sub-block scale. VNNI's sums are
+// int32: all of a pair's. Without VNNI a 4-product dot would take VPMADDUBSW, VPMADDWD by ones and VPADDD a step
+// (and a VPMULLD a sub-block): instead the VPMADDUBSW pair sums add up in int16 while they stay within it, then
+// one VPMADDWD by the scale (in both int16 halves of its lane) adds scale * (the 4-product sums) to the int32
+// total; exact, so the same bits, and 1.1x faster at 8-16 rows on the 2-core AVX2 EPYC (docs/measurements.md).
+// A step adds at most 2 * (2^bits - 1) * 127 per int16 lane (inputs are clamped to +-127): 8 steps of 4-bit
+// values (30480), 4 of 5-bit (31496), 2 of 6-bit (32004).
 template <typename T>
-constexpr int kInt16Steps = T::kHighBits == 0 ? 8 : T::kHighBits == 1 ? 4 : 2;
+constexpr int kGroupSteps = KT_VNNI ? T::kSteps : T::kHighBits == 0 ? 8 : T::kHighBits == 1 ? 4 : 2;
 
 // Value vectors A and B of pair p, step i (T::kSteps per pair): lane l's 4 values of sub-blocks 2p and
 // 2p + 1 at inputs 4i..4i+3, as unsigned bytes. `tb` is the tile-block, `lane0` the first lane (column).
@@ -198,52 +209,28 @@ void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int l
         }
       }
       const int in_a = 2 * p * T::kSubInputs, in_b = in_a + T::kSubInputs;
-#if KT_VNNI
-      VI sa[R][H], sb[R][H];
-      for (int r = 0; r < R; ++r)
-        for (int h = 0; h < H; ++h) sa[r][h] = sb[r][h] = izero();
-#pragma GCC unroll 8
-      for (int i = 0; i < T::kSteps; ++i) {  // unrolled: the shifts and offsets become constants
-        VI a[H], b[H];
-        for (int h = 0; h < H; ++h) tile_values<T>(tb, p, i, lane0 + h * kLanes, a[h], b[h]);
-        for (int r = 0; r < R; ++r)
-          for (int h = 0; h < H; ++h) {
-            sa[r][h] = dot4(sa[r][h], a[h], bcast32(xb[r] + in_a + 4 * i));
-            sb[r][h] = dot4(sb[r][h], b[h], bcast32(xb[r] + in_b + 4 * i));
-          }
-      }
-      for (int r = 0; r < R; ++r)
-        for (int h = 0; h < H; ++h)
-          total[r][h] = vadd(vadd(total[r][h], vmullo(sa[r][h], scale_a[h])), vmullo(sb[r][h], scale_b[h]));
-#else
-      // Without VNNI a 4-product dot would take VPMADDUBSW, VPMADDWD and VPADDD a step, and a VPMULLD by the
-      // scale a sub-block: instead the VPMADDUBSW pair sums of kInt16Steps<T> steps add up in int16 (exact),
-      // then one VPMADDWD by the scale, duplicated into both int16 halves of its lane, adds scale * (the
-      // group's 4-product sums) to the int32 total. The same integers, so the same bits; 1.1x faster at 8-16
-      // rows on the 2-core AVX2 EPYC (docs/measurements.md).
-      VI scale16_a[H], scale16_b[H];
-      for (int h = 0; h < H; ++h) scale16_a[h] = dup16(scale_a[h]), scale16_b[h] = dup16(scale_b[h]);
-      constexpr int G = kInt16Steps<T>;
+      VI scale_op_a[H], scale_op_b[H];
+      for (int h = 0; h < H; ++h) scale_op_a[h] = scale_operand(scale_a[h]), scale_op_b[h] = scale_operand(scale_b[h]);
+      constexpr int G = kGroupSteps<T>;
 #pragma GCC unroll 8
       for (int g = 0; g < T::kSteps; g += G) {
-        VI pa[R][H], pb[R][H];
+        VI sa[R][H], sb[R][H];
         for (int r = 0; r < R; ++r)
-          for (int h = 0; h < H; ++h) pa[r][h] = pb[r][h] = izero();
+          for (int h = 0; h < H; ++h) sa[r][h] = sb[r][h] = izero();
 #pragma GCC unroll 8
-        for (int i = g; i < g + G; ++i) {
+        for (int i = g; i < g + G; ++i) {  // unrolled: the shifts and offsets become constants
           VI a[H], b[H];
           for (int h = 0; h < H; ++h) tile_values<T>(tb, p, i, lane0 + h * kLanes, a[h], b[h]);
           for (int r = 0; r < R; ++r)
             for (int h = 0; h < H; ++h) {
-              pa[r][h] = pairs16(pa[r][h], a[h], bcast32(xb[r] + in_a + 4 * i));
-              pb[r][h] = pairs16(pb[r][h], b[h], bcast32(xb[r] + in_b + 4 * i));
+              sa[r][h] = step4(sa[r][h], a[h], bcast32(xb[r] + in_a + 4 * i));
+              sb[r][h] = step4(sb[r][h], b[h], bcast32(xb[r] + in_b + 4 * i));
             }
         }
         for (int r = 0; r < R; ++r)
           for (int h = 0; h < H; ++h)
-            total[r][h] = dot2(dot2(total[r][h], pa[r][h], scale16_a[h]), pb[r][h], scale16_b[h]);
+            total[r][h] = add_scaled(add_scaled(total[r][h], sa[r][h], scale_op_a[h]), sb[r][h], scale_op_b[h]);
       }
-#endif
     }
     for (int h = 0; h < H; ++h) {
       const int l = lane0 + h * kLanes;
