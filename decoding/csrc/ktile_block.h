@@ -196,21 +196,19 @@ void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int l
     for (int p = 0; p < T::kPairs; ++p) {
       for (int64_t line = 0; line < T::kBytes; line += 64 * T::kPairs)  // a later block's lines, spread over pairs
         _mm_prefetch(reinterpret_cast<const char*>(tb + kTileLead + line + 64 * p), _MM_HINT_T1);
-      VI scale_a[H], scale_b[H];  // the columns' sub-block scales, one per 32-bit lane
+      VI scale_a[H], scale_b[H];  // the columns' sub-block scales, one per 32-bit lane, as add_scaled takes them
       for (int h = 0; h < H; ++h) {
         const int l = lane0 + h * kLanes;
         if constexpr (T::kSignedScales) {  // Q6_K: int8 scale pairs
           const VI pairs = i8_i16(tb + T::kSc + (p * kTileCols + l) * 2);
-          scale_a[h] = low_i16(pairs);
-          scale_b[h] = high_i16(pairs);
+          scale_a[h] = scale_operand(low_i16(pairs));
+          scale_b[h] = scale_operand(high_i16(pairs));
         } else {
-          scale_a[h] = u8_i32(tb + T::kSc + (2 * p) * kTileCols + l);
-          scale_b[h] = u8_i32(tb + T::kSc + (2 * p + 1) * kTileCols + l);
+          scale_a[h] = scale_operand(u8_i32(tb + T::kSc + (2 * p) * kTileCols + l));
+          scale_b[h] = scale_operand(u8_i32(tb + T::kSc + (2 * p + 1) * kTileCols + l));
         }
       }
       const int in_a = 2 * p * T::kSubInputs, in_b = in_a + T::kSubInputs;
-      VI scale_op_a[H], scale_op_b[H];
-      for (int h = 0; h < H; ++h) scale_op_a[h] = scale_operand(scale_a[h]), scale_op_b[h] = scale_operand(scale_b[h]);
       constexpr int G = kGroupSteps<T>;
 #pragma GCC unroll 8
       for (int g = 0; g < T::kSteps; g += G) {
@@ -229,7 +227,7 @@ void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int l
         }
         for (int r = 0; r < R; ++r)
           for (int h = 0; h < H; ++h)
-            total[r][h] = add_scaled(add_scaled(total[r][h], sa[r][h], scale_op_a[h]), sb[r][h], scale_op_b[h]);
+            total[r][h] = add_scaled(add_scaled(total[r][h], sa[r][h], scale_a[h]), sb[r][h], scale_b[h]);
       }
     }
     for (int h = 0; h < H; ++h) {
