@@ -194,10 +194,11 @@ struct KRows {
 // (32 inputs; Q6_K 16) pair up, 2p and 2p + 1; step i of pair p is inputs 4i..4i+3 of both. Arrays are
 // [...][column][element]:
 //   kD: d (fp16) [16];  kDmin: dmin [16];  kSc: Q4_K / Q5_K sub-block scales [8][16] (uint8), Q6_K scale
-//   pairs [8][16][2] (int8);  kMinPairs: Q4_K / Q5_K min pairs [4][16][2];  kQs: [pair][step][16][4] bytes,
-//   the low nibble a value of sub-block 2p, the high nibble the same input of 2p + 1 (4 low bits of Q5_K,
-//   Q6_K);  kQh: Q5_K's fifth bits [4][2][16][4] (bit k of a byte: step 4 * half + k of sub-block 2p,
-//   bit 4 + k: of 2p + 1), Q6_K's two high bits [8][2][16][4] (bits 4k, 4k + 2: step 2k + half of 2p, 2p + 1).
+//   pairs [8][16][2] (int8);  kMinPairs: Q4_K / Q5_K min pairs [4][16][2];  from kQs, pair after pair
+//   (kPairBytes each, so a tile-block reads front to back): its values [step][16][4] bytes, the low nibble a
+//   value of sub-block 2p, the high nibble the same input of 2p + 1 (4 low bits of Q5_K, Q6_K), then its high
+//   bits: Q5_K's fifth bits [2][16][4] (bit k of a byte: step 4 * half + k of sub-block 2p, bit 4 + k: of
+//   2p + 1), Q6_K's two high bits [2][16][4] (bits 4k, 4k + 2: step 2k + half of 2p, 2p + 1).
 constexpr int kTileCols = 16;
 // How far ahead of a tile-block its thread prefetches the weights, into L2: measured here (the 1.5B model's
 // native forward, interleaved, medians of 4 rounds) 1 token 32.5 ms against 38.3 without software prefetch
@@ -214,20 +215,30 @@ template <>
 struct Tile<kQ4_K> {
   static constexpr int kPairs = 4, kSteps = 8, kSubInputs = 32, kHighBits = 0;
   static constexpr bool kMins = true, kSignedScales = false;
-  static constexpr int kD = 0, kDmin = 32, kSc = 64, kMinPairs = 192, kQs = 320, kQh = 2368, kBytes = 2368;
+  static constexpr int kD = 0, kDmin = 32, kSc = 64, kMinPairs = 192, kQs = 320, kPairBytes = 512, kBytes = 2368;
 };
 
 template <>
 struct Tile<kQ5_K> : Tile<kQ4_K> {
-  static constexpr int kHighBits = 1, kBytes = 2880;
+  static constexpr int kHighBits = 1, kPairBytes = 640, kBytes = 2880;
 };
 
 template <>
 struct Tile<kQ6_K> {
   static constexpr int kPairs = 8, kSteps = 4, kSubInputs = 16, kHighBits = 2;
   static constexpr bool kMins = false, kSignedScales = true;
-  static constexpr int kD = 0, kDmin = 0, kSc = 32, kMinPairs = 0, kQs = 288, kQh = 2336, kBytes = 3360;
+  static constexpr int kD = 0, kDmin = 0, kSc = 32, kMinPairs = 0, kQs = 288, kPairBytes = 384, kBytes = 3360;
 };
+
+// Where pair p's values of step i start in a tile-block, and its high bits' vector h (0 or 1).
+template <typename T>
+constexpr int qs_offset(int p, int i) {
+  return T::kQs + p * T::kPairBytes + i * kTileCols * 4;
+}
+template <typename T>
+constexpr int qh_offset(int p, int h) {
+  return qs_offset<T>(p, T::kSteps + h);
+}
 
 // A k-quant block's integer contents: values q (0..2^bits - 1), sub-block scales and mins, d and dmin as stored.
 struct KBlock {
@@ -289,13 +300,13 @@ void pack_tile_block(const uint8_t* const* block, uint8_t* dst) {
       for (int i = 0; i < T::kSteps; ++i)
         for (int b = 0; b < 4; ++b) {
           const int a = 2 * p * T::kSubInputs + 4 * i + b, z = a + T::kSubInputs;
-          dst[T::kQs + ((p * T::kSteps + i) * kTileCols + c) * 4 + b] =
+          dst[qs_offset<T>(p, i) + c * 4 + b] =
               static_cast<uint8_t>((k.q[a] & 0xF) | ((k.q[z] & 0xF) << 4));
           if constexpr (T::kHighBits == 1) {
-            uint8_t& h = dst[T::kQh + ((p * 2 + i / 4) * kTileCols + c) * 4 + b];
+            uint8_t& h = dst[qh_offset<T>(p, i / 4) + c * 4 + b];
             h |= static_cast<uint8_t>(((k.q[a] >> 4) << (i % 4)) | ((k.q[z] >> 4) << (4 + i % 4)));
           } else if constexpr (T::kHighBits == 2) {
-            uint8_t& h = dst[T::kQh + ((p * 2 + i % 2) * kTileCols + c) * 4 + b];
+            uint8_t& h = dst[qh_offset<T>(p, i % 2) + c * 4 + b];
             h |= static_cast<uint8_t>(((k.q[a] >> 4) << (4 * (i / 2))) | ((k.q[z] >> 4) << (4 * (i / 2) + 2)));
           }
         }

@@ -153,21 +153,29 @@ inline VI or_bits(VI v, const uint8_t* p, int lane0) {
 template <typename T>
 constexpr int kGroupSteps = KT_VNNI ? T::kSteps : T::kHighBits == 0 ? 8 : T::kHighBits == 1 ? 4 : 2;
 
+// Whether a pass prefetches its tile-blocks kTileLead ahead (on top of the hardware prefetcher). On the 2-core
+// AVX2 EPYC (Zen 3), in-process A/B from memory (docs/measurements.md): Q4_K streams faster without it, 1.33x
+// at one row and 1.06-1.11x at 4-16; so do Q6_K's one-row passes (H = 2) since its tile-blocks read front to
+// back (pair after pair), 1.07-1.15x; Q6_K's passes of some rows over half a tile need it (0.76x without).
+// AVX-512 keeps it everywhere, as measured on its machine (kTileLead).
+template <typename T, int H>
+constexpr bool kSoftwarePrefetch = KT_WIDE || (T::kHighBits != 0 && H == 1);
+
 // Value vectors A and B of pair p, step i (T::kSteps per pair): lane l's 4 values of sub-blocks 2p and
 // 2p + 1 at inputs 4i..4i+3, as unsigned bytes. `tb` is the tile-block, `lane0` the first lane (column).
 template <typename T>
 inline void tile_values(const uint8_t* tb, int p, int I, int lane0, VI& a, VI& b) {
   const VI low4 = vset8(0x0F);
-  const VI v = vload(tb + T::kQs + ((p * T::kSteps + I) * kTileCols + lane0) * 4);
+  const VI v = vload(tb + qs_offset<T>(p, I) + lane0 * 4);
   a = vand(v, low4);
   b = vand(shift16(v, -4), low4);
   if constexpr (T::kHighBits == 1) {  // Q5_K: bits I of the low nibbles' and 4 + I of the high ones' bytes
-    const VI h = vload(tb + T::kQh + ((p * 2 + I / 4) * kTileCols + lane0) * 4);
+    const VI h = vload(tb + qh_offset<T>(p, I / 4) + lane0 * 4);
     const VI bit4 = vset8(0x10);
     a = vor(a, vand(shift16(h, 4 - I % 4), bit4));
     b = vor(b, vand(shift16(h, -(I % 4)), bit4));
   } else if constexpr (T::kHighBits == 2) {  // Q6_K: bit pairs 4k, 4k + 2 for step I = 2k + (I % 2)
-    const VI h = vload(tb + T::kQh + ((p * 2 + I % 2) * kTileCols + lane0) * 4);
+    const VI h = vload(tb + qh_offset<T>(p, I % 2) + lane0 * 4);
     const VI bits45 = vset8(0x30);
     a = vor(a, vand(shift16(h, 4 - 4 * (I / 2)), bits45));
     b = vor(b, vand(shift16(h, 2 - 4 * (I / 2)), bits45));
@@ -194,8 +202,9 @@ void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int l
     for (int r = 0; r < R; ++r)
       for (int h = 0; h < H; ++h) total[r][h] = izero();
     for (int p = 0; p < T::kPairs; ++p) {
-      for (int64_t line = 0; line < T::kBytes; line += 64 * T::kPairs)  // a later block's lines, spread over pairs
-        _mm_prefetch(reinterpret_cast<const char*>(tb + kTileLead + line + 64 * p), _MM_HINT_T1);
+      if constexpr (kSoftwarePrefetch<T, H>)
+        for (int64_t line = 0; line < T::kBytes; line += 64 * T::kPairs)  // a later block's lines, over the pairs
+          _mm_prefetch(reinterpret_cast<const char*>(tb + kTileLead + line + 64 * p), _MM_HINT_T1);
       VI scale_a[H], scale_b[H];  // the columns' sub-block scales, one per 32-bit lane, as add_scaled takes them
       for (int h = 0; h < H; ++h) {
         const int l = lane0 + h * kLanes;
