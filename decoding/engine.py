@@ -59,6 +59,10 @@ class Sequence:
     grammar: GrammarConstraint | None = None  # if params.grammar is set: the output must follow it
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: str | None = None
+    # Drafts a step's planner left unverified, whose first token the step's own token confirmed or not: they
+    # keep the row's acceptance estimate moving while none of its drafts is verified (``decoding.adaptive``).
+    unverified_hits: int = 0
+    unverified_misses: int = 0
 
     @property
     def finished(self) -> bool:
@@ -274,9 +278,11 @@ class SpeculativeEngine:
                 raise RuntimeError("step on a finished or not fully prefilled sequence")
         starts = [seq.cache.length for seq in seqs]
         drafts, draft_probs, kinds = self._draft_batch(seqs, starts, draft_cap, cut_drafts)
+        unverified: list[int | None] = [None] * len(seqs)
         if trim is not None:
             whole = [kind == "draft" and seq.params.needs_draft_probs for seq, kind in zip(seqs, kinds)]
             keep = trim(seqs, [len(d) for d in drafts], whole)
+            unverified = [d[0] if d and not n else None for d, n in zip(drafts, keep)]
             drafts = [d[:n] for d, n in zip(drafts, keep)]
             draft_probs = [p[:n] if p is not None and n else None for p, n in zip(draft_probs, keep)]
         t0 = time.perf_counter()
@@ -284,8 +290,15 @@ class SpeculativeEngine:
                             all_logits=bool(d)) for seq, start, d in zip(seqs, starts, drafts)]
         outs = self.runner.forward_packed(segments)
         elapsed = time.perf_counter() - t0
-        return [_isolated(self._accept, seq, start, d, probs, out.logits, elapsed, kind)
-                for seq, start, d, probs, out, kind in zip(seqs, starts, drafts, draft_probs, outs, kinds)]
+        results = [_isolated(self._accept, seq, start, d, probs, out.logits, elapsed, kind)
+                   for seq, start, d, probs, out, kind in zip(seqs, starts, drafts, draft_probs, outs, kinds)]
+        for seq, first, result in zip(seqs, unverified, results):
+            if first is not None and isinstance(result, StepOutput) and result.token_ids:
+                if result.token_ids[0] == first:
+                    seq.unverified_hits += 1
+                else:
+                    seq.unverified_misses += 1
+        return results
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  policy: DraftPolicy | Callable[[torch.Tensor], DraftPolicy] = PLAIN) -> Iterator[StepOutput]:

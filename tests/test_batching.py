@@ -118,12 +118,33 @@ def test_planner_trims_drafts_to_what_pays(default_engine):
     # each verified token costs 5% of a step: a ~0.95-acceptance row's drafts pay, a ~0.15 one's do not
     linear = StepCosts(verify=HingeCost(0.06, c=0.003), drafts={}, num_layers=30)
     assert SpeculationPlanner(linear).trim(seqs, drafted) == [5, 0, 0]
-    assert SpeculationPlanner(EXPENSIVE_VERIFY).trim(seqs[:1], [5]) == [5]  # a lone row verifies as calibrated
+    # a lone row's lookup drafts are trimmed as any row's; its model drafts verify as calibrated
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).trim(seqs[:1], [5]) == [5]  # alone, all five still pay
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).trim(seqs[1:2], [2]) == [0]
+    seqs[1].policy = DraftPolicy(precision="int8", lookup=True, max_draft=6)
+    assert SpeculationPlanner(EXPENSIVE_VERIFY).trim(seqs[1:2], [2]) == [2]
+    seqs[1].policy = DraftPolicy(lookup=True, max_draft=6)
     assert SpeculationPlanner(EXPENSIVE_VERIFY).cap(seqs) is None  # lookup drafts cost nothing to make
     # a row verified whole (a sampled model draft) keeps its drafts and its cost counts for the others
     assert SpeculationPlanner(FREE_VERIFY).trim(seqs, drafted, [False, True, False]) == drafted
     assert SpeculationPlanner(EXPENSIVE_VERIFY).trim(seqs, [2, 5, 0], [False, True, False]) == [2, 5, 0]
     assert SpeculationPlanner(EXPENSIVE_VERIFY).trim(seqs, [5, 5, 0], [True, False, False]) == [5, 0, 0]
+
+
+def test_lone_lookup_row_trimmed_keeps_output_and_keeps_scoring_its_drafts(default_engine):
+    """A lone lookup-only row whose drafts the planner leaves unverified decodes as plain decoding does, and
+    the first token of each unverified draft is scored against the step's own token (its acceptance estimate
+    keeps moving, so drafts that start to pay come back)."""
+    request = (chat_ids(default_engine.tokenizer, "Repeat exactly: " + "red green blue " * 12),
+               SamplingParams(max_tokens=40, ignore_eos=True), DraftPolicy(lookup=True, max_draft=6))
+    expensive = StepCosts(verify=HingeCost(0.04, c=1.0), drafts={}, num_layers=30)  # no draft ever pays
+    [row] = generate_batch(default_engine, [request], max_batch_size=1, planner=SpeculationPlanner(expensive))
+    assert row.generated == default_engine.run(request[0], request[1], PLAIN).generated
+    assert row.stats.draft_tokens == 0
+    assert row.unverified_hits > 0  # the copy's lookups are right: scored, though none was verified
+    [free] = generate_batch(default_engine, [request], max_batch_size=1, planner=SpeculationPlanner(FREE_VERIFY))
+    assert free.generated == row.generated and free.stats.accepted_tokens > 0
+    assert free.unverified_hits + free.unverified_misses == 0
 
 
 def test_step_cost_fit_finds_where_forwards_turn_compute_bound():
@@ -144,6 +165,8 @@ def test_planner_acceptance_model_is_geometric():
     assert token_acceptance(RequestStats()) == pytest.approx(0.7)  # the prior
     # 18 accepted drafts, 2 rejections: close to 18 / 20 once the prior is outweighed
     assert token_acceptance(RequestStats(accepted_tokens=18, draft_rejections=2)) == pytest.approx(20.8 / 24)
+    # unverified drafts' first tokens count as one-token trials
+    assert token_acceptance(RequestStats(), hits=1, misses=3) == pytest.approx(3.8 / 8)
 
 
 class FailingStops(StopMatcher):
