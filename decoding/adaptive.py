@@ -147,14 +147,14 @@ class SpeculationPlanner:
 
     def trim(self, seqs: list[Sequence], drafted: list[int], whole: list[bool] | None = None) -> list[int]:
         """How many of each row's ``drafted`` tokens to verify: the most likely to be accepted first, as many as
-        maximise the batch's expected tokens per second of verify (a lone row verifies all, as calibrated).
+        maximise the batch's expected tokens per second of verify.
 
         A row's j-th draft is accepted with probability ``alpha ** j``, so the candidates in order of that
         value keep every row's prefix; the drafting is spent already, only the verify's cost counts. Rows
         marked in ``whole`` verify all their drafts (they count in the cost, and are never cut). A lone row
         verifies its model drafts as calibrated, but its n-gram lookup drafts are trimmed too: their
         acceptance follows the text far more than the calibration can see (MT-bench chat 0.15-0.25 on the
-        native 1.5B, where each verified draft costs a quarter of a step, copy-heavy prompts 0.5 and more).
+        native 1.5B, where each verified draft costs about a fifth of a step; copy-heavy prompts 0.5 and more).
         """
         rows = len(seqs)
         whole = whole or [False] * rows
