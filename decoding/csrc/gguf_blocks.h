@@ -460,6 +460,20 @@ int64_t part_bytes(int64_t type, int64_t rows, int64_t K) {
 // speed at 4-16 rows, and 5 or 6 rows no faster (the 1.5B's Q4_K / Q6_K shapes, measured here).
 constexpr int kTileRows512 = 6, kTileRows256 = 4;
 
+// Input rows up to which an AVX2 pass covers both halves of a tile (H = 2), in blocks of up to kTileRows256 rows;
+// more rows take a pass per half. A pass over both halves uses every cache line a step reads whole while it
+// streams in, where a pass per half leaves the memory idle through the second; with many rows the passes are
+// bound by compute, and a half's fewer live sums fit AVX2's 16 registers better. In-process A/B from memory on
+// the 2-core AVX2 EPYC (docs/measurements.md): Q4_K 1.05-1.20x at 2 rows, 0.94-0.99x at 4-8; Q6_K 1.17-1.26x at
+// 2, 1.14-1.19x at 4-8, 0.91-0.97x at 16-32 (its high bits' unpacking shared by both halves' rows); Q4_1 1.18x
+// at 2, 1.02-1.03x at 4-8.
+template <int64_t Type>
+constexpr int64_t whole_tile_rows() {
+  if constexpr (is_kquant<Type>())
+    if constexpr (Tile<Type>::kHighBits != 0) return 2 * kTileRows256;
+  return kTileRows256 - 1;
+}
+
 // Rows m..m+R-1 of one tile (H vectors of lanes from lane0) on the given ISA's instance of the kernel.
 template <int64_t Type, int R, int H, typename Ns>
 inline void tile_pass(Ns, const KRows* krows, const QuantisedRows* rows, int64_t m, int64_t K, const uint8_t* tile,
@@ -523,8 +537,10 @@ void tile_range(const TileInputs& in, int64_t M, int64_t K, const uint8_t* w, in
         row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) { pass(WideVnni{}, R, One{}, m, 0, cols); });
       else if (kAvx512)
         row_blocks<kTileRows512>(rows_here, [&](auto R, int64_t m) { pass(Wide{}, R, One{}, m, 0, cols); });
-      else if (rows_here == 1)  // both halves of the tile in one pass (tile_rows)
-        pass(Narrow{}, One{}, std::integral_constant<int, 2>{}, 0, 0, cols);
+      else if (rows_here <= whole_tile_rows<Type>())
+        row_blocks<kTileRows256>(rows_here, [&](auto R, int64_t m) {
+          pass(Narrow{}, R, std::integral_constant<int, 2>{}, m, 0, cols);
+        });
       else
         for (int lane0 = 0; lane0 < cols; lane0 += 8)
           row_blocks<kTileRows256>(rows_here, [&](auto R, int64_t m) {

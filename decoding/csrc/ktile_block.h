@@ -155,8 +155,8 @@ constexpr int kGroupSteps = KT_VNNI ? T::kSteps : T::kHighBits == 0 ? 8 : T::kHi
 
 // Whether a pass prefetches its tile-blocks kTileLead ahead (on top of the hardware prefetcher). On the 2-core
 // AVX2 EPYC (Zen 3), in-process A/B from memory (docs/measurements.md): Q4_K streams faster without it, 1.33x
-// at one row and 1.06-1.11x at 4-16; so do Q6_K's one-row passes (H = 2) since its tile-blocks read front to
-// back (pair after pair), 1.07-1.15x; Q6_K's passes of some rows over half a tile need it (0.76x without).
+// at one row and 1.06-1.11x at 4-16; so do Q6_K's passes over whole tiles (H = 2) since its tile-blocks read
+// front to back (pair after pair), 1.07-1.15x at one row; its passes over half a tile need it (0.76x without).
 // AVX-512 keeps it everywhere, as measured on its machine (kTileLead).
 template <typename T, int H>
 constexpr bool kSoftwarePrefetch = KT_WIDE || (T::kHighBits != 0 && H == 1);
@@ -185,8 +185,7 @@ inline void tile_values(const uint8_t* tb, int p, int I, int lane0, VI& a, VI& b
 // Rows m0..m0+R-1 times H vectors of one tile's lanes from lane0 (lanes lane0 + h * kLanes ... of vector h;
 // all K inputs): `tile` is the tile's first tile-block, `y` row m0's output at lane0's column, `bias` at it
 // too (or null), `cols` the lanes from lane0 that are real columns (a part's last tile may be short). AVX2
-// takes a 1-row pass over both halves of a tile (H = 2): every cache line a step reads is then used whole
-// while it streams in, where two passes of a half each left the memory idle through the second.
+// passes over few rows cover both halves of a tile (H = 2; gguf_blocks.h, whole_tile_rows).
 template <typename T, int R, int H>
 void tile_rows(const KRows& x, int64_t m0, int64_t K, const uint8_t* tile, int lane0, const float* bias, float* y,
                int64_t ldy, int cols) {
