@@ -514,13 +514,18 @@ struct TileInputs {
   std::unique_ptr<QuantisedRows> rows;   // the 32-input formats: int16 per row
 };
 
+// Input rows a pass over the tiles takes at once (tile_range): their quantised inputs stay in L2.
+inline int64_t input_chunk_rows(int64_t K) {
+  return std::max<int64_t>(kTileRows512, (512 * 1024 / (2 * K)) / kTileRows512 * kTileRows512);
+}
+
 // Tiles t0..t1-1 of one part (tiled) for every input row: rows in chunks whose quantised inputs stay in L2
 // while the chunk passes over the tiles, each tile read once per chunk.
 template <int64_t Type>
 void tile_range(const TileInputs& in, int64_t M, int64_t K, const uint8_t* w, int64_t rows, const float* bias,
                 float* y, int64_t ldy, int64_t t0, int64_t t1) {
   const int64_t tile_bytes = part_bytes(Type, kTileCols, K);
-  const int64_t chunk = std::max<int64_t>(kTileRows512, (512 * 1024 / (2 * K)) / kTileRows512 * kTileRows512);
+  const int64_t chunk = input_chunk_rows(K);
   for (int64_t c0 = 0; c0 < M; c0 += chunk) {
     const int64_t rows_here = std::min(chunk, M - c0);
     for (int64_t t = t0; t < t1; ++t) {
@@ -579,17 +584,69 @@ TileInputs tile_inputs(const at::Tensor& x, const at::Tensor& parts) {
   return in;
 }
 
-// Share `thread` of `threads` of a linear's tiles (a contiguous range of each part's), written into y (M, N).
+// A linear's tiles shared out to the threads, part by part: each thread walks its own contiguous share of a
+// part's tiles in claims of ~kClaimBytes, then claims what is left of the others' shares before the next part.
+// Decoding and verifying are bound by memory, which serves the two cores unevenly: with fixed shares each
+// linear waited for the slower one (~10% of a 1.5B step's samples in libgomp's barrier). Prompts' rows (more
+// than one input chunk, bound by compute) keep fixed shares: one claim each. Which thread computes a tile
+// never changes its bits.
+class TileClaims {
+ public:
+  static constexpr int64_t kClaimBytes = 64 * 1024;
+  explicit TileClaims(int64_t threads) : threads_(threads) {}
+
+  // Starts a linear (w, parts over K inputs) for M rows; from one thread, before any claims.
+  void reset(const at::Tensor& w, const at::Tensor& parts, int64_t M, int64_t K) {
+    const int64_t P = parts.size(0);
+    const int64_t* pp = parts.data_ptr<int64_t>();
+    if (static_cast<int64_t>(next_.size()) < P * threads_) next_ = std::vector<Counter>(P * threads_);
+    end_.resize(P * threads_);
+    per_claim_.resize(P);
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t type = pp[3 * p], tiles = (pp[3 * p + 1] + kTileCols - 1) / kTileCols;
+      per_claim_[p] = M > input_chunk_rows(K) ? tiles
+                                              : std::max<int64_t>(1, kClaimBytes / part_bytes(type, kTileCols, K));
+      for (int64_t t = 0; t < threads_; ++t) {
+        next_[p * threads_ + t].v.store(tiles * t / threads_, std::memory_order_relaxed);
+        end_[p * threads_ + t] = tiles * (t + 1) / threads_;
+      }
+    }
+  }
+
+  // Calls f(t0, t1) for the ranges of part p's tiles that `thread` claims, its own share first.
+  template <typename F>
+  void run(int64_t p, int64_t thread, F&& f) {
+    for (int64_t k = 0; k < threads_; ++k) {
+      const int64_t share = p * threads_ + (thread + k) % threads_;
+      for (;;) {
+        const int64_t t0 = next_[share].v.fetch_add(per_claim_[p], std::memory_order_relaxed);
+        if (t0 >= end_[share]) break;
+        f(t0, std::min(t0 + per_claim_[p], end_[share]));
+      }
+    }
+  }
+
+ private:
+  struct alignas(64) Counter {  // a cache line each: a thread's own claims never contend
+    std::atomic<int64_t> v{0};
+  };
+  int64_t threads_;
+  std::vector<Counter> next_;
+  std::vector<int64_t> end_, per_claim_;
+};
+
+// The tiles `thread` claims of a linear (claims reset for it), written into y (M, N).
 void qblock_share(const TileInputs& in, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& parts,
-                  const float* bias, float* y, int64_t N, int64_t thread, int64_t threads) {
+                  const float* bias, float* y, int64_t N, int64_t thread, TileClaims& claims) {
   const int64_t* pp = parts.data_ptr<int64_t>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   int64_t col = 0;
   for (int64_t p = 0; p < parts.size(0); ++p) {
-    const int64_t type = pp[3 * p], rows = pp[3 * p + 1], tiles = (rows + kTileCols - 1) / kTileCols;
+    const int64_t type = pp[3 * p], rows = pp[3 * p + 1];
     with_type(type, [&](auto t) {
-      tile_range<decltype(t)::value>(in, M, K, wp, rows, bias ? bias + col : nullptr, y + col, N,
-                                     tiles * thread / threads, tiles * (thread + 1) / threads);
+      claims.run(p, thread, [&](int64_t t0, int64_t t1) {
+        tile_range<decltype(t)::value>(in, M, K, wp, rows, bias ? bias + col : nullptr, y + col, N, t0, t1);
+      });
     });
     wp += part_bytes(type, rows, K);
     col += rows;
@@ -658,8 +715,10 @@ at::Tensor qblock_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const TileInputs in = tile_inputs(xc, parts);
   at::Tensor y = at::empty({M, N}, xc.options());
   const int64_t threads = at::get_num_threads();
+  TileClaims claims(threads);
+  claims.reset(w, parts, M, K);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) qblock_share(in, M, K, w, parts, bp, y.data_ptr<float>(), N, t, threads);
+    for (int64_t t = t0; t < t1; ++t) qblock_share(in, M, K, w, parts, bp, y.data_ptr<float>(), N, t, claims);
   });
   return y;
 }

@@ -54,6 +54,7 @@ at::Tensor native_layers(const at::Tensor& hidden, at::TensorList norms, at::Ten
   const auto kv_type = keys[0].scalar_type();
   const int64_t silu_units_count = T * ((inner + kSiluBlock - 1) / kSiluBlock);
   TileInputs in;  // the current linear's quantised inputs: one thread writes them, all read them
+  TileClaims claims(at::get_num_threads());
   const int64_t longest = longest_row(row_pos);
 
 #pragma omp parallel num_threads(at::get_num_threads())
@@ -63,8 +64,11 @@ at::Tensor native_layers(const at::Tensor& hidden, at::TensorList norms, at::Ten
     // y = x @ W_i.T + b_i; starts after a barrier (x complete), ends with one (y complete)
     const auto linear = [&](const at::Tensor& x, int64_t i, float* y, int64_t N) {
 #pragma omp single
-      in = tile_inputs(x, parts[i]);
-      qblock_share(in, T, x.size(1), weights[i], parts[i], bias[i], y, N, thread, threads);
+      {
+        in = tile_inputs(x, parts[i]);
+        claims.reset(weights[i], parts[i], T, x.size(1));
+      }
+      qblock_share(in, T, x.size(1), weights[i], parts[i], bias[i], y, N, thread, claims);
 #pragma omp barrier
     };
     const auto attention = [&](const auto& a) {
