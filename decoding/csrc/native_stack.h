@@ -1,9 +1,9 @@
 // native_layers: decoder_layers for a native target, whose every linear is in GGUF blocks (gguf_blocks.h), in one
 // parallel region. A 1-token step of the default model is ~150 small kernels (a 576 x 576 linear takes ~9 us alone):
 // forking the threads for each and joining them after cost about what the second thread gained there
-// (docs/measurements.md). Here the threads stay in one region and meet at barriers: each takes its share of a
-// linear's tiles, of the attention's tokens and units, and of the rows of the norms, the SiLU and the residual adds;
-// one of them quantises a linear's inputs. Every output is computed by the same code in the same order as the
+// (docs/measurements.md). Here the threads stay in one region and meet at barriers: each claims a linear's tiles
+// (TileClaims) and takes its share of the attention's tokens and units and of the rows of the norms, the SiLU and
+// the residual adds; one of them quantises a linear's inputs. Every output is computed by the same code in the same order as the
 // kernels called one by one (qblock_linear, cached_attention, rms_norm, silu_mul): the same bits, in any batch.
 #include <omp.h>
 
