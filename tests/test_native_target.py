@@ -102,6 +102,27 @@ def test_fused_parts_of_different_types():
     assert torch.equal(fused(x), alone)
 
 
+def test_block_linear_bits_do_not_depend_on_threads_or_their_claims():
+    """Threads claim a linear's tiles as they go (the memory serves the cores unevenly), so which thread computes a
+    tile changes from call to call: every output keeps its bits, with one thread or two, in decoding, verify
+    and prompt rows (600 rows: more than one input chunk, fixed shares)."""
+    inputs = 512
+    parts = [(Q.Q4_K, random_blocks(Q.Q4_K, 4000, inputs)), (Q.Q6_K, random_blocks(Q.Q6_K, 1000, inputs, seed=2)),
+             (Q.Q4_1, random_blocks(Q.Q4_1, 600, inputs, seed=3))]
+    fused = block_linear(parts, inputs)
+    x = torch.randn(600, inputs)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = {m: fused(x[:m]) for m in (1, 3, 600)}
+        torch.set_num_threads(2)
+        for _ in range(5):
+            for m, y in alone.items():
+                assert torch.equal(fused(x[:m]), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------- tiny models
 TINY_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
 
