@@ -477,11 +477,11 @@ constexpr int64_t whole_tile_rows() {
 // Rows m..m+R-1 of one tile (H vectors of lanes from lane0) on the given ISA's instance of the kernel.
 template <int64_t Type, int R, int H, typename Ns>
 inline void tile_pass(Ns, const KRows* krows, const QuantisedRows* rows, int64_t m, int64_t K, const uint8_t* tile,
-                      int lane0, const float* bias, float* y, int64_t ldy, int cols) {
+                      int lane0, const float* bias, float* y, int64_t ldy, int cols, bool prefetch) {
   if constexpr (is_kquant<Type>())
-    Ns::template kquant<Tile<Type>, R, H>(*krows, m, K, tile, lane0, bias, y, ldy, cols);
+    Ns::template kquant<Tile<Type>, R, H>(*krows, m, K, tile, lane0, bias, y, ldy, cols, prefetch);
   else
-    Ns::template groups32<Tile32<Type>, R, H>(*rows, m, K, tile, lane0, bias, y, ldy, cols);
+    Ns::template groups32<Tile32<Type>, R, H>(*rows, m, K, tile, lane0, bias, y, ldy, cols, prefetch);
 }
 
 // The three instances of the kernels, as types for tile_pass.
@@ -535,7 +535,7 @@ void tile_range(const TileInputs& in, int64_t M, int64_t K, const uint8_t* w, in
       const auto pass = [&](auto ns, auto R, auto H, int64_t m, int lane0, int lanes) {
         tile_pass<Type, decltype(R)::value, decltype(H)::value>(
             ns, in.krows.get(), in.rows.get(), c0 + m, K, tile, lane0, bias ? bias + n + lane0 : nullptr,
-            y + (c0 + m) * ldy + n + lane0, ldy, lanes);
+            y + (c0 + m) * ldy + n + lane0, ldy, lanes, m == 0);
       };
       using One = std::integral_constant<int, 1>;
       if (kVnni)
