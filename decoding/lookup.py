@@ -9,6 +9,7 @@ draft: it is right about half the time, and a 2-3 token verify costs little more
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from difflib import SequenceMatcher
 
@@ -33,20 +34,29 @@ def ngram_lookup(context: Sequence[int], limit: int, reference: Sequence[int] = 
     if limit <= 0:
         return []
     for source in (reference, context):
+        words = _words(source)
         for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
-            start = _last_occurrence(source, list(context[-n:]), len(source) - n - 1)  # a token must follow
+            start = _last_occurrence(words, _words(context[-n:]), len(source) - 1)  # a token must follow
             if start is not None:
                 count = limit if n >= MIN_NGRAM else min(limit, n + 1)
                 return list(source[start + n:start + n + count])
     return []
 
 
-def _last_occurrence(source: Sequence[int], tail: list[int], last_start: int) -> int | None:
-    """The last start position ``<= last_start`` of ``tail`` in ``source``, or None."""
-    first = tail[0]
-    for start in range(last_start, -1, -1):
-        if source[start] == first and list(source[start:start + len(tail)]) == tail:
-            return start
+def _words(tokens: Sequence[int]) -> bytes:
+    """Token ids as fixed-width machine words, for C-speed searches: a Python scan over an 800-token context took
+    0.15 ms a row and step, ~5% of an 8-row step of the default model, for drafts the planner mostly trimmed."""
+    return array("i", tokens).tobytes()
+
+
+def _last_occurrence(source: bytes, tail: bytes, end: int) -> int | None:
+    """The last token position where ``tail`` occurs in ``source`` within its first ``end`` tokens, or None."""
+    word = array("i").itemsize
+    stop = max(end, 0) * word
+    while (at := source.rfind(tail, 0, stop)) >= 0:
+        if at % word == 0:
+            return at // word
+        stop = at + len(tail) - 1  # a match across word boundaries: look further back
     return None
 
 
